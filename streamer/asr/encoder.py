@@ -509,6 +509,12 @@ class FastConformerEncoder(nn.Module):
         if bool((n_new > need).any()):
             raise ValueError("step() got more mel frames than the chunk schedule allows")
         # Build the subsampling window: [masked/tail rows | new rows | right padding].
+        steady = not bool(first.any()) and bool((n_new == plan.chunk).all())
+        if steady:  # the common case: every stream continues with a full chunk
+            window = torch.cat([state.mel_tail, mel[:, :, : plan.chunk]], dim=2)
+            start = (plan.pre_cache - state.mel_seen).clamp(min=0)
+            end = torch.full_like(n_new, w)
+            return self._step_window(window, start, end, n_new, state, plan)
         rows = []
         start = torch.empty(b, dtype=torch.long, device=mel.device)
         for i in range(b):
@@ -525,6 +531,14 @@ class FastConformerEncoder(nn.Module):
             rows.append(row)
         window = torch.stack(rows)  # [B, F, W]
         end = torch.where(first, 2 * s, plan.pre_cache) + n_new
+        return self._step_window(window, start, end, n_new, state, plan)
+
+    def _step_window(
+        self, window: Tensor, start: Tensor, end: Tensor, n_new: Tensor, state: EncoderState,
+        plan: StreamingPlan,
+    ) -> tuple[Tensor, Tensor, EncoderState]:
+        """Subsample one window per stream ([B, F, W], valid rows start..end) and run the layers."""
+        b = window.size(0)
         x, _, sub_end = self.pre_encode(window.transpose(1, 2), start, end)
         x = x[:, plan.drop : plan.drop + plan.out_frames]
         out_len = (sub_end - plan.drop).clamp(min=0, max=plan.out_frames)
@@ -533,7 +547,7 @@ class FastConformerEncoder(nn.Module):
         t = x.size(1)
         c = plan.cache_size
         # Key validity over [cache | chunk]; chunked_limited with whole chunks needs no other mask.
-        kpos = torch.arange(c + t, device=mel.device)[None, :]
+        kpos = torch.arange(c + t, device=window.device)[None, :]
         valid = (kpos >= (c - state.attn_len)[:, None]) & (kpos < (c + out_len)[:, None])
         att_mask = None
         if not bool(valid.all()):
@@ -553,9 +567,10 @@ class FastConformerEncoder(nn.Module):
             new_v.append(v_all[:, :, v_all.size(2) - c :])
             new_tail.append(tail)
         # Next window's left context: the last s+1 rows of this window that hold audio.
-        tail_rows = torch.stack(
-            [window[i, :, int(end[i]) - plan.pre_cache : int(end[i])] for i in range(b)]
-        ) if b else window[:, :, :0]
+        if bool((end == window.size(2)).all()):
+            tail_rows = window[:, :, window.size(2) - plan.pre_cache :]
+        else:
+            tail_rows = torch.stack([window[i, :, int(end[i]) - plan.pre_cache : int(end[i])] for i in range(b)])
         new_state = EncoderState(
             mel_tail=tail_rows,
             mel_seen=state.mel_seen + n_new,
