@@ -1,7 +1,35 @@
-"""Shared test setup."""
+"""Shared test setup and fixtures."""
 
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
 import torch
 
 # Small tensors on a busy 2-core machine run far faster on one intra-op thread; nothing in the suite
 # measures speed.
 torch.set_num_threads(1)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random hybrid TDT+CTC model saved as .nemo by our own writer."""
+    from tests.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny.nemo")
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few seconds of espeak-ng speech at 22.05 kHz (not the model rate, on purpose)."""
+    path = tmp_path_factory.mktemp("audio") / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "turn on the kitchen lights and set a timer"], check=True)
+    data, sr = sf.read(path, dtype="float32")
+    assert sr != 16000 and np.abs(data).max() > 0.01
+    return path

@@ -33,6 +33,7 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, source: str = "tokenizer") -> None:
         """Wrap a loaded processor; ``source`` names it in error messages."""
         self._sp = processor
+        self.model_bytes: bytes = processor.serialized_model_proto()
         self._pieces = tuple(processor.id_to_piece(i) for i in range(processor.get_piece_size()))
         if len(set(self._pieces)) != len(self._pieces):
             # NeMo's vocabulary maps piece -> id, so duplicate pieces would shift every later id.

@@ -1,0 +1,270 @@
+"""``streamer bench``: per-chunk latency and real-time factor of cache-aware streaming.
+
+Measures our encoder step (and the full step with greedy decoding) for a configuration shaped like
+NVIDIA's 114M-parameter streaming FastConformer (17 layers, d_model 512, 8 heads, random weights),
+at several look-aheads and batch sizes, and NeMo 3.0.0's ``cache_aware_stream_step`` on the same
+configuration side by side when NeMo can be imported (here or in ``--nemo-python``). Speed is only
+ever reported, never asserted: compare ratios from one run, the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+LARGE_STREAMING = dict(
+    feat_in=80, n_layers=17, d_model=512, n_heads=8, ff_expansion_factor=4, subsampling_factor=8,
+    subsampling_conv_channels=256, causal_downsampling=True, conv_kernel_size=9,
+    conv_context_size=(8, 0), conv_norm_type="layer_norm", xscaling=True, use_bias=True,
+    att_context_style="chunked_limited",
+    att_context_sizes=((70, 13), (70, 6), (70, 1), (70, 0)),
+)
+LARGE_DECODER = dict(vocab_size=1024, pred_hidden=640, pred_rnn_layers=1, joint_hidden=640,
+                     durations=(0, 1, 2, 3, 4), joint_dropout_layer=True)
+
+
+@dataclass
+class Row:
+    impl: str
+    scope: str
+    dtype: str
+    params_m: float
+    att_context_size: str
+    chunk_ms: float
+    streams: int
+    p50_ms: float
+    p95_ms: float
+    rtfx_total: float
+    threads: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return ordered[k]
+
+
+def summarize(impl, scope, dtype, params, ctx, chunk_s, streams, times, threads) -> Row:
+    return Row(
+        impl=impl, scope=scope, dtype=dtype, params_m=round(params / 1e6, 2),
+        att_context_size=f"{ctx[0]},{ctx[1]}", chunk_ms=round(chunk_s * 1000, 1), streams=streams,
+        p50_ms=round(statistics.median(times) * 1000, 2), p95_ms=round(percentile(times, 0.95) * 1000, 2),
+        rtfx_total=round(streams * chunk_s * len(times) / sum(times), 2), threads=threads,
+    )
+
+
+def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder) -> Row:
+    """Our steady-state step: full caches, every stream continuing with a full chunk."""
+    import torch
+
+    from streamer.asr.config import EncoderConfig, TransducerConfig
+    from streamer.asr.encoder import FastConformerEncoder
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    enc_cfg = EncoderConfig(**LARGE_STREAMING)
+    enc = FastConformerEncoder(enc_cfg).eval()
+    params = sum(p.numel() for p in enc.parameters())
+    greedy = None
+    if with_decoder:
+        from streamer.asr.transducer import GreedyTransducerDecoder, RNNTDecoder, RNNTJoint
+
+        tcfg = TransducerConfig(**LARGE_DECODER)
+        dec, joint = RNNTDecoder(tcfg).eval(), RNNTJoint(tcfg, enc_cfg.d_model).eval()
+        params += sum(p.numel() for p in dec.parameters()) + sum(p.numel() for p in joint.parameters())
+        greedy = GreedyTransducerDecoder(dec, joint)
+    enc = enc.to(dtype)
+    plan = enc.streaming_plan(ctx)
+    state = enc.init_state(streams, plan)
+    state = replace(state, attn_len=torch.full((streams,), plan.cache_size),
+                    mel_seen=torch.full((streams,), 10_000))
+    mel = torch.randn(streams, enc_cfg.feat_in, plan.chunk, generator=torch.Generator().manual_seed(1)).to(dtype)
+    n_new = torch.full((streams,), plan.chunk)
+    dstate = greedy.init_state(streams) if greedy else None
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            out, out_len, state = enc.step(mel, n_new, state, plan)
+            if greedy is not None:
+                _, dstate = greedy.step(out.float(), out_len, dstate)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+    chunk_s = plan.chunk * 0.01
+    scope = "encoder+tdt" if with_decoder else "encoder"
+    return summarize("streamer", scope, dtype_name, params, ctx, chunk_s, streams, times,
+                     torch.get_num_threads())
+
+
+def measure_nemo(ctx, streams, steps, warmup) -> Row:
+    """NeMo 3.0.0's ``cache_aware_stream_step`` on the same configuration (random weights)."""
+    import torch
+    from nemo.collections.asr.modules import ConformerEncoder
+
+    torch.manual_seed(0)
+    c = LARGE_STREAMING
+    enc = ConformerEncoder(
+        feat_in=c["feat_in"], n_layers=c["n_layers"], d_model=c["d_model"], n_heads=c["n_heads"],
+        ff_expansion_factor=c["ff_expansion_factor"], subsampling="dw_striding",
+        subsampling_factor=c["subsampling_factor"], subsampling_conv_channels=c["subsampling_conv_channels"],
+        causal_downsampling=True, self_attention_model="rel_pos", xscaling=True, untie_biases=True,
+        conv_kernel_size=c["conv_kernel_size"], conv_norm_type="layer_norm", conv_context_size="causal",
+        att_context_size=[list(x) for x in c["att_context_sizes"]], att_context_style="chunked_limited",
+        dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0,
+    ).eval()
+    params = sum(p.numel() for p in enc.parameters())
+    enc.set_default_att_context_size(list(ctx))
+    enc.setup_streaming_params()
+    cfg = enc.streaming_cfg
+    cache_ch, cache_t, cache_len = enc.get_initial_cache_state(batch_size=streams)
+    later = cfg.chunk_size[1] + cfg.pre_encode_cache_size[1]
+    x = torch.randn(streams, c["feat_in"], later, generator=torch.Generator().manual_seed(1))
+    x_len = torch.full((streams,), later)
+    cache_len = torch.full_like(cache_len, cfg.last_channel_cache_size)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            out = enc.cache_aware_stream_step(
+                processed_signal=x, processed_signal_length=x_len, cache_last_channel=cache_ch,
+                cache_last_time=cache_t, cache_last_channel_len=cache_len, keep_all_outputs=False,
+                drop_extra_pre_encoded=cfg.drop_extra_pre_encoded,
+            )
+            cache_ch, cache_t, cache_len = out[2], out[3], out[4]
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+    chunk_s = cfg.chunk_size[1] * 0.01
+    return summarize("nemo", "encoder", "float32", params, ctx, chunk_s, streams, times,
+                     torch.get_num_threads())
+
+
+def nemo_importable() -> bool:
+    try:
+        import nemo  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def run_nemo_worker(python: str, ctx, streams, steps, warmup, threads) -> Row:
+    """Run :func:`measure_nemo` under another interpreter (the NeMo venv) and read its JSON row."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [python, "-m", "streamer.bench", "--nemo-worker", f"{ctx[0]},{ctx[1]}", str(streams), str(steps),
+           str(warmup), str(threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"NeMo worker failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def format_table(rows: list[Row]) -> str:
+    cols = ["impl", "scope", "dtype", "params_m", "att_context_size", "chunk_ms", "streams", "p50_ms",
+            "p95_ms", "rtfx_total"]
+    data = [[str(getattr(r, c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)) for d in data]
+    return "\n".join(lines)
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure per-chunk latency and real-time factor (prints a table)",
+        description="Cache-aware streaming benchmark on a 114M-parameter FastConformer configuration "
+        "(17 layers, d_model 512, 8 heads, random weights): per-chunk latency p50/p95 and real-time "
+        "factor (audio seconds per compute second, all streams together), with NeMo 3.0.0 side by "
+        "side when it can be imported here or with --nemo-python.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--att-context-sizes", default="70,1;70,13", help="look-aheads to measure, ';'-separated")
+    p.add_argument("--streams", default="1,8,32", help="batch sizes (concurrent streams)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--dtypes", default="float32", help="our dtypes, e.g. float32,bfloat16")
+    p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
+    p.add_argument("--nemo", choices=("auto", "off"), default="auto",
+                   help="auto: include NeMo when importable here or via --nemo-python")
+    p.add_argument("--nemo-python", default=os.environ.get("STREAMER_NEMO_PYTHON"),
+                   help="python of a venv with nemo_toolkit[asr]==3.0.0 (env STREAMER_NEMO_PYTHON)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamer.cli import parse_context
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    contexts = [parse_context(c) for c in args.att_context_sizes.split(";") if c]
+    streams_list = [int(s) for s in args.streams.split(",") if s]
+    use_nemo = args.nemo == "auto" and (nemo_importable() or bool(args.nemo_python))
+    rows: list[Row] = []
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        if args.format == "json":
+            print(json.dumps(asdict(row)), flush=True)
+        else:
+            print(f"  measured {row.impl} {row.scope} {row.dtype} [{row.att_context_size}] x{row.streams}: "
+                  f"p50 {row.p50_ms} ms", file=sys.stderr, flush=True)
+
+    for ctx in contexts:
+        for n in streams_list:
+            for dt in args.dtypes.split(","):
+                emit(measure_streamer(ctx, n, args.steps, args.warmup, dt, with_decoder=False))
+            if not args.no_decoder:
+                emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True))
+            if use_nemo:
+                if nemo_importable():
+                    emit(measure_nemo(ctx, n, args.steps, args.warmup))
+                else:
+                    emit(run_nemo_worker(args.nemo_python, ctx, n, args.steps, args.warmup, threads))
+    if args.format == "table":
+        print(format_table(rows))
+        if not use_nemo:
+            print("(NeMo not importable: pass --nemo-python /path/to/nemo-venv/bin/python for side-by-side rows)")
+        speedups = []
+        for r in rows:
+            if r.impl == "nemo":
+                ours = [o for o in rows if o.impl == "streamer" and o.scope == "encoder" and o.dtype == "float32"
+                        and o.att_context_size == r.att_context_size and o.streams == r.streams]
+                if ours:
+                    speedups.append(f"[{r.att_context_size}] x{r.streams}: latency {r.p50_ms / ours[0].p50_ms:.1f}x, "
+                                    f"throughput {ours[0].rtfx_total / r.rtfx_total:.1f}x")
+        if speedups:
+            print("streamer vs NeMo (float32 encoder step, same run): " + "; ".join(speedups))
+    return 0
+
+
+def _nemo_worker(argv: list[str]) -> None:
+    import torch
+
+    ctx = tuple(int(v) for v in argv[0].split(","))
+    streams, steps, warmup, threads = (int(v) for v in argv[1:5])
+    torch.set_num_threads(threads)
+    row = measure_nemo(ctx, streams, steps, warmup)
+    print(json.dumps(asdict(row)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--nemo-worker":
+        _nemo_worker(sys.argv[2:])
+    else:
+        from streamer.cli import main
+
+        sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,257 @@
+"""Sans-I/O recognition: push samples into a :class:`Stream`, call :meth:`Recognizer.step`, read results.
+
+``Recognizer.step(streams)`` runs one batched cache-aware encoder step and one stateful greedy decoder
+step for every stream that holds a full chunk (or is flushing its tail). Nothing here does I/O or
+knows about asyncio: the daemon's scheduler, ``streamer transcribe`` and the benchmarks all drive it
+the same way. Only one thread may touch a stream and the recognizer at a time (the inference thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from streamer.asr.config import ContextSize
+from streamer.asr.ctc import GreedyCTCDecoder
+from streamer.asr.hypothesis import TokenSpan
+from streamer.asr.model import AsrModel, DecoderKind
+from streamer.asr.state import stack, unstack
+from streamer.asr.words import Word, words_from_tokens
+from streamer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What was recognized: text, tokens with their encoder frames, words with times."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    token_frames: tuple[int, ...]
+    token_durations: tuple[int, ...]
+    token_confidences: tuple[float, ...]
+    words: tuple[Word, ...]
+    eou: bool = False  # an end-of-utterance token (EOU models) was emitted
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "token_frames": list(self.token_frames),
+            "token_durations": list(self.token_durations),
+            "token_confidences": [round(c, 4) for c in self.token_confidences],
+            "words": [
+                {"word": w.word, "start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3),
+                 "confidence": round(w.confidence, 4)}
+                for w in self.words
+            ],
+            "eou": self.eou,
+        }
+
+
+def make_transcript(model: AsrModel, span: TokenSpan) -> Transcript:
+    """Turn accumulated tokens into text and words (special EOU/EOB tokens become a flag)."""
+    tok = model.tokenizer
+    eou_ids = set(model.config.eou_token_ids)
+    eou = any(t in eou_ids for t in span.token_ids)
+    if tok is None:
+        text, words = " ".join(str(t) for t in span.token_ids), ()
+    else:
+        text = tok.decode(span.token_ids, strip_special=True)
+        words = tuple(
+            words_from_tokens(
+                tok,
+                span.token_ids,
+                span.token_frames,
+                span.token_durations if model.config.transducer and model.config.transducer.is_tdt else None,
+                span.token_confidences,
+                frame_shift_s=model.config.frame_shift_s,
+            )
+        )
+    return Transcript(
+        text=text,
+        token_ids=span.token_ids,
+        token_frames=span.token_frames,
+        token_durations=span.token_durations,
+        token_confidences=span.token_confidences,
+        words=words,
+        eou=eou,
+    )
+
+
+@torch.inference_mode()
+def transcribe_offline(
+    model: AsrModel,
+    audio: np.ndarray,
+    decoder: DecoderKind | None = None,
+    att_context_size: ContextSize | None = None,
+) -> Transcript:
+    """Recognize a whole utterance (16 kHz mono float32) with one encoder pass."""
+    kind = model.check_decoder(decoder)
+    ctx = model.check_context(att_context_size)
+    param = next(model.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None].to(param.device)
+    feats, lens = model.preprocessor(x, torch.tensor([x.size(1)], device=param.device))
+    enc, enc_len = model.encoder(feats, lens, ctx)
+    span = _decode(model, kind, enc, enc_len)
+    return make_transcript(model, span)
+
+
+def _decode(model: AsrModel, kind: DecoderKind, enc: Tensor, enc_len: Tensor) -> TokenSpan:
+    greedy = model.greedy_decoder(kind)
+    state = greedy.init_state(enc.size(0))
+    inputs = model.ctc_log_probs(enc) if isinstance(greedy, GreedyCTCDecoder) else enc
+    spans, _ = greedy.step(inputs, enc_len, state)
+    return spans[0]
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Stream:
+    """One audio source's recognition state. Create with :meth:`Recognizer.create_stream`."""
+
+    recognizer: Recognizer
+    name: str
+    feat_state: object
+    enc_state: object
+    dec_state: object
+    pending: Tensor  # [F, n] mel frames not yet given to the encoder
+    tokens: TokenSpan = field(default_factory=TokenSpan)
+    samples_in: int = 0
+    input_done: bool = False  # no more audio will come
+    flushed: bool = False  # everything was recognized
+
+    def accept_waveform(self, samples: np.ndarray) -> None:
+        """Append 16 kHz mono float32 samples."""
+        if self.input_done:
+            raise RuntimeError(f"stream {self.name}: audio after input_finished()")
+        if samples.size == 0:
+            return
+        feat = self.recognizer.model.preprocessor.featurizer
+        x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
+        frames, self.feat_state = feat.step(x, self.feat_state)
+        self.samples_in += samples.size
+        if frames.size(2):
+            self.pending = torch.cat([self.pending, frames[0]], dim=1)
+
+    def input_finished(self) -> None:
+        """No more audio: the tail will be flushed by the next steps."""
+        if self.input_done:
+            return
+        feat = self.recognizer.model.preprocessor.featurizer
+        frames = feat.finish(self.feat_state)
+        if frames.size(2):
+            self.pending = torch.cat([self.pending, frames[0]], dim=1)
+        self.input_done = True
+
+    @property
+    def frames_needed(self) -> int:
+        """Mel frames the next full step needs."""
+        rec = self.recognizer
+        return int(rec.model.encoder.chunk_frames(rec.plan, self.enc_state)[0])  # type: ignore[arg-type]
+
+    @property
+    def is_ready(self) -> bool:
+        """True when a step would make progress: a full chunk is pending, or the tail must be flushed."""
+        if self.flushed:
+            return False
+        return self.pending.size(1) >= self.frames_needed or self.input_done
+
+    def transcript(self) -> Transcript:
+        return make_transcript(self.recognizer.model, self.tokens)
+
+
+class Recognizer:
+    """Batched cache-aware streaming recognition at one look-ahead with one decoder."""
+
+    def __init__(
+        self,
+        model: AsrModel,
+        att_context_size: ContextSize | None = None,
+        decoder: DecoderKind | None = None,
+    ) -> None:
+        if model.config.features.normalize not in ("NA", "None", "none", ""):
+            raise ConfigError(
+                f"streaming needs a model without per-utterance feature normalisation "
+                f"(this one uses {model.config.features.normalize!r}); use offline mode"
+            )
+        self.model = model
+        self.kind = model.check_decoder(decoder)
+        self.plan = model.encoder.streaming_plan(att_context_size)
+        self.greedy = model.greedy_decoder(self.kind)
+
+    @property
+    def chunk_seconds(self) -> float:
+        """Audio per full chunk (the step period of a real-time stream)."""
+        return self.plan.chunk * self.model.config.features.window_stride
+
+    def create_stream(self, name: str | None = None) -> Stream:
+        model = self.model
+        return Stream(
+            recognizer=self,
+            name=name or f"s{next(_ids)}",
+            feat_state=model.preprocessor.featurizer.init_state(1),
+            enc_state=model.encoder.init_state(1, self.plan),
+            dec_state=self.greedy.init_state(1),
+            pending=torch.zeros(model.config.features.n_mels, 0),
+        )
+
+    @torch.inference_mode()
+    def step(self, streams: list[Stream]) -> list[TokenSpan]:
+        """One batched step for every ready stream in ``streams``; returns each one's new tokens."""
+        ready = [s for s in streams if s.is_ready]
+        new: dict[int, TokenSpan] = {}
+        work = []
+        for s in ready:
+            n = min(s.frames_needed, s.pending.size(1))
+            if n == 0:  # flushing with nothing left
+                s.flushed = True
+                continue
+            work.append((s, n))
+        if work:
+            enc = self.model.encoder
+            width = max(s.frames_needed for s, _ in work)
+            mel = torch.zeros(len(work), self.model.config.features.n_mels, width)
+            for i, (s, n) in enumerate(work):
+                mel[i, :, :n] = s.pending[:, :n]
+            n_new = torch.tensor([n for _, n in work])
+            out, out_len, enc_state = enc.step(mel, n_new, stack([s.enc_state for s, _ in work]), self.plan)
+            dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
+            spans, dec_state = self.greedy.step(dec_in, out_len, stack([s.dec_state for s, _ in work]))
+            for (s, n), es, ds, span in zip(work, unstack(enc_state), unstack(dec_state), spans, strict=True):
+                s.enc_state, s.dec_state = es, ds
+                s.pending = s.pending[:, n:]
+                s.tokens = s.tokens + span
+                new[id(s)] = span
+                if s.input_done and s.pending.size(1) == 0:
+                    s.flushed = True
+        return [new.get(id(s), TokenSpan()) for s in streams]
+
+    def run_to_end(self, streams: list[Stream]) -> None:
+        """Step until every stream whose input is finished is flushed (for files and tests)."""
+        while any(s.is_ready for s in streams):
+            self.step(streams)
+
+
+def transcribe_streaming(
+    model: AsrModel,
+    audio: np.ndarray,
+    decoder: DecoderKind | None = None,
+    att_context_size: ContextSize | None = None,
+    push_samples: int = 1600,
+) -> Transcript:
+    """Recognize a whole utterance through the streaming path, pushing ``push_samples`` at a time."""
+    rec = Recognizer(model, att_context_size, decoder)
+    stream = rec.create_stream()
+    for i in range(0, len(audio), push_samples):
+        stream.accept_waveform(audio[i : i + push_samples])
+        while stream.is_ready:
+            rec.step([stream])
+    stream.input_finished()
+    rec.run_to_end([stream])
+    return stream.transcript()
