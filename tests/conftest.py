@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Real peers: a mosquitto broker on a free loopback port, the virtual PulseAudio microphone.
+pytest_plugins = ["tests.fixtures_realpeers"]
+
 
 @pytest.fixture(scope="session")
 def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,0 +1,138 @@
+"""Turn client PCM frames and microphone blocks into float32 mono samples at the model rate.
+
+Channels are averaged, then soxr's streaming resampler (quality "HQ") changes the rate. The stream keeps
+its filter state between frames, so audio cut into frames anywhere resamples to exactly the samples of
+one pass over the whole (checked in the tests). A bad frame raises `AudioError` and changes nothing:
+the converter can take the next frame as if the bad one never came.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import soxr
+
+from streamer.errors import AudioError
+
+TARGET_RATE_HZ: Final = 16000
+MIN_RATE_HZ: Final = 8000
+MAX_RATE_HZ: Final = 48000
+MAX_CHANNELS: Final = 8
+ENCODINGS: Final[dict[str, np.dtype]] = {
+    "pcm_s16le": np.dtype("<i2"),
+    "pcm_f32le": np.dtype("<f4"),
+}
+
+
+class StreamResampler:
+    """soxr's streaming resampler for mono float32, or a pass-through when the rates are equal.
+
+    Args:
+        in_rate_hz: rate of the samples given to `process`.
+        out_rate_hz: rate of the samples returned.
+    """
+
+    def __init__(self, in_rate_hz: int, out_rate_hz: int) -> None:
+        self.in_rate_hz, self.out_rate_hz = in_rate_hz, out_rate_hz
+        self._stream = self._new_stream()
+
+    def _new_stream(self) -> soxr.ResampleStream | None:
+        if self.in_rate_hz == self.out_rate_hz:
+            return None
+        return soxr.ResampleStream(self.in_rate_hz, self.out_rate_hz, 1, dtype="float32", quality="HQ")
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Resample the next (S,) float32 samples; soxr holds back a short tail until more arrive."""
+        if self._stream is None:
+            return samples
+        return self._stream.resample_chunk(samples)
+
+    def flush(self) -> np.ndarray:
+        """Return the held-back tail and start over, ready for a new, unrelated signal."""
+        if self._stream is None:
+            return np.zeros(0, dtype=np.float32)
+        tail = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream = self._new_stream()
+        return tail
+
+
+def to_mono_float32(block: np.ndarray, channels: int) -> np.ndarray:
+    """Average interleaved channels into one float32 channel; integer input is scaled to [-1, 1).
+
+    Args:
+        block: (S, channels) or interleaved (S * channels,) samples, float or signed integer.
+        channels: channels per sample frame.
+
+    Returns:
+        (S,) float32 samples (a new array, never a view of ``block``).
+    """
+    frames = block.astype(np.float32)  # always a new array
+    if block.dtype.kind == "i":
+        frames *= np.float32(2.0 ** -(8 * block.dtype.itemsize - 1))  # int16: 1 / 32768
+    if channels == 1:
+        return frames.reshape(-1)
+    return frames.reshape(-1, channels).mean(axis=1, dtype=np.float32)  # (S, channels) -> (S,)
+
+
+class PcmConverter:
+    """Decode one client's binary audio frames to float32 mono at ``target_rate`` (default 16 kHz).
+
+    Args:
+        sample_rate: the client's rate in Hz, 8000 to 48000.
+        encoding: ``"pcm_s16le"`` or ``"pcm_f32le"`` (little-endian, channels interleaved).
+        channels: 1 to 8; they are averaged.
+        target_rate: the output rate in Hz.
+
+    Raises:
+        AudioError: the encoding, rate or channel count is not supported.
+    """
+
+    def __init__(self, sample_rate: int, encoding: str, channels: int, target_rate: int = TARGET_RATE_HZ) -> None:
+        if encoding not in ENCODINGS:
+            known = ", ".join(repr(name) for name in ENCODINGS)
+            raise AudioError(f"unsupported encoding {encoding!r}; use one of {known}")
+        if not isinstance(sample_rate, int) or not MIN_RATE_HZ <= sample_rate <= MAX_RATE_HZ:
+            raise AudioError(
+                f"unsupported sample rate {sample_rate!r} Hz; use an integer from {MIN_RATE_HZ} to {MAX_RATE_HZ}"
+            )
+        if not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
+            raise AudioError(f"unsupported channel count {channels!r}; use 1 to {MAX_CHANNELS}")
+        self.sample_rate, self.encoding, self.channels = sample_rate, encoding, channels
+        self._dtype = ENCODINGS[encoding]
+        self.frame_bytes = self._dtype.itemsize * channels  # bytes per sample frame, all channels
+        self._resampler = StreamResampler(sample_rate, target_rate)
+
+    def convert(self, frame: bytes | bytearray | memoryview) -> np.ndarray:
+        """Decode a binary frame and resample it.
+
+        An empty frame gives an empty array and leaves the state alone. A rejected frame leaves no trace:
+        nothing of it is kept for the next one.
+
+        Args:
+            frame: raw PCM, a whole number of sample frames (all channels of each sample).
+
+        Returns:
+            (S,) float32 samples at the target rate; may be empty while the resampler fills.
+
+        Raises:
+            AudioError: the byte count is not a multiple of the sample frame, or a float sample is NaN or infinite.
+        """
+        size = len(frame)
+        if size % self.frame_bytes:
+            raise AudioError(
+                f"audio frame of {size} bytes is not a whole number of {self.encoding} samples "
+                f"({self.frame_bytes} bytes each for {self.channels} channel(s)); the frame was dropped"
+            )
+        if size == 0:
+            return np.zeros(0, dtype=np.float32)
+        raw = np.frombuffer(frame, dtype=self._dtype)
+        if self._dtype.kind == "f" and not np.isfinite(raw).all():
+            bad = int(np.count_nonzero(~np.isfinite(raw)))
+            raise AudioError(f"audio frame holds {bad} NaN or infinite sample(s); the frame was dropped")
+        mono = to_mono_float32(raw, self.channels)
+        return self._resampler.process(mono)
+
+    def flush(self) -> np.ndarray:
+        """Return the resampler's held-back tail at the end of the audio; the converter can then start anew."""
+        return self._resampler.flush()
