@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_transcribe)
 
     from streamer.bench import add_bench_parser
+    from streamer.service import add_serve_parser
+    from streamer.settings import add_config_parser
 
+    add_serve_parser(sub)
+    add_config_parser(sub)
     add_bench_parser(sub)
     try:  # training needs only the training package's own imports; keep the CLI usable without it
         from streamer.training.cli import add_training_parsers

@@ -1,0 +1,415 @@
+"""Wire protocol v1 of ``WS /v1/listen`` and ``WS /v1/captions``: typed messages, JSON in and out.
+
+Standard library only, so a client can ``from streamer.protocol import ...`` without torch.
+
+Session on ``/v1/listen``
+=========================
+
+1. The client opens ``ws://HOST:8765/v1/listen`` and sends one text message, :class:`Start`::
+
+       {"type": "start", "sample_rate": 48000, "encoding": "pcm_s16le", "channels": 1,
+        "stream": "kitchen", "interim_results": true,
+        "endpointing": {"trailing_silence_after_speech_s": 0.8}}
+
+   Only ``type``, ``sample_rate`` and ``encoding`` are required. ``sample_rate`` is 8000-48000 Hz (the
+   server resamples to the model's rate), ``encoding`` is ``pcm_s16le`` or ``pcm_f32le`` (little
+   endian, channels interleaved), ``channels`` 1-8 (mixed down to mono). ``stream`` names the stream
+   for ``/v1/captions`` and MQTT topics (letters, digits, ``_ . -``, at most 64; default: the session
+   id); two live sessions cannot share a name. ``interim_results: false`` turns partials off for this
+   client only. ``endpointing`` overrides the server's rules for this session (see
+   ``streamer.engine.endpoint``). Unknown fields are errors.
+2. The server answers :class:`Ready` (session id, stream, model, protocol version, att_context_size,
+   sample rate, the step period ``chunk_s`` and the effective endpointing rules).
+3. The client sends binary frames of audio in the declared encoding, of any length that holds whole
+   frames (a multiple of ``channels * bytes per sample``). Text messages in between: :class:`Finalize`
+   (end the current segment now, keep listening), :class:`KeepAlive` (resets the idle timer),
+   :class:`Stop` (no more audio: the server flushes the last segment, sends its final, then
+   :class:`End`, and closes with 1000).
+4. The server sends :class:`Partial` whenever the text of the open segment changes (``stable`` is the
+   prefix of ``text`` that will not change any more) and exactly one :class:`Final` per segment,
+   with words, times and confidence. Segments are numbered from 0 per stream; a segment in which
+   nothing was recognized has no partial and no final and takes no number.
+
+Times (``start``, ``end``, word times) are seconds on the stream's own clock: from its first sample,
+counting audio the server dropped and not counting silence it padded in to flush a segment.
+
+Errors and limits
+=================
+
+An :class:`Error` names the offending input by ``code``; the offending message or frame is discarded
+and the session goes on (the client may, for example, send a corrected ``start``). Codes:
+
+- ``bad_json``: a text message that is not JSON;
+- ``bad_message``: not an object, an unknown ``type``, a missing, unknown or ill-typed field;
+- ``no_start``: audio or ``finalize``/``stop`` before ``start``;
+- ``already_started``: a second ``start``;
+- ``unsupported_audio``: sample rate, encoding or channel count out of range;
+- ``bad_audio``: a frame that does not hold whole sample frames, or NaN/infinite floats;
+- ``stream_in_use``: another live source already sends that stream name;
+- ``server_busy``: the session cap is reached (then closed with 1013);
+- ``not_ready``: the server is starting or stopping (then closed with 1013);
+- ``idle_timeout``: nothing received for ``server.idle_timeout_s`` (the open segment is flushed,
+  ``end`` sent, then closed with 1008).
+
+A :class:`Warning` discards nothing the client sent: ``audio_dropped`` (the server fell behind and
+dropped ``seconds`` of the oldest audio), ``empty_frame`` (an empty binary frame was ignored).
+
+Close codes: 1000 after ``end``; 1001 when the server shuts down (every open segment is flushed and
+``end`` sent first); 1008 idle timeout or a client too slow to read its results; 1009 a frame larger
+than ``server.max_frame_bytes``; 1011 an internal error; 1013 session cap reached or not ready.
+
+Captions on ``/v1/captions?stream=NAME``
+========================================
+
+A read-only subscription to the partials and finals of a named stream (the microphone, a file
+source or a ``/v1/listen`` session), in the same JSON as above. Partials may be skipped when the
+subscriber is behind (the latest wins); finals are never skipped: a subscriber that leaves
+``server.max_pending_messages`` finals unread is closed with 1008. Whatever it sends is ignored. A
+bad or missing name gets error ``bad_message`` and close 1008; the subscription cap
+(``server.max_subscribers``) error ``server_busy`` and close 1013. At shutdown subscribers get the
+flushed finals, then close 1001.
+
+Each ``final`` and ``partial`` is also published to MQTT when enabled:
+``<prefix>/<device>/<stream>/partial`` (QoS 0) and ``<prefix>/<device>/<stream>/final`` (QoS 1), with
+the same JSON, plus a retained ``<prefix>/<device>/status`` of ``online``/``offline``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from streamer.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+ENCODINGS = ("pcm_s16le", "pcm_f32le")
+BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
+MIN_SAMPLE_RATE_HZ = 8000
+MAX_SAMPLE_RATE_HZ = 48000
+MAX_CHANNELS = 8
+STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Endpointing rules a client may override in ``start`` (they mirror streamer.engine.endpoint).
+ENDPOINT_KEYS = ("trailing_silence_after_speech_s", "silence_without_speech_s", "max_segment_s")
+MAX_ENDPOINT_S = 3600.0
+
+
+class MessageError(ProtocolError):
+    """A message breaks the protocol; ``code`` is the error code the server sends back."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Opens a session: the audio format and the session's options."""
+
+    sample_rate: int
+    encoding: str
+    channels: int = 1
+    stream: str | None = None
+    interim_results: bool = True
+    endpointing: dict[str, float] = field(default_factory=dict)
+    version: int = PROTOCOL_VERSION
+    type: ClassVar[str] = "start"
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one sample frame (all channels)."""
+        return BYTES_PER_SAMPLE[self.encoding] * self.channels
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Finalize:
+    """End the current segment now (its final follows) and keep listening."""
+
+    type: ClassVar[str] = "finalize"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """No more audio: flush the last segment, send its final and ``end``, close."""
+
+    type: ClassVar[str] = "stop"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """Nothing to say; resets the server's idle timer."""
+
+    type: ClassVar[str] = "keepalive"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+ClientMessage = Start | Finalize | Stop | KeepAlive
+
+# ---------------------------------------------------------------- server -> client
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The session is open; audio may follow."""
+
+    session: str
+    stream: str
+    model: str
+    att_context_size: tuple[int, int]
+    sample_rate: int
+    chunk_s: float
+    endpointing: dict[str, float]
+    protocol_version: int = PROTOCOL_VERSION
+    type: ClassVar[str] = "ready"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The open segment's text so far; ``stable`` is a prefix of ``text`` that will not change."""
+
+    stream: str
+    segment: int
+    text: str
+    stable: str
+    start: float
+    end: float
+    type: ClassVar[str] = "partial"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WordTiming:
+    """One word of a final, seconds on the stream's clock, confidence in [0, 1]."""
+
+    word: str
+    start: float
+    end: float
+    confidence: float
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The one and only result of a segment.
+
+    ``reason`` says what ended it: ``silence``, ``max_length``, ``eou`` (the model's end-of-utterance
+    token), ``finalize``, ``stop``, ``disconnect``, ``idle`` or ``shutdown``. ``confidence`` is the
+    mean of the token confidences; ``eou`` is true when the model emitted an end-of-utterance token.
+    """
+
+    stream: str
+    segment: int
+    text: str
+    start: float
+    end: float
+    words: tuple[WordTiming, ...]
+    token_ids: tuple[int, ...]
+    confidence: float
+    eou: bool
+    reason: str
+    type: ClassVar[str] = "final"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Warning:  # the message is called "warning" on the wire (shadows the builtin here only)
+    """Something the client should know; nothing it sent was discarded (``seconds``: how much audio)."""
+
+    code: str
+    message: str
+    stream: str | None = None
+    seconds: float | None = None
+    type: ClassVar[str] = "warning"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """A message or frame from the client was discarded (or the session ends, see the close code)."""
+
+    code: str
+    message: str
+    stream: str | None = None
+    type: ClassVar[str] = "error"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The session is over: no more messages follow. ``segments``: how many finals were sent."""
+
+    stream: str
+    segments: int
+    type: ClassVar[str] = "end"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+ServerMessage = Ready | Partial | Final | Warning | Error | End
+Message = ClientMessage | ServerMessage
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    """The JSON object of a message (``type`` first), e.g. an MQTT payload."""
+    body = asdict(msg)
+    for key in [k for k, v in body.items() if v is None]:
+        del body[key]
+    return {"type": msg.type, **body}
+
+
+def _dumps(msg: Message) -> str:
+    return json.dumps(to_dict(msg), ensure_ascii=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse one text message from a client.
+
+    Raises:
+        MessageError: ``bad_json`` when it is not JSON; ``bad_message`` when it is not an object, has
+            an unknown ``type``, lacks a field, has an unknown field or a value of the wrong type;
+            ``unsupported_audio`` when ``start`` declares a format the server does not take.
+    """
+    obj = _load_object(text)
+    kind = obj.get("type")
+    if kind == "start":
+        return _parse_start(obj)
+    for cls in (Finalize, Stop, KeepAlive):
+        if kind == cls.type:
+            _no_extra(obj, set(), kind)
+            return cls()
+    known = ", ".join(("start", "finalize", "stop", "keepalive"))
+    if kind is None:
+        raise MessageError("bad_message", f"message has no 'type'; expected one of: {known}")
+    raise MessageError("bad_message", f"unknown message type {kind!r}; expected one of: {known}")
+
+
+def parse_server_message(text: str | bytes) -> ServerMessage:
+    """Parse one message from the server (for clients). Unknown fields are ignored (newer servers)."""
+    obj = _load_object(text)
+    classes: dict[str, type] = {c.type: c for c in (Ready, Partial, Final, Warning, Error, End)}
+    cls = classes.get(obj.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise MessageError("bad_message", f"unknown server message type {obj.get('type')!r}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in obj:
+            kwargs[f.name] = obj[f.name]
+    try:
+        if cls is Final:
+            kwargs["words"] = tuple(WordTiming(**w) for w in kwargs.get("words", ()))
+            kwargs["token_ids"] = tuple(kwargs.get("token_ids", ()))
+        if cls is Ready:
+            kwargs["att_context_size"] = tuple(kwargs.get("att_context_size", ()))
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise MessageError("bad_message", f"{obj.get('type')}: {exc}") from exc
+
+
+def _load_object(text: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MessageError("bad_json", f"text message is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MessageError("bad_message", f"a message must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _no_extra(obj: dict[str, Any], allowed: set[str], kind: str) -> None:
+    extra = sorted(set(obj) - allowed - {"type"})
+    if extra:
+        raise MessageError(
+            "bad_message", f"unknown field {extra[0]!r} in {kind!r}" + (f"; allowed: {', '.join(sorted(allowed))}"
+                                                                        if allowed else "")
+        )
+
+
+def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = obj.get(key, default)
+    if value is None:
+        raise MessageError("bad_message", f"'start' needs {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError("bad_message", f"{key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _parse_start(obj: dict[str, Any]) -> Start:
+    allowed = {"sample_rate", "encoding", "channels", "stream", "interim_results", "endpointing", "version"}
+    _no_extra(obj, allowed, "start")
+    version = _int(obj, "version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise MessageError("bad_message", f"protocol version {version} is not supported; this server speaks 1")
+    rate = _int(obj, "sample_rate")
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        raise MessageError(
+            "unsupported_audio",
+            f"sample_rate {rate} Hz is out of range; send {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz",
+        )
+    encoding = obj.get("encoding")
+    if encoding is None:
+        raise MessageError("bad_message", "'start' needs 'encoding' (pcm_s16le or pcm_f32le)")
+    if encoding not in ENCODINGS:
+        raise MessageError(
+            "unsupported_audio", f"encoding {encoding!r} is not supported; use one of: {', '.join(ENCODINGS)}"
+        )
+    channels = _int(obj, "channels", 1)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise MessageError("unsupported_audio", f"channels must be 1-{MAX_CHANNELS}, got {channels}")
+    stream = obj.get("stream")
+    if stream is not None and (not isinstance(stream, str) or not STREAM_NAME.fullmatch(stream)):
+        raise MessageError(
+            "bad_message",
+            f"stream name {stream!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit",
+        )
+    interim = obj.get("interim_results", True)
+    if not isinstance(interim, bool):
+        raise MessageError("bad_message", f"'interim_results' must be true or false, got {interim!r}")
+    return Start(rate, encoding, channels, stream, interim, _parse_endpointing(obj.get("endpointing", {})), version)
+
+
+def _parse_endpointing(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise MessageError("bad_message", f"'endpointing' must be an object, got {value!r}")
+    out: dict[str, float] = {}
+    for key, seconds in value.items():
+        if key not in ENDPOINT_KEYS:
+            raise MessageError(
+                "bad_message", f"unknown endpointing rule {key!r}; known: {', '.join(ENDPOINT_KEYS)}"
+            )
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            raise MessageError("bad_message", f"endpointing.{key} must be a number of seconds, got {seconds!r}")
+        if not 0 < seconds <= MAX_ENDPOINT_S:
+            raise MessageError("bad_message", f"endpointing.{key} must be in (0, {MAX_ENDPOINT_S:g}] s, got {seconds}")
+        out[key] = float(seconds)
+    return out

@@ -1,0 +1,317 @@
+"""``streamer serve``: the composition root that builds the daemon and runs it until SIGTERM.
+
+Start: load the model, warm it up with one step, bind the port, start the scheduler, MQTT, the
+microphone, a file source and the systemd watchdog as named tasks of one TaskGroup, then
+``READY=1``. Stop (SIGTERM or SIGINT): ``STOPPING=1``; stop taking audio; flush every open segment as
+a final to every sink; ``end`` and close 1001 for every client; MQTT ``offline``; exit 0. A failure
+of the model, the scheduler, the microphone or MQTT's task ends the TaskGroup: exit 1 (systemd
+restarts us).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from streamer.engine.endpoint import EndpointConfig
+from streamer.errors import ConfigError, StreamerError
+from streamer.protocol import STREAM_NAME
+from streamer.server import sdnotify
+from streamer.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, parse_set
+
+logger = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT_S = 20.0  # within systemd/streamer.service's TimeoutStopSec=30
+
+
+@dataclass(frozen=True, slots=True)
+class FileSourceSpec:
+    """``--source file:PATH[?realtime=1&name=NAME]``."""
+
+    path: Path
+    realtime: bool = False
+    name: str = "file"
+
+
+def parse_source(text: str) -> FileSourceSpec:
+    """Parse ``--source``; only ``file:`` sources exist so far."""
+    if not text.startswith("file:"):
+        raise ConfigError(f"--source {text!r}: expected file:PATH[?realtime=1&name=NAME]")
+    path, _, query = text[len("file:"):].partition("?")
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = set(options) - {"realtime", "name"}
+    if unknown:
+        raise ConfigError(f"--source: unknown option {sorted(unknown)[0]!r}; known: realtime, name")
+    name = options.get("name", "file")
+    if not STREAM_NAME.fullmatch(name):
+        raise ConfigError(f"--source: stream name {name!r} is invalid (letters, digits, '_', '.', '-')")
+    if not Path(path).is_file():
+        raise ConfigError(f"--source: {path}: no such file")
+    return FileSourceSpec(Path(path), options.get("realtime", "0") in ("1", "true", "yes"), name)
+
+
+def _load_recognizer(settings: Settings) -> Any:
+    """Load and configure the model (blocking: run it in a thread)."""
+    import torch
+
+    from streamer.asr.model import AsrModel
+    from streamer.engine.recognizer import Recognizer
+
+    if settings.model.threads:
+        torch.set_num_threads(settings.model.threads)
+    model = AsrModel.load(settings.model.spec).to_device(settings.model.device)
+    return Recognizer(model, settings.model.att_context_size, settings.model.decoder)
+
+
+def _model_name(spec: str) -> str:
+    path = Path(spec)
+    return path.name if path.exists() else spec  # never show clients a local path
+
+
+class Daemon:
+    """The running daemon's parts; :meth:`start` builds and binds them, :meth:`run` serves until ``stop``.
+
+    Args:
+        settings: the effective settings.
+        recognizer: an already loaded recognizer (tests); None loads ``settings.model``.
+    """
+
+    def __init__(self, settings: Settings, recognizer: Any = None) -> None:
+        self.settings, self.recognizer = settings, recognizer
+        self.endpoint = EndpointConfig(**settings.endpointing.model_dump())
+        self.server: Any = None
+        self.scheduler: Any = None
+        self.hub: Any = None
+        self.metrics: Any = None
+        self.mqtt: Any = None
+        self.mic: Any = None
+        self.ready = asyncio.Event()  # set when READY=1 is sent
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
+    async def start(self) -> None:
+        """Load and warm up the model, build the parts, bind the port (not yet ready)."""
+        from streamer.engine.scheduler import Scheduler, StepStats
+        from streamer.server.hub import Hub
+        from streamer.server.metrics import Metrics
+        from streamer.server.websocket import WebSocketServer
+
+        settings = self.settings
+        if self.recognizer is None:
+            sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
+            self.recognizer = await asyncio.to_thread(_load_recognizer, settings)
+        recognizer = self.recognizer
+        self.metrics = metrics = Metrics()
+        self.mqtt = _make_mqtt(settings, metrics)
+        self.hub = Hub(self.mqtt, on_event=metrics.count_result)
+
+        def on_step(stats: StepStats) -> None:
+            metrics.observe_step(stats.seconds, stats.batch_size, stats.audio_seconds, stats.dropped_seconds)
+
+        self.scheduler = Scheduler(
+            recognizer, self.hub.publish, settings.engine.max_batch, settings.engine.max_wait_ms,
+            max_channels=settings.server.max_sessions + 2, ring_capacity_s=settings.engine.ring_capacity_s,
+            on_step=on_step,
+        )
+        sdnotify.notify("STATUS=warming up")
+        await asyncio.to_thread(self.scheduler.warm_up)
+        info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.plan.att_context_size),
+                "chunk_s": round(recognizer.chunk_seconds, 3)}
+        self.server = WebSocketServer(settings.server, self.scheduler, self.hub, metrics, self.endpoint, info)
+        await self.server.start()
+
+    async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
+        """Serve until ``stop`` is set, then shut down in order; returns the exit status (0, or 1 on a failure)."""
+        settings, server, scheduler = self.settings, self.server, self.scheduler
+        address = f"http://{settings.server.host}:{server.port}"
+        tasks: list[asyncio.Task[Any]] = []
+        failures: list[Exception] = []
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks.append(tg.create_task(scheduler.run(), name="scheduler"))
+                if self.mqtt is not None:
+                    tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                if settings.mic.enabled:
+                    self.mic = await _start_mic(settings, scheduler, self.endpoint)
+                    tasks.append(tg.create_task(self.mic.wait(), name="microphone"))
+                if source is not None:
+                    tasks.append(tg.create_task(_replay(source, scheduler, self.endpoint), name="file-source"))
+                interval = sdnotify.watchdog_interval_s()
+                if interval is not None:
+                    limit_s = 4 * interval  # WATCHDOG_USEC is 2 * interval: a step stuck that long stops the pings
+                    tasks.append(tg.create_task(
+                        sdnotify.watchdog(lambda: not scheduler.is_stuck(limit_s), interval), name="watchdog"
+                    ))
+                server.is_ready = True
+                self.ready.set()
+                sdnotify.notify("READY=1", f"STATUS=listening on {address}")
+                logger.info("ready: listening on %s", address)
+                await stop.wait()
+                logger.info("stopping: flushing open segments")
+                sdnotify.notify("STOPPING=1", "STATUS=flushing open segments")
+                await self._shutdown(tasks)
+        except* Exception as group:  # a task failed: the TaskGroup cancelled the rest (no flush is possible)
+            failures.extend(group.exceptions)
+        for exc in failures:
+            if isinstance(exc, StreamerError):
+                logger.error("%s", exc)
+            else:
+                logger.error("daemon failed: %r", exc, exc_info=exc)
+        if failures:
+            sdnotify.notify("STOPPING=1", f"STATUS=failed: {failures[0]}")
+            await server.close()
+            return 1
+        return 0
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Stop input, flush every segment to every sink, close clients and MQTT, then end the tasks."""
+        server, scheduler = self.server, self.scheduler
+        server.is_ready = False
+        for task in tasks:
+            if task.get_name() == "file-source":
+                task.cancel()
+        if self.mic is not None:
+            await self.mic.stop()  # delivers the resampler's tail first
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT_S):
+                await server.shutdown()  # /v1/listen: final, end, 1001
+                await scheduler.close_all("shutdown")  # microphone, file
+        except TimeoutError:
+            logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
+        await server.close()  # caption subscribers get their finals, then 1001
+        if self.mqtt is not None:
+            await self.mqtt.close()  # delivers the outbox, publishes "offline"
+        for task in tasks:
+            task.cancel()
+
+
+async def serve(settings: Settings, source: FileSourceSpec | None = None, port_file: Path | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    sdnotify.take_notify_socket()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        daemon = Daemon(settings)
+        await daemon.start()
+        print(f"streamer: listening on http://{settings.server.host}:{daemon.port}", flush=True)
+        if port_file is not None:
+            port_file.write_text(f"{daemon.port}\n")
+        return await daemon.run(stop, source)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _make_mqtt(settings: Settings, metrics: Any) -> Any:
+    if not settings.mqtt.enabled:
+        return None
+    from streamer.server.mqtt import MqttSink
+
+    m = settings.mqtt
+    sink = MqttSink(
+        m.host, m.port, prefix=m.prefix, device=m.device_id, tls=m.tls, tls_ca_file=m.ca_file,
+        tls_cert_file=m.cert_file, tls_key_file=m.key_file, username=m.username,
+        password=m.password.get_secret_value() if m.password else None, outbox_size=m.outbox_size,
+        keepalive_s=m.keepalive_s,
+    )
+    metrics.mqtt_outbox_depth.source = lambda: sink.outbox_depth
+    metrics.mqtt_connected.source = lambda: int(sink.connected)
+    return sink
+
+
+async def _start_mic(settings: Settings, scheduler: Any, endpoint: EndpointConfig) -> Any:
+    from streamer.audio.mic import MicrophoneSource
+
+    channel = scheduler.open(settings.mic.name, endpoint)
+
+    def on_audio(samples: Any) -> None:
+        channel.write(samples)
+        scheduler.poke(channel)
+
+    device = settings.mic.device
+    mic = MicrophoneSource(int(device) if device is not None and device.isdigit() else device, on_audio)
+    await mic.start()
+    return mic
+
+
+async def _replay(source: FileSourceSpec, scheduler: Any, endpoint: EndpointConfig) -> None:
+    """Feed a file as stream ``source.name``; without real-time pacing, as fast as recognition goes."""
+    from streamer.audio.filesrc import FileSource
+
+    channel = scheduler.open(source.name, endpoint)
+    high_water = int(scheduler.ring_capacity_s * channel.sample_rate_hz) // 2
+    started = time.monotonic()
+    async for block in FileSource(source.path, realtime=source.realtime):
+        channel.write(block)
+        scheduler.poke(channel)
+        while not source.realtime and channel.buffered_samples > high_water:
+            await scheduler.wait_round()  # never drop audio of a file
+    await scheduler.close(channel, "stop")
+    logger.info("file %s recognized in %.1f s", source.path, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------- `streamer serve`
+
+
+def _context(text: str) -> list[int]:
+    try:
+        left, right = (int(v) for v in text.strip("[]() ").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT such as 70,1; got {text!r}") from None
+    return [left, right]
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """``streamer serve``: flags for the common settings, ``--set`` for any other."""
+    p = sub.add_parser(
+        "serve",
+        help="run the daemon: WebSocket /v1/listen and /v1/captions, HTTP health and metrics, MQTT",
+        description="Run the recognition daemon until SIGTERM. Settings come from --config (default "
+        f"{DEFAULT_CONFIG_PATH} if present), STREAMER_<SECTION>__<KEY> environment variables and these "
+        "flags, in increasing precedence; see configs/default.toml.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--model", help="model spec (model.spec)")
+    p.add_argument("--device", help="torch device (model.device)")
+    p.add_argument("--threads", type=int, help="torch threads (model.threads)")
+    p.add_argument("--att-context-size", type=_context, metavar="L,R", help="look-ahead (model.att_context_size)")
+    p.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), help="decoding head (model.decoder)")
+    p.add_argument("--host", help="listen address (server.host)")
+    p.add_argument("--port", type=int, help="port, 0 for any free one (server.port)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any setting, e.g. mqtt.enabled=true")
+    p.add_argument("--source", help="also recognize a file as a stream: file:PATH[?realtime=1&name=NAME]")
+    p.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
+    p.set_defaults(func=cmd_serve)
+
+
+FLAG_KEYS = {
+    "model": ("model", "spec"), "device": ("model", "device"), "threads": ("model", "threads"),
+    "att_context_size": ("model", "att_context_size"), "decoder": ("model", "decoder"),
+    "host": ("server", "host"), "port": ("server", "port"),
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = parse_set(args.set)
+    for flag, (section, key) in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    return load_settings(args.config, overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    source = parse_source(args.source) if args.source else None
+    return asyncio.run(serve(settings, source, args.port_file))

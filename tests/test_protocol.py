@@ -1,0 +1,162 @@
+"""Wire protocol v1: parsing client messages, serializing server messages, and every parse error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from streamer.errors import ProtocolError
+from streamer.protocol import (
+    ENDPOINT_KEYS,
+    End,
+    Error,
+    Final,
+    Finalize,
+    KeepAlive,
+    MessageError,
+    Partial,
+    Ready,
+    Start,
+    Stop,
+    Warning,
+    WordTiming,
+    parse_client_message,
+    parse_server_message,
+    to_dict,
+)
+
+
+def test_start_with_defaults() -> None:
+    """Only type, sample_rate and encoding are required; the rest has documented defaults."""
+    msg = parse_client_message('{"type":"start","sample_rate":48000,"encoding":"pcm_s16le"}')
+    assert msg == Start(48000, "pcm_s16le")
+    assert msg.channels == 1 and msg.stream is None and msg.interim_results and msg.endpointing == {}
+    assert msg.frame_bytes == 2
+
+
+def test_start_with_everything_round_trips() -> None:
+    """A full start message parses to the same object its to_json gives back."""
+    start = Start(44100, "pcm_f32le", 2, "kitchen", False, {"max_segment_s": 7.5})
+    assert parse_client_message(start.to_json()) == start
+    assert start.frame_bytes == 8
+
+
+@pytest.mark.parametrize("cls", [Finalize, Stop, KeepAlive])
+def test_control_messages_round_trip(cls: type) -> None:
+    """finalize, stop and keepalive are bare {"type": ...} objects."""
+    msg = cls()
+    assert json.loads(msg.to_json()) == {"type": cls.type}
+    assert parse_client_message(msg.to_json()) == msg
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "fragment"),
+    [
+        ("{not json", "bad_json", "not valid JSON"),
+        (b"\xff\xfe", "bad_json", "not valid JSON"),
+        ("[1, 2]", "bad_message", "JSON object"),
+        ('{"sample_rate": 16000}', "bad_message", "no 'type'"),
+        ('{"type": "hello"}', "bad_message", "unknown message type 'hello'"),
+        ('{"type": "stop", "now": true}', "bad_message", "unknown field 'now'"),
+        ('{"type": "start", "encoding": "pcm_s16le"}', "bad_message", "needs 'sample_rate'"),
+        ('{"type": "start", "sample_rate": 16000}', "bad_message", "needs 'encoding'"),
+        ('{"type": "start", "sample_rate": "16000", "encoding": "pcm_s16le"}', "bad_message", "must be an integer"),
+        ('{"type": "start", "sample_rate": 16000.0, "encoding": "pcm_s16le"}', "bad_message", "must be an integer"),
+        ('{"type": "start", "sample_rate": true, "encoding": "pcm_s16le"}', "bad_message", "must be an integer"),
+        ('{"type": "start", "sample_rate": 4000, "encoding": "pcm_s16le"}', "unsupported_audio", "8000-48000"),
+        ('{"type": "start", "sample_rate": 96000, "encoding": "pcm_s16le"}', "unsupported_audio", "out of range"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "opus"}', "unsupported_audio", "pcm_s16le, pcm_f32le"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 0}', "unsupported_audio",
+         "channels must be 1-8"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 9}', "unsupported_audio",
+         "channels must be 1-8"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "stream": "a/b"}', "bad_message",
+         "stream name 'a/b' is invalid"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "stream": ""}', "bad_message",
+         "is invalid"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "interim_results": 1}', "bad_message",
+         "true or false"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "version": 2}', "bad_message",
+         "version 2 is not supported"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "rate": 1}', "bad_message",
+         "unknown field 'rate'"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "endpointing": 1}', "bad_message",
+         "must be an object"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "endpointing": {"rule1": 1}}',
+         "bad_message", "unknown endpointing rule 'rule1'"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "endpointing": {"max_segment_s": 0}}',
+         "bad_message", "must be in (0, 3600]"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "endpointing": {"max_segment_s": "5"}}',
+         "bad_message", "number of seconds"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "endpointing": {"max_segment_s": NaN}}',
+         "bad_message", "number of seconds"),
+    ],
+)
+def test_parse_errors_name_the_problem(text: str | bytes, code: str, fragment: str) -> None:
+    """Every malformed client message raises a ProtocolError with a code and a message that says what is wrong."""
+    with pytest.raises(MessageError) as info:
+        parse_client_message(text)
+    assert isinstance(info.value, ProtocolError)
+    assert info.value.code == code
+    assert fragment in str(info.value)
+
+
+def test_every_endpoint_rule_can_be_overridden() -> None:
+    """The protocol accepts each rule the engine knows, and the engine knows each rule the protocol names."""
+    from streamer.engine.endpoint import EndpointConfig
+
+    body = {key: 2.5 for key in ENDPOINT_KEYS}
+    msg = parse_client_message(json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le",
+                                           "endpointing": body}))
+    assert isinstance(msg, Start)
+    assert EndpointConfig().with_overrides(msg.endpointing).to_dict() == body
+    assert set(EndpointConfig().to_dict()) == set(ENDPOINT_KEYS)
+
+
+def test_server_messages_serialize_with_type_first_and_parse_back() -> None:
+    """Each server message is a JSON object with its type; clients parse them back to equal objects."""
+    final = Final("mic", 3, "hello world", 1.0, 2.0,
+                  (WordTiming("hello", 1.0, 1.4, 0.9), WordTiming("world", 1.5, 2.0, 0.8)),
+                  (5, 6, 7), 0.85, False, "silence")
+    messages = [
+        Ready("abc", "mic", "tiny", (70, 13), 16000, 1.12, {"max_segment_s": 20.0}),
+        Partial("mic", 3, "hello wor", "hello ", 1.0, 1.9),
+        final,
+        Warning("audio_dropped", "dropped", "mic", 0.5),
+        Error("bad_audio", "odd bytes"),
+        End("mic", 4),
+    ]
+    for msg in messages:
+        obj = json.loads(msg.to_json())
+        assert next(iter(obj)) == "type" and obj["type"] == msg.type
+        assert parse_server_message(msg.to_json()) == msg
+    assert json.loads(final.to_json())["words"][1] == {"word": "world", "start": 1.5, "end": 2.0, "confidence": 0.8}
+    assert "stream" not in to_dict(Error("bad_json", "x"))  # unset optional fields are left out
+    with pytest.raises(MessageError):
+        parse_server_message('{"type": "bogus"}')
+
+
+def test_parse_server_message_ignores_unknown_fields() -> None:
+    """A newer server may add fields; an older client still parses the message."""
+    msg = parse_server_message('{"type":"end","stream":"x","segments":1,"future":true}')
+    assert msg == End("x", 1)
+
+
+def test_protocol_imports_without_torch() -> None:
+    """Clients import streamer.protocol without torch or numpy (standard library only)."""
+    code = "import sys, streamer.protocol; bad = {'torch', 'numpy'} & set(sys.modules); print(sorted(bad))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_server_and_engine_layers_import_as_documented() -> None:
+    """streamer.server imports no torch; streamer.engine.endpoint and the settings import no torch either."""
+    code = (
+        "import sys, streamer.server.websocket, streamer.server.hub, streamer.server.metrics, "
+        "streamer.server.sdnotify, streamer.engine.endpoint, streamer.settings; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
