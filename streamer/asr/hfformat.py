@@ -382,6 +382,8 @@ def sentencepiece_from_tokenizer_json(data: Mapping[str, Any]) -> bytes:
         raise UnsupportedCheckpointError(f"tokenizer.json model type {kind!r} (supported: BPE, Unigram)")
     types = {piece: 1 for piece in scores}  # NORMAL
     for added in data.get("added_tokens") or []:
+        if added["content"] == "<blank>" and int(added["id"]) >= len(scores):
+            continue  # Parakeet's blank is an added token one past the vocabulary; it is not a piece
         scores.setdefault(added["content"], (int(added["id"]), 0.0))
         types[added["content"]] = 3 if added.get("special") else 4  # CONTROL / USER_DEFINED
     if unk_piece not in scores:
