@@ -97,12 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_config_parser(sub)
     add_bench_parser(sub)
-    try:  # training needs only the training package's own imports; keep the CLI usable without it
-        from streamer.training.cli import add_training_parsers
-    except ImportError as exc:  # pragma: no cover - only while the package is incomplete
-        logger.debug("training commands unavailable: %s", exc)
-    else:
-        add_training_parsers(sub)
+    from streamer.training.cli import add_training_parsers
+
+    add_training_parsers(sub)
     return parser
 
 

@@ -1,0 +1,196 @@
+"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``eval`` and ``export``.
+
+``streamer.cli`` calls :func:`add_training_parsers` with its subparsers; each command sets ``func``.
+Heavy imports happen inside the commands, so ``streamer --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+TRAIN_EPILOG = """\
+examples:
+  # start a run (creates runs/<timestamp>_<name>/ with config.yaml, train.log, metrics.json,
+  # results.csv and checkpoints/{best,latest}.pt); run it in the background on a shared machine:
+  nice -n 5 streamer train --config models/streamer-tdt-small/recipe.yaml > train.out 2>&1 &
+  # stop it cleanly (saves latest.pt):  kill -TERM <pid>     # or Ctrl-C in a terminal
+  # continue where it stopped, same data order and RNG:
+  streamer train --resume runs/20261121-041500_streamer-tdt-small
+  # a quick smoke run: override recipe keys with dotted KEY=VALUE (YAML values)
+  streamer train --config models/streamer-tdt-small/recipe.yaml --set train.max_steps=20 --set train.threads=2
+
+Threads: 1 torch thread plus 1 data worker suits 2 cores; with 2 threads a busy neighbour process can
+slow every step many times over (see the recipe's comments for measured speeds).
+"""
+
+EVAL_EPILOG = """\
+examples:
+  streamer eval --model models/streamer-tdt-small/model.nemo --corpus /work/data/corpus-v1 --limit 200
+  streamer eval --model runs/20261121-041500_streamer-tdt-small --manifest my_test.jsonl --mode offline
+Rows append to --results (CSV); a markdown table (WER per split and look-ahead, then latency) is printed.
+"""
+
+EXPORT_EPILOG = """\
+example:
+  streamer export runs/20261121-041500_streamer-tdt-small --out models/streamer-tdt-small/model.nemo
+The archive holds NeMo's model_config.yaml, model_weights.ckpt and the tokenizer; NeMo 3.0.0's
+ASRModel.restore_from() and streamer's --model both load it.
+"""
+
+
+def add_training_parsers(subparsers: Any) -> None:
+    """Register ``corpus``, ``train``, ``eval`` and ``export`` on ``streamer``'s subparsers."""
+    _add_corpus(subparsers)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_export(subparsers)
+
+
+def _add_corpus(subparsers: Any) -> None:
+    from streamer.training.corpus import add_corpus_args  # noqa: PLC0415 - light module
+
+    p = subparsers.add_parser(
+        "corpus",
+        help="generate the synthetic speech corpus and its tokenizer",
+        description="Generate a synthetic English speech corpus with espeak-ng, flite and festival (one engine "
+        "held out for testing), augmented with noise, reverberation and band limits, as 16 kHz int16 shards "
+        "with JSONL manifests, then train a SentencePiece BPE tokenizer on the training text. Parallel "
+        "(--workers), resumable (rerun the same command), with a progress bar.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  nice -n 10 streamer corpus --out /work/data/corpus-v1 --hours 50 --workers 2",
+    )
+    add_corpus_args(p)
+    p.set_defaults(func=_cmd_corpus)
+
+
+def _cmd_corpus(args: argparse.Namespace) -> int:
+    from streamer.training.corpus import build_corpus  # noqa: PLC0415
+    from streamer.training.plan import default_splits  # noqa: PLC0415
+
+    _log_to_stderr()
+    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine)
+    summary = build_corpus(args.out, specs, args.workers, args.seed, args.shard_utterances, args.vocab_size)
+    for name, split in summary["splits"].items():
+        print(f"{name}: {split['utterances']} utterances, {split['hours']:.2f} h")
+    return 0
+
+
+def _add_train(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a streaming FastConformer-TDT from a recipe (resumable)",
+        description="Train a cache-aware streaming FastConformer encoder with a TDT head (and an optional "
+        "auxiliary CTC head) from a recipe YAML: AdamW with warmup and decay, gradient clipping, SpecAugment, "
+        "one look-ahead sampled per batch so one model serves them all. Each run gets its own directory; "
+        "SIGTERM/SIGINT save latest.pt and exit, --resume continues exactly where it stopped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG,
+    )
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", type=Path, help="recipe YAML (e.g. models/streamer-tdt-small/recipe.yaml)")
+    group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="where new run directories go [%(default)s]")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key for a new run, e.g. train.threads=2 (repeatable)",
+    )
+    p.set_defaults(func=_cmd_train)
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    import yaml  # noqa: PLC0415
+
+    from streamer.errors import ConfigError  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from streamer.errors import ConfigError  # noqa: PLC0415
+    from streamer.training.trainer import train  # noqa: PLC0415
+
+    _log_to_stderr()
+    if args.resume is not None and args.set:
+        raise ConfigError("--set only applies to new runs; edit RUN_DIR/config.yaml to change a resumed run")
+    status, _ = train(args.config, args.resume, args.runs, _overrides(args.set))
+    return status
+
+
+def _add_eval(subparsers: Any) -> None:
+    from streamer.training.evaluate import add_eval_args  # noqa: PLC0415
+
+    p = subparsers.add_parser(
+        "eval",
+        help="word error rate per split, offline and streaming at each look-ahead, and latency",
+        description="Evaluate a model on corpus splits or manifests: greedy WER offline (one masked encoder "
+        "pass) and streaming (the cache-aware recognizer) at every look-ahead, the algorithmic latency of each "
+        "look-ahead and the measured compute per chunk of one stream.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVAL_EPILOG,
+    )
+    add_eval_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from streamer.training.evaluate import cmd_eval  # noqa: PLC0415
+
+    _log_to_stderr()
+    return cmd_eval(args)
+
+
+def _add_export(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a training run's model as a .nemo archive",
+        description="Export a run's best (or latest) checkpoint as a .nemo archive that NeMo 3.0.0 and "
+        "streamer load; the archive is read back and checked before the command succeeds.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXPORT_EPILOG,
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory made by streamer train")
+    p.add_argument("--out", type=Path, required=True, help="the .nemo file to write")
+    p.add_argument(
+        "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint of the run [%(default)s]"
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    from streamer.asr.model import AsrModel  # noqa: PLC0415
+    from streamer.training.trainer import export_nemo  # noqa: PLC0415
+
+    _log_to_stderr()
+    model = export_nemo(args.run_dir, args.out, args.checkpoint)
+    loaded = AsrModel.load(str(args.out))
+    probe = torch.randn(1, 80, 200, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = model.encoder(probe, torch.tensor([200]))[0]
+        b = loaded.encoder(probe, torch.tensor([200]))[0]
+    torch.testing.assert_close(a, b)
+    size_mb = args.out.stat().st_size / 1e6
+    print(f"wrote {args.out} ({size_mb:.1f} MB, {model.num_parameters / 1e6:.2f}M parameters)")
+    return 0
+
+
+def _log_to_stderr() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

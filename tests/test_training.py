@@ -1,0 +1,312 @@
+"""Training pipeline on a tiny synthetic corpus: batches, SpecAugment, WER, train/resume, run files, export."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from streamer.asr.model import AsrModel
+from streamer.errors import ConfigError
+from streamer.training.cli import add_training_parsers
+from streamer.training.data import (
+    BatchFeaturizer,
+    BatchingConfig,
+    SpecAugmentConfig,
+    Utterance,
+    load_utterances,
+    plan_epoch,
+    spec_augment,
+)
+from streamer.training.evaluate import edit_distance, markdown_table, normalize_words, word_error_rate
+from streamer.training.recipe import recipe_from_dict
+from streamer.training.speed import TapDepthwiseConv2d
+from streamer.training.tokenizer import train_tokenizer
+from streamer.training.trainer import Trainer, compute_loss, export_nemo, load_run, train
+
+WORDS = ["red", "green", "blue", "one", "two", "three", "stop", "go", "left", "right", "up", "down"]
+RATE = 16000
+
+
+def _word_audio(word: str) -> np.ndarray:
+    """Each letter is a 50 ms tone of its own pitch: a learnable stand-in for speech."""
+    t = np.arange(int(0.05 * RATE)) / RATE
+    tones = [np.sin(2 * np.pi * (200 + 60 * (ord(c) - 96)) * t) for c in word]
+    return np.concatenate([*tones, np.zeros(int(0.04 * RATE))])
+
+
+def _write_split(root: Path, split: str, count: int, rng: np.random.Generator) -> list[str]:
+    (root / split).mkdir(parents=True)
+    audio, lines, texts, offset = [], [], [], 0
+    for i in range(count):
+        words = [WORDS[j] for j in rng.integers(0, len(WORDS), rng.integers(2, 5))]
+        samples = np.concatenate([np.zeros(800), *(_word_audio(w) for w in words), np.zeros(800)])
+        samples = (0.3 * samples + 0.003 * rng.standard_normal(len(samples))) * 32767
+        audio.append(samples.astype(np.int16))
+        text = " ".join(words)
+        texts.append(text)
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"{split}-{i}",
+                    "audio": f"{split}/shard-00000.npy",
+                    "offset": offset,
+                    "num_samples": len(samples),
+                    "duration_s": len(samples) / RATE,
+                    "text": text,
+                }
+            )
+        )
+        offset += len(samples)
+    np.save(root / split / "shard-00000.npy", np.concatenate(audio))
+    (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return texts
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    texts = _write_split(root, "train", 48, rng)
+    _write_split(root, "dev", 6, rng)
+    train_tokenizer(texts, root / "tokenizer.model", 40)
+    return root
+
+
+def _recipe(corpus: Path, **train: object) -> dict:
+    return {
+        "name": "tiny",
+        "seed": 7,
+        "data": {"corpus_dir": str(corpus), "dev_utterances": 6, "workers": 0, "min_duration_s": 0.1},
+        "batching": {"max_batch_mel_frames": 1600, "max_batch_utterances": 8},
+        "spec_augment": {"freq_masks": 1, "freq_width": 8, "time_masks": 1, "time_width": 0.05, "start_step": 2},
+        "model": {
+            "encoder": {
+                "n_layers": 2,
+                "d_model": 32,
+                "n_heads": 2,
+                "subsampling_conv_channels": 8,
+                "conv_kernel_size": 5,
+                "att_context_sizes": [[4, 1], [4, 0]],
+            },
+            "transducer": {"pred_hidden": 32, "joint_hidden": 32, "durations": [0, 1, 2]},
+        },
+        "loss": {"omega": 0.0},
+        "optim": {"lr": 3.0e-3, "warmup_steps": 4},
+        "train": {
+            "threads": 1,
+            "max_steps": 12,
+            "log_every_steps": 4,
+            "val_every_steps": 6,
+            "val_att_context_sizes": [[4, 1]],
+            **train,
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _utts(lengths: list[int]) -> list[Utterance]:
+    return [Utterance(str(i), "x.npy", 0, n * 160, "a", (1,)) for i, n in enumerate(lengths)]
+
+
+def test_plan_epoch_packs_every_utterance_once_within_budget() -> None:
+    """Each utterance appears once per epoch; padded frames stay within the budget; order is seeded."""
+    rng = np.random.default_rng(1)
+    utts = _utts(list(rng.integers(50, 900, 200)))
+    cfg = BatchingConfig(max_batch_mel_frames=3000, max_batch_utterances=16, curriculum_epochs=1)
+    for epoch in (0, 1):
+        plan = plan_epoch(utts, cfg, seed=3, epoch=epoch)
+        assert sorted(i for b in plan for i in b) == list(range(200))
+        for batch in plan:
+            longest = max(utts[i].num_mel_frames for i in batch)
+            assert len(batch) == 1 or len(batch) * longest <= 3000
+            assert len(batch) <= 16
+        assert plan == plan_epoch(utts, cfg, seed=3, epoch=epoch)
+    first = [max(utts[i].num_mel_frames for i in b) for b in plan_epoch(utts, cfg, 3, 0)]
+    later = [max(utts[i].num_mel_frames for i in b) for b in plan_epoch(utts, cfg, 3, 1)]
+    assert first[0] <= first[len(first) // 2] <= first[-1]  # curriculum: short batches first
+    assert later != sorted(later)  # later epochs shuffle the batch order
+
+
+def test_spec_augment_masks_what_it_says() -> None:
+    """Masked cells hold mask_value, stay inside the bands and the utterance; no masks change nothing."""
+    mel = torch.randn(3, 80, 200) + 5.0  # never exactly zero
+    lengths = torch.tensor([200, 120, 40])
+    cfg = SpecAugmentConfig(freq_masks=2, freq_width=10, time_masks=3, time_width=0.1, mask_value=0.0)
+    out = spec_augment(mel, lengths, cfg, torch.Generator().manual_seed(0))
+    masked = out == 0.0
+    changed = out != mel
+    assert torch.equal(masked, changed)
+    for b in range(3):
+        full_bins = masked[b].all(dim=1)  # frequency masks cover every frame
+        other = masked[b] & ~full_bins[:, None]
+        frames = other.any(dim=0).nonzero()[:, 0]
+        assert int(full_bins.sum()) <= 2 * 9  # two bands of at most freq_width - 1 bins
+        if len(frames):
+            assert int(frames.max()) < int(lengths[b])  # time masks inside the utterance
+            assert len(frames) <= 3 * max(1, int(0.1 * int(lengths[b])))
+    none = SpecAugmentConfig(freq_masks=0, time_masks=0)
+    assert torch.equal(spec_augment(mel, lengths, none, torch.Generator()), mel)
+
+
+def test_featurizer_gives_unnormalised_log_mel(corpus: Path) -> None:
+    """Batches hold raw log-mel (NeMo normalize NA), padded targets, and lengths S // 160."""
+    from streamer.asr.config import FeatureConfig
+    from streamer.asr.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(corpus / "tokenizer.model")
+    utts = load_utterances(corpus, "dev", tok, min_duration_s=0.1)
+    batch = BatchFeaturizer(corpus, FeatureConfig())(utts[:3])
+    assert batch.mel.shape[:2] == (3, 80)
+    assert batch.mel_lengths.tolist() == [u.num_samples // 160 for u in utts[:3]]
+    assert batch.target_lengths.tolist() == [len(u.tokens) for u in utts[:3]]
+    assert float(batch.mel[0, :, : int(batch.mel_lengths[0])].mean()) < -1.0  # log power, not z-scores
+
+
+# ------------------------------------------------------------------------------------------------
+# WER
+
+
+def test_word_error_rate() -> None:
+    """Levenshtein over words; punctuation and case do not count."""
+    assert edit_distance("a b c".split(), "a x c d".split()) == 2
+    assert edit_distance([], "a b".split()) == 2
+    assert normalize_words("Hello, World! it's") == ["hello", "world", "it's"]
+    wer, errors, words = word_error_rate(["the cat sat", "on the mat"], ["the cat sat", "on mat"])
+    assert (errors, words) == (1, 6) and math.isclose(wer, 1 / 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_loss_goes_down(corpus: Path, tmp_path: Path) -> None:
+    """A tiny model's loss on a fixed batch falls after a few steps."""
+    recipe = recipe_from_dict(_recipe(corpus, max_steps=16))
+    (tmp_path / "checkpoints").mkdir()
+    trainer = Trainer(recipe, tmp_path)
+    batch = next(trainer._batches())[2]
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(compute_loss(trainer.model, batch, (4, 1), trainer.loss_fn, recipe)[0])
+
+    before = loss()
+    trainer.run()
+    assert loss() < 0.8 * before
+
+
+def test_resume_continues_exactly(corpus: Path, tmp_path: Path) -> None:
+    """Stopping at step 3 and resuming to step 6 gives the weights of 6 uninterrupted steps."""
+    straight = recipe_from_dict(_recipe(corpus, max_steps=6))
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(straight.to_dict()))
+    _, run_a = train(config, None, tmp_path / "a")
+    _, run_b = train(config, None, tmp_path / "b", overrides={"train": {"max_steps": 3}})
+    state_b = torch.load(run_b / "checkpoints" / "latest.pt", weights_only=False)
+    assert state_b["progress"]["step"] == 3
+    cfg = yaml.safe_load((run_b / "config.yaml").read_text())
+    cfg["train"]["max_steps"] = 6
+    (run_b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    train(None, run_b, tmp_path / "b")
+    a = torch.load(run_a / "checkpoints" / "latest.pt", weights_only=False)
+    b = torch.load(run_b / "checkpoints" / "latest.pt", weights_only=False)
+    assert a["progress"]["step"] == b["progress"]["step"] == 6
+    assert a["progress"]["batch_in_epoch"] == b["progress"]["batch_in_epoch"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    assert a["loss_rng"] == b["loss_rng"]
+
+
+def test_run_directory_files(corpus: Path, tmp_path: Path) -> None:
+    """config.yaml, train.log, metrics.json, results.csv and both checkpoints exist and parse."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(_recipe(corpus)))
+    status, run = train(config, None, tmp_path / "runs")
+    assert status == 0 and run.parent == tmp_path / "runs" and run.name.endswith("_tiny")
+    assert recipe_from_dict(yaml.safe_load((run / "config.yaml").read_text())).name == "tiny"
+    assert "step 12" in (run / "train.log").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 12 and metrics["best_wer_percent"] is not None
+    with (run / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [6, 12]
+    assert all(0.0 <= float(r["wer_4_1"]) for r in rows)
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "latest.pt").is_file()
+
+    # Export: the .nemo reads back with equal outputs.
+    out = tmp_path / "model.nemo"
+    model = export_nemo(run, out, "latest")
+    loaded = AsrModel.load(str(out))
+    assert loaded.config.encoder == model.config.encoder and loaded.decoder_kinds == ("tdt", "ctc")
+    mel = torch.randn(2, 80, 150, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for ctx in ((4, 1), (4, 0)):
+            a, _ = model.encoder(mel, torch.tensor([150, 90]), ctx)
+            b, _ = loaded.encoder(mel, torch.tensor([150, 90]), ctx)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert load_run(run, "best")[1] == (corpus / "tokenizer.model").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_tap_depthwise_conv_equals_conv2d() -> None:
+    """The training depthwise conv gives Conv2d's outputs and gradients."""
+    conv = torch.nn.Conv2d(6, 6, 3, 2, groups=6).double()
+    x = torch.randn(2, 6, 15, 11, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    ref = conv(x)
+    ref.backward(grad)
+    expected = (ref.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone())
+    x.grad, conv.weight.grad, conv.bias.grad = None, None, None
+    conv.__class__ = TapDepthwiseConv2d
+    out = conv(x)
+    out.backward(grad)
+    for got, want in zip((out.detach(), x.grad, conv.weight.grad, conv.bias.grad), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_recipe_rejects_unknown_keys() -> None:
+    """A typo in a recipe is an error that suggests the right key."""
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        recipe_from_dict({"train": {"max_step": 3}})
+    with pytest.raises(ConfigError, match="multiple of right"):
+        recipe_from_dict(
+            {"model": {"encoder": {"att_context_sizes": [[70, 2]]}}, "train": {"val_att_context_sizes": [[70, 2]]}}
+        )
+
+
+def test_cli_registers_training_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """corpus, train, eval and export parse, and their help explains resuming and exporting."""
+    parser = argparse.ArgumentParser(prog="streamer")
+    add_training_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--resume", "runs/x"])
+    assert args.resume == Path("runs/x") and callable(args.func)
+    assert parser.parse_args(["export", "runs/x", "--out", "m.nemo"]).checkpoint == "best"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    assert "--resume" in capsys.readouterr().out
+
+
+def test_markdown_table_lists_splits_and_latency() -> None:
+    """The model-card table has one row per split and a latency row per streaming look-ahead."""
+    from streamer.training.evaluate import ResultRow
+
+    rows = [
+        ResultRow("m", "dev", mode, "[70,1]", 80.0, 160.0, 3, 10, 12.5, 4.0 if mode == "streaming" else 0.0, 30.0)
+        for mode in ("offline", "streaming")
+    ]
+    table = markdown_table(rows)
+    assert "| dev | 12.50% | 12.50% |" in table and "| [70,1] 80 ms | 160 ms |" in table
