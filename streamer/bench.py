@@ -67,7 +67,7 @@ def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder) -> R
     from streamer.asr.config import EncoderConfig, TransducerConfig
     from streamer.asr.encoder import FastConformerEncoder
 
-    dtype = getattr(torch, dtype_name)
+    dtype = torch.float32 if dtype_name == "int8" else getattr(torch, dtype_name)
     torch.manual_seed(0)
     enc_cfg = EncoderConfig(**LARGE_STREAMING)
     enc = FastConformerEncoder(enc_cfg).eval()
@@ -81,6 +81,10 @@ def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder) -> R
         params += sum(p.numel() for p in dec.parameters()) + sum(p.numel() for p in joint.parameters())
         greedy = GreedyTransducerDecoder(dec, joint)
     enc = enc.to(dtype)
+    if dtype_name == "int8":
+        from streamer.asr.quantize import quantize_linears_int8
+
+        enc = quantize_linears_int8(enc)
     plan = enc.streaming_plan(ctx)
     state = enc.init_state(streams, plan)
     state = replace(state, attn_len=torch.full((streams,), plan.cache_size),
@@ -193,7 +197,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--dtypes", default="float32", help="our dtypes, e.g. float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,int8",
+                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations)")
     p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
     p.add_argument("--nemo", choices=("auto", "off"), default="auto",
                    help="auto: include NeMo when importable here or via --nemo-python")
