@@ -15,7 +15,7 @@ APT_PACKAGES=(
   # systemd-analyze for checking the unit file
   systemd
   # training data: offline TTS voices and English text
-  flite festival festvox-kallpc16k fortunes fortunes-min wordnet-base dict-gcide dict-devil
+  flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts fortunes fortunes-min wordnet-base dict-gcide dict-devil
 )
 
 if [ "${STREAMER_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null; then

@@ -281,9 +281,7 @@ def test_tiny_corpus_builds_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "corpus"
     summary = build_corpus(out, specs, workers=2, seed=5, shard_utterances=3, vocab_size=48, text_roots=roots)
 
-    entries = {
-        s.name: [json.loads(x) for x in (out / f"{s.name}.jsonl").read_text().splitlines()] for s in specs
-    }
+    entries = {s.name: [json.loads(x) for x in (out / f"{s.name}.jsonl").read_text().splitlines()] for s in specs}
     assert summary["splits"]["dev"]["utterances"] == 3 and len(entries["test_heldout_engine"]) == 2
     assert len(entries["train"]) >= 4
     for split, rows in entries.items():

@@ -60,9 +60,7 @@ def coloured_noise(kind: str, num_samples: int, rng: np.random.Generator) -> np.
     return (noise / np.sqrt(max(power(noise), 1e-20))).astype(np.float32)
 
 
-def babble(
-    sources: Sequence[np.ndarray], num_samples: int, rng: np.random.Generator, talkers: int
-) -> np.ndarray:
+def babble(sources: Sequence[np.ndarray], num_samples: int, rng: np.random.Generator, talkers: int) -> np.ndarray:
     """Several other utterances, each looped and cut at a random offset, summed; unit power."""
     mix = np.zeros(num_samples, dtype=np.float64)
     for index in rng.choice(len(sources), size=min(talkers, len(sources)), replace=False):

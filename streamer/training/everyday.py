@@ -132,9 +132,7 @@ def _phone(rng: random.Random) -> str:
 
 
 def _big_number(rng: random.Random) -> str:
-    return number_to_words(
-        rng.choice([rng.randint(100, 999), rng.randint(1000, 99999), rng.randint(10**5, 10**7)])
-    )
+    return number_to_words(rng.choice([rng.randint(100, 999), rng.randint(1000, 99999), rng.randint(10**5, 10**7)]))
 
 
 def _full_name(rng: random.Random) -> str:

@@ -63,9 +63,7 @@ class ShardTask:
         return f"shard-{self.shard:05d}"
 
 
-def default_splits(
-    train_hours: float, eval_utterances: int, held_out_engine: str = HELD_OUT_ENGINE
-) -> list[SplitSpec]:
+def default_splits(train_hours: float, eval_utterances: int, held_out_engine: str = HELD_OUT_ENGINE) -> list[SplitSpec]:
     """The five standard splits.
 
     train and dev are augmented alike; test_seen_voices, test_heldout_engine and everyday are clean.
@@ -78,9 +76,7 @@ def default_splits(
         SplitSpec("train", seen, hours=train_hours, excluded_voices=x),
         SplitSpec("dev", seen, num_utterances=eval_utterances, excluded_voices=x),
         SplitSpec("test_seen_voices", seen, augment=clean, num_utterances=eval_utterances, excluded_voices=x),
-        SplitSpec(
-            "test_heldout_engine", {held_out_engine: 1.0}, augment=clean, num_utterances=eval_utterances
-        ),
+        SplitSpec("test_heldout_engine", {held_out_engine: 1.0}, augment=clean, num_utterances=eval_utterances),
         SplitSpec(
             "everyday",
             seen,
@@ -167,9 +163,7 @@ def plan_corpus(specs: list[SplitSpec], pool: TextPool, seed: int, shard_utteran
     return [task for spec in specs for task in _shards(spec, planned[spec.name], seed, shard_utterances)]
 
 
-def _shards(
-    spec: SplitSpec, sentences: list[Sentence], seed: int, shard_utterances: int
-) -> Iterator[ShardTask]:
+def _shards(spec: SplitSpec, sentences: list[Sentence], seed: int, shard_utterances: int) -> Iterator[ShardTask]:
     utterances = [Utterance(f"{spec.name}-{i:07d}", i, s) for i, s in enumerate(sentences)]
     for shard in range(math.ceil(len(utterances) / shard_utterances)):
         chunk = utterances[shard * shard_utterances : (shard + 1) * shard_utterances]

@@ -89,9 +89,7 @@ def extract_sentences(roots: dict[str, Path] | None = None) -> dict[str, list[st
     return per_source
 
 
-def build_text_pool(
-    seed: int, common_vocab_size: int = 5000, roots: dict[str, Path] | None = None
-) -> TextPool:
+def build_text_pool(seed: int, common_vocab_size: int = 5000, roots: dict[str, Path] | None = None) -> TextPool:
     """Extract all sources and split their sentences into common and rare.
 
     Args:
