@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from streamer.asr import clocks
 from streamer.asr.config import ContextSize, EncoderConfig
 from streamer.errors import ConfigError
 
@@ -116,10 +117,7 @@ def _row_mask(start: Tensor, end: Tensor, t: int, dtype: torch.dtype) -> Tensor:
 
 def subsampled_length(mel_frames: Tensor | int, factor: int, causal: bool) -> Tensor:
     """Encoder frames produced from ``mel_frames`` valid mel frames (NeMo ``calc_length``)."""
-    length = torch.as_tensor(mel_frames)
-    for _ in range(int(math.log2(factor))):
-        length = _strided_out_len(length, causal)
-    return length
+    return torch.as_tensor(clocks.num_encoder_frames(torch.as_tensor(mel_frames), factor, is_causal=causal))
 
 
 # --------------------------------------------------------------------------------------------------

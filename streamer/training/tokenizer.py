@@ -21,6 +21,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from streamer.asr import clocks
+
 logger = logging.getLogger(__name__)
 HOP_SAMPLES = 160  # 10 ms mel hop at 16 kHz
 
@@ -62,15 +64,8 @@ def train_tokenizer(texts: Iterable[str], model_path: Path, vocab_size: int) -> 
 
 
 def encoder_frames(num_samples: int) -> int:
-    """Encoder frames of a causal dw_striding 8x FastConformer for an utterance of `num_samples`.
-
-    Mel frames M = S // 160 (NeMo's valid length), then three causal stride-2 convs, each L -> L // 2 + 1
-    (nemo-reference.md §2.2). streamer.asr.fastconformer owns this arithmetic; this copy only measures.
-    """
-    frames = num_samples // HOP_SAMPLES
-    for _ in range(3):
-        frames = frames // 2 + 1
-    return frames
+    """Encoder frames of a causal dw_striding 8x FastConformer for an utterance of `num_samples`."""
+    return int(clocks.num_encoder_frames(clocks.num_mel_frames(num_samples), is_causal=True))
 
 
 def token_overflow(model_path: Path, entries: Sequence[dict[str, Any]]) -> dict[str, float]:
