@@ -20,7 +20,7 @@ from streamer.cli import main
 from streamer.engine.recognizer import transcribe_offline, transcribe_streaming
 
 NEMO_FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
-FIXTURE_DIRS = sorted(p for p in NEMO_FIXTURES.iterdir() if (p / "golden.pt").exists()) if NEMO_FIXTURES.exists() else []
+FIXTURE_DIRS = sorted(p for p in NEMO_FIXTURES.iterdir() if (p / "golden.pt").exists())
 AUDIO = ("audio_0", "audio_1")
 
 pytestmark = pytest.mark.checkpoint

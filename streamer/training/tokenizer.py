@@ -24,7 +24,6 @@ import sentencepiece as spm
 from streamer.asr import clocks
 
 logger = logging.getLogger(__name__)
-HOP_SAMPLES = 160  # 10 ms mel hop at 16 kHz
 
 
 def train_tokenizer(texts: Iterable[str], model_path: Path, vocab_size: int) -> Path:
