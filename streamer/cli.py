@@ -25,6 +25,7 @@ examples:
   streamer transcribe hello.wav                         default model, offline, plain text
   streamer transcribe a.wav b.flac --format json        one JSON object per file per line
   streamer transcribe talk.mp3 --mode streaming --att-context-size 70,1
+  streamer transcribe talk.mp3 --format srt > talk.srt   subtitles from the word times
   streamer transcribe x.wav --model nvidia/stt_en_fastconformer_hybrid_large_streaming_multi --decoder ctc
   streamer bench                                        latency and real-time factor table
 
@@ -86,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), default=None,
                    help="decoding head (default: the model's transducer, else CTC)")
-    t.add_argument("--format", choices=("text", "json"), default="text",
-                   help="text: one line per file; json: one JSON object per file per line")
+    t.add_argument("--format", choices=("text", "json", "srt", "vtt"), default="text",
+                   help="text: one line per file; json: one JSON object per file per line; "
+                   "srt/vtt: subtitles from the word times (one file, or several with --output-dir)")
+    t.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="write FILE's result to DIR/<name>.<txt|json|srt|vtt> instead of stdout")
     t.set_defaults(func=cmd_transcribe)
 
     from streamer.bench import add_bench_parser
@@ -122,6 +126,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     for f in args.files:  # fail fast, before loading a model, on files that do not exist
         if not os.path.exists(f):
             raise StreamerError(f"{f}: no such file")
+    if args.format in ("srt", "vtt") and len(args.files) > 1 and not args.output_dir:
+        raise ConfigError(f"--format {args.format} with several files needs --output-dir DIR")
     model = load_model(args.model, args.device, args.threads)
     kind = model.check_decoder(args.decoder)
     ctx = model.check_context(args.att_context_size)
@@ -133,9 +139,22 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         if args.format == "json":
             obj = {"file": f, **result.to_json(), "duration_s": round(len(audio) / sr, 3),
                    "mode": args.mode, "decoder": kind, "att_context_size": list(ctx)}
-            print(json.dumps(obj, ensure_ascii=False), flush=True)
+            out = json.dumps(obj, ensure_ascii=False)
+        elif args.format in ("srt", "vtt"):
+            from streamer.subtitles import build_cues, to_srt, to_vtt
+
+            cues = build_cues(result.words)
+            out = (to_srt if args.format == "srt" else to_vtt)(cues).rstrip("\n")
         else:
-            print(result.text if len(args.files) == 1 else f"{f}: {result.text}", flush=True)
+            out = result.text if len(args.files) == 1 or args.output_dir else f"{f}: {result.text}"
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            ext = "txt" if args.format == "text" else args.format
+            stem = os.path.splitext(os.path.basename(f))[0]
+            with open(os.path.join(args.output_dir, f"{stem}.{ext}"), "w", encoding="utf-8") as fh:
+                fh.write(out + "\n")
+        else:
+            print(out, flush=True)
     return 0
 
 
