@@ -14,6 +14,8 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients
   # systemd-analyze for checking the unit file
   systemd
+  # headless browser tests of the caption page (Playwright drives this chromium; no download)
+  chromium fonts-dejavu-core
   # training data: offline TTS voices and English text
   flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts fortunes fortunes-min wordnet-base dict-gcide dict-devil
 )

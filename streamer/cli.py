@@ -95,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_transcribe)
 
     from streamer.bench import add_bench_parser
+    from streamer.mic_demo import add_mic_parser
     from streamer.service import add_serve_parser
     from streamer.settings import add_config_parser
 
     add_serve_parser(sub)
+    add_mic_parser(sub)
     add_config_parser(sub)
     add_bench_parser(sub)
     from streamer.training.cli import add_training_parsers

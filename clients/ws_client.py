@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Stream an audio file or the microphone to a streamer daemon (``/v1/listen``) and print the captions.
+
+    python clients/ws_client.py talk.wav                       # finals, one line per segment
+    python clients/ws_client.py talk.flac --realtime           # paced like a live source
+    python clients/ws_client.py --mic                          # the default microphone, until Ctrl-C
+    python clients/ws_client.py talk.mp3 --json                # every server message, one JSON line each
+    python clients/ws_client.py talk.wav --url ws://gpu-box:8765 --stream kitchen
+
+Files are decoded with soundfile (WAV, FLAC, MP3, Ogg) and the *samples* are sent, never the file's
+bytes (a WAV header sent as audio is a click and garbage text): pcm_f32le (``--s16``: pcm_s16le) at the
+file's own rate and channel count, which ``start`` declares; the server resamples and mixes down.
+Rates outside 8-48 kHz are resampled here first (soxr). The microphone is read at its native rate
+with sounddevice. On a terminal the partial is rewritten in place and finals scroll; otherwise only
+finals are printed. Ctrl-C sends ``stop``: the last final arrives before the program exits.
+
+Needs websockets, numpy, soundfile (files), sounddevice (``--mic``), soxr (unusual rates), and
+``streamer.protocol`` (standard library only, so torch is never imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncGenerator
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
+
+from streamer.protocol import (
+    MAX_CHANNELS,
+    MAX_SAMPLE_RATE_HZ,
+    MIN_SAMPLE_RATE_HZ,
+    End,
+    Error,
+    Final,
+    Partial,
+    Ready,
+    Start,
+    Stop,
+    Warning,
+    parse_server_message,
+)
+
+FRAME_S = 0.1  # audio per binary frame
+CLEAR_LINE = "\r\x1b[K"
+
+
+def load_file(path: str) -> tuple[np.ndarray, int]:
+    """Decode ``path`` to (frames, channels) float32 at a rate the server takes."""
+    import soundfile as sf
+
+    data, rate = sf.read(path, dtype="float32", always_2d=True)
+    if data.shape[1] > MAX_CHANNELS:
+        data = data.mean(axis=1, keepdims=True)
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        import soxr
+
+        target = min(max(rate, MIN_SAMPLE_RATE_HZ), MAX_SAMPLE_RATE_HZ)
+        data, rate = soxr.resample(data, rate, target).astype(np.float32), target
+    return data, int(rate)
+
+
+def encode(block: np.ndarray, s16: bool) -> bytes:
+    """Interleaved little-endian samples."""
+    if s16:
+        return (np.clip(block, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    return np.ascontiguousarray(block, dtype="<f4").tobytes()
+
+
+async def file_blocks(data: np.ndarray, rate: int, realtime: bool) -> AsyncGenerator[np.ndarray, None]:
+    """``FRAME_S`` blocks of a decoded file; with ``realtime``, no faster than it plays."""
+    loop = asyncio.get_running_loop()
+    step = max(1, round(rate * FRAME_S))
+    started = loop.time()
+    for i, first in enumerate(range(0, len(data), step)):
+        yield data[first : first + step]
+        if realtime:
+            await asyncio.sleep(max(0.0, started + (i + 1) * step / rate - loop.time()))
+
+
+async def mic_blocks(device: str | None) -> tuple[int, AsyncGenerator[np.ndarray, None]]:
+    """The microphone's rate and its blocks (float32, mono), read at its native rate."""
+    import sounddevice as sd
+
+    try:
+        info = sd.query_devices(int(device) if device and device.isdigit() else device, kind="input")
+    except (ValueError, sd.PortAudioError) as exc:
+        raise OSError(f"no microphone: {exc} (python -m sounddevice lists the devices)") from exc
+    rate = min(max(round(info["default_samplerate"]), MIN_SAMPLE_RATE_HZ), MAX_SAMPLE_RATE_HZ)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=200)
+
+    def put(block: np.ndarray) -> None:
+        if queue.full():  # we fell behind: drop the oldest rather than grow
+            queue.get_nowait()
+        queue.put_nowait(block)
+
+    def callback(indata: np.ndarray, frames: int, time: object, status: object) -> None:
+        loop.call_soon_threadsafe(put, indata.copy())  # PortAudio's thread: copy and hand over, nothing else
+
+    async def blocks() -> AsyncGenerator[np.ndarray, None]:
+        with sd.InputStream(device=info["index"], samplerate=rate, channels=1, dtype="float32",
+                            blocksize=round(rate * FRAME_S / 2), callback=callback):
+            while True:
+                yield await queue.get()
+
+    return rate, blocks()
+
+
+class Printer:
+    """Partials in place on a terminal, finals as lines, warnings and errors on stderr; or raw JSON."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.inplace = sys.stdout.isatty() and not as_json
+        self.partial = False
+
+    def __call__(self, raw: str) -> None:
+        if self.as_json:
+            print(raw, flush=True)
+            return
+        msg = parse_server_message(raw)
+        if isinstance(msg, Partial) and self.inplace:
+            width = shutil.get_terminal_size().columns - 1
+            text = msg.text if len(msg.text) <= width else "…" + msg.text[-(width - 1) :]
+            print(CLEAR_LINE + text, end="", flush=True)
+            self.partial = True
+        elif isinstance(msg, Final):
+            self._clear()
+            if msg.text:
+                print(msg.text, flush=True)
+        elif isinstance(msg, Warning | Error):
+            self._clear()
+            print(f"{msg.type}: {msg.code}: {msg.message}", file=sys.stderr, flush=True)
+
+    def _clear(self) -> None:
+        if self.partial:
+            print(CLEAR_LINE, end="", flush=True)
+            self.partial = False
+
+
+async def send_audio(
+    ws: ClientConnection, blocks: AsyncGenerator[np.ndarray, None], s16: bool, stop: asyncio.Event
+) -> None:
+    """Send blocks until they run out or ``stop`` is set, then ``stop``."""
+    try:
+        async for block in blocks:
+            if stop.is_set():
+                break
+            await ws.send(encode(block, s16))
+    finally:
+        await blocks.aclose()  # closes the microphone
+    await ws.send(Stop().to_json())
+
+
+async def run(args: argparse.Namespace) -> int:
+    if args.mic:
+        rate, blocks = await mic_blocks(args.device)
+        channels = 1
+    else:
+        data, rate = load_file(args.file)
+        channels, blocks = data.shape[1], file_blocks(data, rate, args.realtime)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    show = Printer(args.json)
+    start = Start(rate, "pcm_s16le" if args.s16 else "pcm_f32le", channels, args.stream)
+    url = args.url.rstrip("/") + "/v1/listen"
+    async with connect(url, open_timeout=10, close_timeout=5, compression=None, max_size=2**22) as ws:
+        await ws.send(start.to_json())
+        async with asyncio.timeout(10):
+            first = await ws.recv()
+        show(first)
+        ready = parse_server_message(first)
+        if not isinstance(ready, Ready):
+            return 1  # the start was refused (bad format, stream name in use, server busy)
+        source = f"microphone at {rate} Hz" if args.mic else f"{args.file} ({rate} Hz, {channels} channel(s))"
+        print(f"ws_client: streaming the {source} to {url} as stream {ready.stream}", file=sys.stderr, flush=True)
+        sender = asyncio.create_task(send_audio(ws, blocks, args.s16, stop))
+        try:
+            async for raw in ws:  # until "end" (or the server closes)
+                show(raw)
+                if isinstance(parse_server_message(raw), End):
+                    break
+        finally:
+            sender.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None,
+                                epilog="see the module docstring for examples")
+    p.add_argument("file", nargs="?", help="audio file (WAV, FLAC, MP3, Ogg; any rate and channel count)")
+    p.add_argument("--mic", action="store_true", help="stream the microphone instead of a file")
+    p.add_argument("--device", help="with --mic: device index or part of its name (default: the system's)")
+    p.add_argument("--url", default="ws://127.0.0.1:8765", help="the daemon (default: %(default)s)")
+    p.add_argument("--stream", help="stream name, for /v1/captions?stream=NAME and MQTT (default: the server's)")
+    p.add_argument("--realtime", action="store_true", help="send a file no faster than it plays")
+    p.add_argument("--s16", action="store_true", help="send 16-bit integers (pcm_s16le) instead of float32")
+    p.add_argument("--json", action="store_true", help="print every server message as it arrives, one per line")
+    args = p.parse_args(argv)
+    if args.mic == bool(args.file):
+        p.error("give an audio file or --mic")
+    if args.file and not os.path.isfile(args.file):
+        p.error(f"{args.file}: no such file")
+    try:
+        return asyncio.run(run(args))
+    except (OSError, TimeoutError, RuntimeError, WebSocketException) as exc:  # refused, unreadable file, no mic
+        print(f"ws_client: error: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""``streamer mic``: live captions of a microphone in the terminal.
+
+By default the recognizer runs in this process (the bundled default model, or ``--model``), fed by
+:class:`~streamer.audio.mic.MicrophoneSource` through the daemon's own scheduler and segmenter, so the
+partials and finals are the ones ``streamer serve`` would send. With ``--url ws://HOST:PORT`` the
+microphone is streamed to a running daemon instead (this module then imports no torch), reconnecting
+with backoff when the daemon goes away.
+
+On a terminal the open segment's partial is rewritten in place on one line (``\\r`` and clear to end
+of line; the part that may still change is dimmed) and finals scroll. When stdout is not a terminal
+only finals are printed, one per line; ``--json`` prints every message as one JSON line. Status lines
+go to stderr. Ctrl-C (or SIGTERM) ends the open segment, prints its final and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from streamer.errors import AudioError, ConfigError, StreamerError
+from streamer.protocol import (
+    End,
+    Error,
+    Final,
+    Partial,
+    Ready,
+    ServerMessage,
+    Start,
+    Stop,
+    Warning,
+    parse_server_message,
+)
+
+MIC_RATE_HZ = 16000  # what MicrophoneSource delivers (it resamples from the device's own rate)
+BACKLOG_BLOCKS = 500  # --url: 20 ms blocks kept while disconnected (10 s); the oldest go first
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 15.0
+RECV_TIMEOUT_S = 10.0  # --url: waiting for "ready", and for "end" after "stop"
+CLEAR_LINE = "\r\x1b[K"
+NO_MICROPHONE = (
+    "no microphone found: PortAudio lists no input device (is one plugged in, is a sound server running, "
+    "may this user open /dev/snd?)"
+)
+DIM, NORMAL = "\x1b[2m", "\x1b[0m"
+
+EPILOG = """\
+examples:
+  streamer mic                                  captions from the default microphone, default model
+  streamer mic --list-devices                   what can be captured from
+  streamer mic --device 2 --model path/to/model.nemo
+  streamer mic --url ws://127.0.0.1:8765        recognize on a running daemon instead (no torch here)
+"""
+
+
+class Captions:
+    """Writes captions to a terminal or a pipe; see the module docstring.
+
+    Args:
+        out: where captions go.
+        err: where status lines, warnings and errors go.
+        as_json: print every message as one JSON line instead.
+        inplace: rewrite partials in place; default: when ``out`` is a terminal.
+        width: columns of the terminal (default: asked on every partial, so resizing works).
+    """
+
+    def __init__(
+        self, out: TextIO, err: TextIO, as_json: bool = False, inplace: bool | None = None, width: int | None = None
+    ) -> None:
+        self.out, self.err, self.as_json = out, err, as_json
+        self.inplace = (not as_json and out.isatty()) if inplace is None else inplace
+        self._width = width
+        self._partial = ""  # the partial line on screen, as written (escapes included)
+        self.finals = 0
+
+    def show(self, msg: ServerMessage) -> None:
+        """Print one message from the recognizer or the server."""
+        if self.as_json:
+            self.out.write(msg.to_json() + "\n")
+            self.out.flush()
+        elif isinstance(msg, Partial):
+            if self.inplace:
+                self._partial = self._fit(msg.text, msg.stable)
+                self.out.write(CLEAR_LINE + self._partial)
+                self.out.flush()
+        elif isinstance(msg, Final):
+            if msg.text:
+                self.out.write((CLEAR_LINE if self.inplace else "") + msg.text + "\n")
+                self.out.flush()
+            elif self._partial:
+                self.out.write(CLEAR_LINE)
+                self.out.flush()
+            self._partial = ""
+        elif isinstance(msg, Warning | Error):
+            self.status(f"{msg.type}: {msg.code}: {msg.message}")
+        if isinstance(msg, Final):
+            self.finals += 1
+
+    def status(self, text: str) -> None:
+        """One line on ``err``, without tearing the partial line apart on a shared terminal."""
+        if self._partial:
+            self.out.write(CLEAR_LINE)
+            self.out.flush()
+        self.err.write(text + "\n")
+        self.err.flush()
+        if self._partial:
+            self.out.write(self._partial)
+            self.out.flush()
+
+    def _fit(self, text: str, stable: str) -> str:
+        """The tail of ``text`` that fits on one line (a wrapped line cannot be rewritten), unstable part dimmed."""
+        width = (self._width or shutil.get_terminal_size((80, 24)).columns) - 1
+        stable_len = len(stable) if text.startswith(stable) else 0
+        if len(text) > width:
+            cut = len(text) - (width - 1)
+            text, stable_len = "…" + text[cut:], max(0, stable_len - cut) + 1
+        if stable_len >= len(text):
+            return text
+        return text[:stable_len] + DIM + text[stable_len:] + NORMAL
+
+
+# ---------------------------------------------------------------- devices
+
+
+def print_devices(out: TextIO) -> int:
+    """``--list-devices``: one line per capture device; ``*`` marks the default."""
+    from streamer.audio.mic import list_devices
+
+    devices = list_devices()
+    if not devices:
+        raise AudioError(NO_MICROPHONE)
+    for d in devices:
+        mark = "*" if d.is_default else " "
+        out.write(f"{mark} {d.index:3d}  {d.name}  ({d.channels} ch, {d.default_rate_hz} Hz, {d.host_api})\n")
+    return 0
+
+
+def parse_device(text: str | None) -> str | int | None:
+    """``--device``: an index or a (sub)string of a device name."""
+    return int(text) if text is not None and text.isdigit() else text
+
+
+def check_microphone() -> None:
+    """Fail in one line, before anything slow happens, where no microphone exists at all."""
+    from streamer.audio.mic import list_devices
+
+    if not list_devices():
+        raise AudioError(NO_MICROPHONE)
+
+
+# ---------------------------------------------------------------- in process
+
+
+async def run_local(args: argparse.Namespace, captions: Captions, stop: asyncio.Event) -> int:
+    """Recognize the microphone here, with the daemon's scheduler, until ``stop``."""
+    from streamer.audio.mic import MicrophoneSource
+    from streamer.engine.endpoint import EndpointConfig
+    from streamer.engine.scheduler import Scheduler
+
+    check_microphone()
+    captions.status(f"loading model {args.model or 'default'} …")
+    recognizer = await asyncio.to_thread(load_recognizer, args)
+
+    def publish(stream: str, events: Sequence[Any]) -> None:
+        for event in events:
+            captions.show(event)
+
+    scheduler = Scheduler(recognizer, publish, max_batch=1, max_wait_ms=0)
+    await asyncio.to_thread(scheduler.warm_up)
+    channel = scheduler.open("mic", EndpointConfig())
+
+    def on_audio(samples: Any) -> None:
+        channel.write(samples)
+        scheduler.poke(channel)
+
+    mic = MicrophoneSource(parse_device(args.device), on_audio)
+    runner = asyncio.create_task(scheduler.run(), name="scheduler")
+    try:
+        await mic.start()
+        captions.status(f"listening on {mic.device_name!r} ({mic.native_rate_hz} Hz); Ctrl-C to stop")
+        await _until_stopped(stop, mic)
+        await mic.stop()  # the resampler's tail goes in first
+        await scheduler.close(channel, "stop")  # then the last final
+    finally:
+        await mic.stop()
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    return 0
+
+
+def load_recognizer(args: argparse.Namespace) -> Any:
+    """The model and its recognizer (blocking: run it in a thread)."""
+    from streamer.cli import load_model
+    from streamer.engine.recognizer import Recognizer
+
+    model = load_model(args.model, args.torch_device, args.threads)
+    return Recognizer(model, args.att_context_size, args.decoder)
+
+
+async def _until_stopped(stop: asyncio.Event, mic: Any) -> None:
+    """Wait for ``stop``; raise the microphone's AudioError if it fails first."""
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.ensure_future(mic.wait())
+    try:
+        done, _ = await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if failed in done:
+            failed.result()
+    finally:
+        stopped.cancel()
+        failed.cancel()
+
+
+# ---------------------------------------------------------------- against a daemon
+
+
+def listen_url(url: str) -> str:
+    """``ws://host:port`` or ``http://host:port/`` -> ``ws://host:port/v1/listen``."""
+    if url.startswith(("http://", "https://")):
+        url = "ws" + url[4:]
+    if not url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"--url {url!r}: expected ws://HOST:PORT (or wss://)")
+    base = url.rstrip("/")
+    return base if base.endswith("/v1/listen") else base + "/v1/listen"
+
+
+class Backlog:
+    """Audio blocks not sent yet: at most ``size``; when full the oldest is dropped (and counted)."""
+
+    def __init__(self, size: int) -> None:
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(size)
+        self.dropped = 0
+
+    def put(self, block: bytes) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(block)
+
+    async def get(self) -> bytes:
+        return await self._queue.get()
+
+    def drain(self) -> list[bytes]:
+        blocks = []
+        while not self._queue.empty():
+            blocks.append(self._queue.get_nowait())
+        return blocks
+
+
+async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio.Event) -> int:
+    """Stream the microphone to ``--url`` and print what comes back; reconnect with backoff until ``stop``."""
+    from streamer.audio.mic import MicrophoneSource
+
+    url = listen_url(args.url)
+    check_microphone()
+    backlog = Backlog(BACKLOG_BLOCKS)
+    mic = MicrophoneSource(parse_device(args.device), lambda samples: backlog.put(samples.astype("<f4").tobytes()))
+    await mic.start()
+    captions.status(f"listening on {mic.device_name!r}; sending to {url}; Ctrl-C to stop")
+    attempt = 0
+    try:
+        while True:
+            result = await _session(url, args.stream, backlog, captions, stop, mic)
+            if result is not None:
+                return result
+            delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt += 1
+            captions.status(f"retrying in {delay:.1f} s")
+            try:
+                async with asyncio.timeout(delay):
+                    await _until_stopped(stop, mic)
+                return 0
+            except TimeoutError:
+                pass
+    finally:
+        await mic.stop()
+
+
+async def _session(
+    url: str, stream: str | None, backlog: Backlog, captions: Captions, stop: asyncio.Event, mic: Any
+) -> int | None:
+    """One connection: start, audio until ``stop``, the last final. Returns None when it failed (retry)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+    try:
+        async with connect(url, open_timeout=RECV_TIMEOUT_S, close_timeout=2, compression=None) as ws:
+            await ws.send(Start(MIC_RATE_HZ, "pcm_f32le", stream=stream).to_json())
+            async with asyncio.timeout(RECV_TIMEOUT_S):
+                ready = parse_server_message(await ws.recv())
+            if isinstance(ready, Error):
+                captions.show(ready)
+                return None if ready.code in ("stream_in_use", "server_busy", "not_ready") else 1
+            if isinstance(ready, Ready):
+                captions.status(f"connected: stream {ready.stream}, model {ready.model}")
+            if backlog.dropped:
+                captions.status(f"{backlog.dropped * 0.02:.1f} s of audio were lost while disconnected")
+                backlog.dropped = 0
+            sender = asyncio.create_task(_send(ws, backlog))
+            receiver = asyncio.create_task(_receive(ws, captions))
+            stopper = asyncio.create_task(_until_stopped(stop, mic))
+            tasks = {sender, receiver, stopper}
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if stopper not in done:  # the connection broke, or the server ended the session
+                    for task in done:
+                        if task.exception() is not None and not isinstance(task.exception(), ConnectionClosed):
+                            raise task.exception()  # type: ignore[misc]
+                    captions.status(f"the session on {url} ended")
+                    return None
+                stopper.result()  # the microphone failed: its AudioError
+                sender.cancel()
+                for block in backlog.drain():
+                    await ws.send(block)
+                await ws.send(Stop().to_json())
+                async with asyncio.timeout(RECV_TIMEOUT_S):
+                    await receiver  # the last final, then "end"
+                return 0
+            finally:
+                for task in tasks:
+                    task.cancel()
+    except InvalidURI as exc:
+        raise ConfigError(f"--url: {exc}") from exc
+    except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
+        captions.status(f"connection to {url} failed or lost ({exc or type(exc).__name__})")
+        return None
+
+
+async def _send(ws: Any, backlog: Backlog) -> None:
+    while True:
+        await ws.send(await backlog.get())
+
+
+async def _receive(ws: Any, captions: Captions) -> None:
+    async for raw in ws:
+        msg = parse_server_message(raw)
+        captions.show(msg)
+        if isinstance(msg, End):
+            return
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _context(text: str) -> tuple[int, int]:
+    try:
+        left, right = (int(v) for v in text.strip("[]() ").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT such as 70,1; got {text!r}") from None
+    return left, right
+
+
+def add_mic_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``streamer mic`` (and of ``clients/mic_demo.py``)."""
+    p.add_argument("--list-devices", action="store_true", help="list the capture devices and exit")
+    p.add_argument("--device", help="capture device: an index or part of a name (default: the system's)")
+    p.add_argument("--url", help="recognize on a running daemon, e.g. ws://127.0.0.1:8765, instead of here")
+    p.add_argument("--stream", help="with --url: the stream name, so others can follow /v1/captions?stream=NAME")
+    p.add_argument("--model", help="model to load (default: the bundled one); a .nemo file, directory, name or id")
+    p.add_argument("--torch-device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--att-context-size", type=_context, metavar="L,R", help="look-ahead, e.g. 70,1 (default: the "
+                   "model's first)")
+    p.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), help="decoding head (default: the model's own)")
+    p.add_argument("--json", action="store_true", help="print every message as one JSON line")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (default: at Ctrl-C)")
+
+
+def add_mic_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``streamer mic``."""
+    p = sub.add_parser(
+        "mic",
+        help="live captions of a microphone in the terminal",
+        description="Live captions of a microphone in the terminal. The recognizer runs here (the bundled\n"
+        "default model, or --model), or on a running daemon with --url. On a terminal the partial is\n"
+        "rewritten in place and finals scroll; when stdout is not a terminal only finals are printed;\n"
+        "--json prints every message. Ctrl-C prints the last final and exits.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_mic_args(p)
+    p.set_defaults(func=cmd_mic)
+
+
+def cmd_mic(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run ``streamer mic``; errors that streamer raises on purpose propagate (the CLI prints them in one line)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    if args.list_devices:
+        return print_devices(out)
+    if args.url:
+        listen_url(args.url)  # a bad URL fails before the microphone opens
+    captions = Captions(out, err, as_json=args.json)
+    return asyncio.run(_main(args, captions))
+
+
+async def _main(args: argparse.Namespace, captions: Captions) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.seconds:
+        loop.call_later(args.seconds, stop.set)
+    try:
+        run: Callable[..., Any] = run_remote if args.url else run_local
+        return int(await run(args, captions, stop))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``clients/mic_demo.py``: the same as ``streamer mic``, with its own one-line errors."""
+    parser = argparse.ArgumentParser(prog="mic_demo", description="Live captions of a microphone in the terminal.",
+                                     epilog=EPILOG.replace("streamer mic", "mic_demo.py"),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_mic_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_mic(args)
+    except StreamerError as exc:
+        print(f"mic_demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

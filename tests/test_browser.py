@@ -1,0 +1,241 @@
+"""The caption page (clients/web/index.html) in headless Debian Chromium driven by Playwright (test-rig.md §4).
+
+A fake microphone fed from a speech WAV streams through getUserMedia and the AudioWorklet to the real
+daemon (tiny random model: the words are garbage, but tokens flow); captions appear and finals arrive;
+a second page in viewer mode shows the same finals; the page reconnects after the daemon restarts;
+the downloads are well-formed. Screenshots go to each test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.test_daemon import daemon  # noqa: F401  (the fixture that starts `streamer serve`)
+
+pytestmark = pytest.mark.slow
+TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
+CHROMIUM = os.environ.get("STREAMER_CHROMIUM", "/usr/bin/chromium")
+PAGE = Path(__file__).parents[1] / "clients" / "web" / "index.html"
+STREAM = "webtest"
+# Records every text the connection indicator shows (a later retry may replace a text before it is read).
+CONN_LOG = """
+window.connLog = [];
+document.addEventListener("DOMContentLoaded", () => new MutationObserver(
+    () => window.connLog.push(document.getElementById("conn").textContent)
+).observe(document.getElementById("conn"), {childList: true, characterData: true, subtree: true}));
+"""
+
+
+def chromium_args(wav: Path) -> list[str]:
+    """Flags for a quiet headless Chromium (test-rig.md §4) whose microphone plays ``wav`` once."""
+    return [
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def fake_mic_wav(speech_wav: Path, tmp_path: Path) -> Path:
+    """The speech twice, with silence before (the fake device starts before the worklet listens) and after."""
+    data, rate = sf.read(speech_wav, dtype="float32")
+    pause = np.zeros(rate // 2, dtype=np.float32)
+    path = tmp_path / "fake-mic.wav"
+    sf.write(path, np.concatenate([pause, data, pause, data, pause]), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+async def browser(fake_mic_wav: Path) -> AsyncIterator[Any]:
+    """A fresh headless Chromium (Debian's, not a downloaded one) with the fake microphone."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found (apt install chromium)")
+    async_api = pytest.importorskip("playwright.async_api")
+    async with async_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=chromium_args(fake_mic_wav))
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+class Wire:
+    """What a page sent and received on its WebSockets, and what it logged (for failure messages)."""
+
+    def __init__(self, page: Any) -> None:
+        self.sent_text: list[dict[str, Any]] = []
+        self.sent_bytes: list[bytes] = []
+        self.received: list[dict[str, Any]] = []
+        self.sockets: list[str] = []
+        self.console: list[str] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.on("websocket", self._on_socket)
+
+    def _on_socket(self, ws: Any) -> None:
+        self.sockets.append(ws.url)
+        ws.on("framesent", self._sent)
+        ws.on("framereceived", lambda payload: self.received.append(json.loads(payload)))
+
+    def _sent(self, payload: str | bytes) -> None:
+        if isinstance(payload, bytes):
+            self.sent_bytes.append(payload)
+        else:
+            self.sent_text.append(json.loads(payload))
+
+    def finals(self) -> list[str]:
+        return [m["text"] for m in self.received if m["type"] == "final" and m["text"]]
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.received]
+
+
+async def page_finals(page: Any) -> list[str]:
+    return list(await page.locator("#captions .final").all_inner_texts())
+
+
+async def wait_state(page: Any, state: str, wire: Wire, seconds: float = 30) -> None:
+    """Wait until the connection indicator shows ``state``."""
+    try:
+        await page.wait_for_selector(f'#conn[data-state="{state}"]', timeout=seconds * 1000 * TIMEOUT)
+    except Exception as exc:
+        text = await page.locator("#conn").inner_text()
+        notice = await page.locator("#notice").inner_text()
+        raise AssertionError(f"indicator never showed {state!r}: {text!r}, notice {notice!r}\n"
+                             + "\n".join(wire.console[-20:])) from exc
+
+
+async def test_page_captions_the_fake_microphone_and_a_viewer_sees_the_same(
+    daemon: Any, browser: Any, tmp_path: Path  # noqa: F811
+) -> None:
+    """Speaker page: start, native-rate s16le to /v1/listen, partials then finals in place; viewer page: same finals."""
+    running = await daemon("--set", "endpointing.max_segment_s=2")
+    base = f"http://127.0.0.1:{running.port}"
+    context = await browser.new_context(viewport={"width": 1100, "height": 700})
+    viewer = await context.new_page()
+    viewer_wire = Wire(viewer)
+    await viewer.goto(f"{base}/?stream={STREAM}")
+    await wait_state(viewer, "connected", viewer_wire)
+    page = await context.new_page()
+    wire = Wire(page)
+    await page.goto(f"{base}/?name={STREAM}")
+    await page.get_by_role("button", name="Start microphone").click()
+    await wait_state(page, "connected", wire)
+    # the screenshot shows finals and, most likely, a partial in progress
+    await page.wait_for_function("(n => n >= 3 || n >= 1 && document.querySelector('#partial').textContent)"
+                                 "(document.querySelectorAll('#captions .final').length)", timeout=60_000 * TIMEOUT)
+    await page.screenshot(path=tmp_path / "captions.png")
+
+    start = wire.sent_text[0]
+    rate = await page.evaluate("speaker.rate")
+    assert start == {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": 1, "stream": STREAM}
+    assert 8000 <= rate <= 48000
+    assert wire.sent_bytes and all(len(b) == 2 * round(rate * 0.05) for b in wire.sent_bytes[:-1])
+    assert not any(b.startswith(b"RIFF") for b in wire.sent_bytes)
+    assert wire.types()[0] == "ready" and "partial" in wire.types()
+
+    await page.get_by_role("button", name="Stop").click()  # the last final, then "end"
+    await wait_state(page, "stopped", wire)
+    assert wire.types()[-1] == "end"
+    finals = wire.finals()
+    assert len(finals) >= 2 and await page_finals(page) == finals
+    assert await page.locator("#partial").inner_text() == ""
+    await viewer.wait_for_function(f"document.querySelectorAll('#captions .final').length >= {len(finals)}",
+                                   timeout=10_000 * TIMEOUT)
+    assert await page_finals(viewer) == finals
+    assert viewer_wire.finals() == finals
+    await viewer.screenshot(path=tmp_path / "viewer.png")
+
+    async with page.expect_download() as download_info:
+        await page.get_by_role("button", name="Download subtitles as SRT").click()
+    download = await download_info.value
+    srt = Path(await download.path()).read_text()
+    assert re.fullmatch(rf"captions-{STREAM}-\d{{8}}-\d{{4}}\.srt", download.suggested_filename)
+    assert re.match(r"1\n\d\d:\d\d:\d\d,\d\d\d --> \d\d:\d\d:\d\d,\d\d\d\n\S", srt), srt
+    code, stderr = await running.stop()
+    assert code == 0, stderr
+    await context.close()
+
+
+async def test_page_reconnects_after_the_daemon_restarts(daemon: Any, browser: Any) -> None:  # noqa: F811
+    """The daemon goes away (close 1001): the page shows it, retries with backoff, and streams to the new one."""
+    first = await daemon()
+    page = await browser.new_page()
+    wire = Wire(page)
+    await page.add_init_script(CONN_LOG)
+    await page.goto(f"http://127.0.0.1:{first.port}/?name={STREAM}")
+    await page.get_by_role("button", name="Start microphone").click()
+    await wait_state(page, "connected", wire)
+    code, stderr = await first.stop()
+    assert code == 0, stderr
+    await wait_state(page, "reconnecting", wire, seconds=10)
+    assert any("the server restarted; retrying in" in text for text in await page.evaluate("window.connLog"))
+    sent_before = len(wire.sent_bytes)
+    second = await daemon("--port", str(first.port))
+    await wait_state(page, "connected", wire)
+    assert [m["type"] for m in wire.sent_text].count("start") >= 2
+    async with asyncio.timeout(10 * TIMEOUT):
+        while len(wire.sent_bytes) <= sent_before:  # audio flows to the new session (the backlog first)
+            await asyncio.sleep(0.1)
+    await page.get_by_role("button", name="Stop").click()
+    await wait_state(page, "stopped", wire)
+    code, stderr = await second.stop()
+    assert code == 0, stderr
+
+
+async def test_subtitles_text_size_and_contrast_from_the_keyboard(browser: Any, tmp_path: Path) -> None:
+    """Finals with word times become SRT/VTT cues of at most two 42-character lines; controls work by keyboard."""
+    page = await browser.new_page()
+    wire = Wire(page)
+    await page.goto(PAGE.as_uri() + "?stream=demo&server=ws://127.0.0.1:9")  # a viewer that never connects
+    words = "the quick brown fox jumps over the lazy dog and then runs far away into the deep dark woods".split()
+    final = {"type": "final", "stream": "demo", "segment": 0, "start": 1.0, "end": 1.0 + 0.4 * len(words),
+             "text": " ".join(words), "confidence": 0.9, "eou": False, "reason": "silence", "token_ids": [],
+             "words": [{"word": w, "start": 1.0 + 0.4 * i, "end": 1.3 + 0.4 * i, "confidence": 0.9}
+                       for i, w in enumerate(words)]}
+    await page.evaluate("(m) => { onResult(m, 0); onResult({...m, segment: 1, start: 9, end: 9.5, text: 'yes.', "
+                        "words: [{word: 'yes.', start: 9, end: 9.5}]}, 0); }", final)
+    srt = await page.evaluate("toSrt()")
+    assert srt == (
+        "1\n00:00:01,000 --> 00:00:07,700\n"
+        "the quick brown fox jumps over the lazy\ndog and then runs far away into the deep\n\n"
+        "2\n00:00:07,800 --> 00:00:08,800\ndark woods\n\n"  # 7 s at most per cue; then 1 s at least
+        "3\n00:00:09,000 --> 00:00:10,000\nyes.\n"
+    )
+    vtt = await page.evaluate("toVtt()")
+    assert vtt == "WEBVTT\n\n" + re.sub(r"(?m)^\d+\n", "", srt).replace(",", ".")
+    assert await page.evaluate("toTxt()") == " ".join(words) + "\nyes.\n"
+
+    await page.focus("#contrast")
+    await page.keyboard.press("Space")
+    assert await page.get_attribute("#contrast", "aria-pressed") == "true"
+    assert "contrast" in (await page.get_attribute("body", "class") or "")
+    size = await page.evaluate("getComputedStyle(document.documentElement).getPropertyValue('--caption-size')")
+    await page.focus("#larger")
+    await page.keyboard.press("Enter")
+    assert await page.evaluate("getComputedStyle(document.documentElement).getPropertyValue('--caption-size')") != size
+    await page.evaluate("onResult({type: 'partial', stream: 'demo', segment: 2, start: 10, end: 12, "
+                        "text: 'and the next one is in progress', stable: 'and the next one'}, 0)")
+    await page.screenshot(path=tmp_path / "contrast.png")
+    async with page.expect_download() as download_info:
+        await page.focus("#dl-vtt")
+        await page.keyboard.press("Enter")
+    assert Path(await (await download_info.value).path()).read_text() == vtt
+    assert not [line for line in wire.console if line.startswith("pageerror")], wire.console
+
+
+def test_page_is_self_contained() -> None:
+    """The daemon serves only index.html: no external script, style or worklet file may be referenced."""
+    html = PAGE.read_text()
+    assert not re.search(r"<script[^>]+src=|<link[^>]+stylesheet|addModule\(['\"]", html)
