@@ -279,46 +279,6 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     return "\n".join(lines)
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """Options of ``streamer eval``."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a .nemo file, a Hugging Face directory, or a training run directory (its best.pt)",
-    )
-    parser.add_argument(
-        "--manifest",
-        type=Path,
-        action="append",
-        default=[],
-        help="a JSONL manifest to evaluate (repeatable); the split is named after the file. "
-        "Corpus manifests (audio shards) and NeMo manifests (audio_filepath, text) both work",
-    )
-    parser.add_argument("--corpus", type=Path, help="a corpus directory: evaluate its --splits")
-    parser.add_argument(
-        "--splits",
-        default="dev,test_seen_voices,test_heldout_engine,everyday",
-        help="comma-separated splits of --corpus [%(default)s]",
-    )
-    parser.add_argument(
-        "--att-context",
-        action="append",
-        default=[],
-        help="look-ahead as LEFT,RIGHT (repeatable); default: every one the model supports",
-    )
-    parser.add_argument(
-        "--mode",
-        choices=["offline", "streaming", "both"],
-        default="both",
-        help="decode offline (one masked pass), streaming (cache-aware chunks), or both",
-    )
-    parser.add_argument("--limit", type=int, help="utterances per split (default: all)")
-    parser.add_argument(
-        "--results", type=Path, default=Path("results.csv"), help="CSV to append the rows to [%(default)s]"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads [%(default)s]")
-
-
 def load_eval_model(spec: str) -> tuple[AsrModel, str]:
     """A model from a checkpoint spec or a run directory, and the name to report it under."""
     path = Path(spec)
