@@ -28,7 +28,7 @@ slow every step many times over (see the recipe's comments for measured speeds).
 
 EVAL_EPILOG = """\
 examples:
-  streamer eval --model models/streamer-tdt-small/model.nemo --corpus /work/data/corpus-v1 --limit 200
+  streamer eval --model models/streamer-tdt-small/model.nemo --corpus data/corpus-v1 --limit 200
   streamer eval --model runs/20261121-041500_streamer-tdt-small --manifest my_test.jsonl --mode offline
 Rows append to --results (CSV); a markdown table (WER per split and look-ahead, then latency) is printed.
 """
@@ -60,7 +60,7 @@ def _add_corpus(subparsers: Any) -> None:
         "with JSONL manifests, then train a SentencePiece BPE tokenizer on the training text. Parallel "
         "(--workers), resumable (rerun the same command), with a progress bar.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  nice -n 10 streamer corpus --out /work/data/corpus-v1 --hours 50 --workers 2",
+        epilog="example:\n  nice -n 10 streamer corpus --out data/corpus-v1 --hours 50 --workers 2",
     )
     add_corpus_args(p)
     p.set_defaults(func=_cmd_corpus)

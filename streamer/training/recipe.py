@@ -25,7 +25,7 @@ from streamer.training.data import BatchingConfig, SpecAugmentConfig
 class DataSection:
     """Where the corpus is and which utterances are used."""
 
-    corpus_dir: str = "/work/data/corpus-v1"
+    corpus_dir: str = "data/corpus-v1"  # relative paths are relative to the working directory
     tokenizer: str = ""  # default: <corpus_dir>/tokenizer.model
     train_split: str = "train"
     dev_split: str = "dev"
