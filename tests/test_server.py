@@ -7,6 +7,7 @@ protocol behaviour: message order, exactly one final per segment, errors, limits
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -243,8 +244,12 @@ async def test_bad_input_gets_clear_errors_and_the_session_goes_on(start_daemon:
         await expect(json.dumps({"type": "start", "encoding": "pcm_s16le"}), "error", "bad_message", "sample_rate")
         await expect(start_msg(96000), "error", "unsupported_audio", "8000-48000 Hz")
         await expect(start_msg(4000), "error", "unsupported_audio", "out of range")
-        await expect(json.dumps({"type": "start", "sample_rate": 16000, "encoding": "opus"}), "error",
-                     "unsupported_audio", "encoding 'opus' is not supported")
+        await expect(
+            json.dumps({"type": "start", "sample_rate": 16000, "encoding": "opus"}),
+            "error",
+            "unsupported_audio",
+            "encoding 'opus' is not supported",
+        )
         await expect(start_msg(16000, channels=9), "error", "unsupported_audio", "channels must be 1-8")
         await expect(start_msg(16000, stream="bystander"), "error", "stream_in_use", "'bystander'")
         await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_f32le", "stream": "bad"}))
@@ -333,8 +338,9 @@ async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mq
     broker = Mosquitto(tmp_path)
     broker.start()
     try:
-        daemon = await start_daemon(mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port,
-                                          "device_id": "box"})
+        daemon = await start_daemon(
+            mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": "box"}
+        )
         data, rate = pcm
         async with aiomqtt.Client("127.0.0.1", broker.port) as mqtt:
             await mqtt.subscribe("streamer/box/#", qos=1)
@@ -354,6 +360,70 @@ async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mq
                         break
     finally:
         broker.stop()
+
+
+async def test_broker_restart_mid_stream_loses_no_final(
+    start_daemon: Start, pcm: tuple[bytes, int], tmp_path: Path
+) -> None:
+    """The broker goes away mid-stream and comes back: every final the client saw reaches MQTT, once, in order."""
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed (apt install mosquitto)")
+    import aiomqtt
+
+    from tests.fixtures_realpeers import Mosquitto
+
+    broker = Mosquitto(tmp_path, persistent=True)  # the listener's QoS 1 session survives the restart
+    broker.start()
+    received: list[dict[str, Any]] = []
+
+    async def listener() -> None:
+        while True:
+            try:
+                async with aiomqtt.Client("127.0.0.1", broker.port, identifier="archive", clean_session=False) as c:
+                    await c.subscribe("streamer/box/+/final", qos=1)
+                    async for message in c.messages:
+                        received.append(json.loads(message.payload))
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)
+
+    async def wait_for(predicate: Callable[[], bool], what: str) -> None:
+        async with asyncio.timeout(20 * TIMEOUT):
+            while not predicate():
+                await asyncio.sleep(0.02)
+
+    listening = asyncio.create_task(listener())
+    try:
+        daemon = await start_daemon(
+            mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": "box"}
+        )
+        sink = daemon.mqtt
+        data, rate = pcm
+        piece = len(data) // 4 & ~1
+        finals: list[dict[str, Any]] = []
+        async with connect(url(daemon, "/v1/listen")) as ws:
+            await ws.send(start_msg(rate, stream="hall", endpointing={"max_segment_s": 60}))
+            await recv(ws)
+            for segment in range(6):
+                if segment == 2:  # the broker goes down with two finals delivered
+                    await wait_for(lambda: len(received) == 2, "the first finals arrive")
+                    await asyncio.to_thread(broker.stop)
+                    await wait_for(lambda: not sink.connected, "the daemon notices")
+                if segment == 5:  # three finals made while it was down
+                    assert sink.outbox_depth == 3 and len(received) == 2
+                    await asyncio.to_thread(broker.start)
+                await send_audio(ws, data[(segment % 4) * piece : (segment % 4 + 1) * piece])
+                await ws.send(json.dumps({"type": "finalize"}))
+                finals.append((await recv_until(ws, "final"))[-1])
+        await wait_for(lambda: len(received) >= 6, "every final after the restart")
+        await asyncio.sleep(0.2)  # a duplicate would show up here
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        broker.stop()
+    assert [f["segment"] for f in finals] == list(range(6))
+    assert received == finals
+    assert sink.dropped_finals == 0
 
 
 # ---------------------------------------------------------------- limits
@@ -383,8 +453,13 @@ async def test_session_cap_refuses_with_a_reason(start_daemon: Start, pcm: tuple
         async with connect(url(daemon, "/v1/listen")) as second:
             messages, code = await recv_all(second)
         assert code == 1013
-        assert messages == [{"type": "error", "code": "server_busy",
-                             "message": "the server has 1 sessions open, its maximum; try again later"}]
+        assert messages == [
+            {
+                "type": "error",
+                "code": "server_busy",
+                "message": "the server has 1 sessions open, its maximum; try again later",
+            }
+        ]
     async with asyncio.timeout(10 * TIMEOUT):
         while daemon.server.sessions:  # the first session is flushed and gone only after its close handshake
             await asyncio.sleep(0.01)
@@ -440,8 +515,13 @@ async def test_http_endpoints(start_daemon: Start, pcm: tuple[bytes, int]) -> No
     assert values["streamer_audio_seconds_total"] == pytest.approx(len(data) / 2 / rate, abs=0.05)
     assert values["streamer_finals_total"] >= 1 and values["streamer_step_seconds_count"] >= 1
     assert values['streamer_batch_size_bucket{le="+Inf"}'] == values["streamer_batch_size_count"]
-    for name in ("streamer_streams", "streamer_real_time_factor", "streamer_audio_dropped_seconds_total",
-                 "streamer_mqtt_outbox_depth", "streamer_caption_subscribers"):
+    for name in (
+        "streamer_streams",
+        "streamer_real_time_factor",
+        "streamer_audio_dropped_seconds_total",
+        "streamer_mqtt_outbox_depth",
+        "streamer_caption_subscribers",
+    ):
         assert name in values
     status, ctype, page = await http_get(daemon, "/")
     assert status == 200 and ctype.startswith("text/html") and "<html" in page.lower()
@@ -492,11 +572,17 @@ async def test_shutdown_flushes_open_segments_to_every_sink(recognizer: Recogniz
 
 
 @pytest.mark.audio
-async def test_microphone_stream_reaches_caption_subscribers(recognizer: Recognizer, virtual_mic: Any,
-                                                            speech_wav: Path) -> None:
+async def test_microphone_stream_reaches_caption_subscribers(
+    recognizer: Recognizer, virtual_mic: Any, speech_wav: Path
+) -> None:
     """[mic] enabled: the virtual PulseAudio mic is stream "mic"; subscribers get partials, and its final at stop."""
-    daemon = Daemon(Settings(server={"port": 0, "close_timeout_s": 2.0},
-                             mic={"enabled": True, "device": virtual_mic.device, "name": "mic"}), recognizer)
+    daemon = Daemon(
+        Settings(
+            server={"port": 0, "close_timeout_s": 2.0},
+            mic={"enabled": True, "device": virtual_mic.device, "name": "mic"},
+        ),
+        recognizer,
+    )
     await daemon.start()
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
@@ -515,8 +601,9 @@ async def test_microphone_stream_reaches_caption_subscribers(recognizer: Recogni
             assert await task == 0
 
 
-async def test_shutdown_flushes_to_mqtt_and_publishes_offline(recognizer: Recognizer, pcm: tuple[bytes, int],
-                                                              tmp_path: Path) -> None:
+async def test_shutdown_flushes_to_mqtt_and_publishes_offline(
+    recognizer: Recognizer, pcm: tuple[bytes, int], tmp_path: Path
+) -> None:
     """At shutdown the open segment's final is published on MQTT (QoS 1), then the retained status turns offline."""
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed (apt install mosquitto)")
@@ -527,8 +614,10 @@ async def test_shutdown_flushes_to_mqtt_and_publishes_offline(recognizer: Recogn
     broker = Mosquitto(tmp_path)
     broker.start()
     try:
-        settings = Settings(server={"port": 0, "close_timeout_s": 2.0},
-                            mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": "box"})
+        settings = Settings(
+            server={"port": 0, "close_timeout_s": 2.0},
+            mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": "box"},
+        )
         daemon = Daemon(settings, recognizer)
         await daemon.start()
         stop = asyncio.Event()

@@ -29,7 +29,15 @@ from streamer.training.evaluate import edit_distance, markdown_table, normalize_
 from streamer.training.recipe import recipe_from_dict
 from streamer.training.speed import TapDepthwiseConv2d
 from streamer.training.tokenizer import train_tokenizer
-from streamer.training.trainer import Trainer, compute_loss, export_nemo, load_run, train
+from streamer.training.trainer import (
+    Trainer,
+    compute_loss,
+    export_nemo,
+    learning_rate,
+    load_run,
+    scheduled_lr,
+    train,
+)
 
 WORDS = ["red", "green", "blue", "one", "two", "three", "stop", "go", "left", "right", "up", "down"]
 RATE = 16000
@@ -256,6 +264,42 @@ def test_run_directory_files(corpus: Path, tmp_path: Path) -> None:
             b, _ = loaded.encoder(mel, torch.tensor([150, 90]), ctx)
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert load_run(run, "best")[1] == (corpus / "tokenizer.model").read_bytes()
+
+
+def test_warm_start_from_exported_nemo(corpus: Path, tmp_path: Path) -> None:
+    """A run started from an exported .nemo begins with its weights and step count and re-warms the lr."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(_recipe(corpus, max_steps=5)))
+    _, first = train(config, None, tmp_path / "runs")
+    out = tmp_path / "model" / "model.nemo"
+    out.parent.mkdir()
+    export_nemo(first, out, "latest")
+    record = json.loads((out.parent / "training.json").read_text())
+    assert record["step"] == 5 and record["audio_seconds"] > 0
+
+    recipe = recipe_from_dict(_recipe(corpus, max_steps=9, init_from=str(out)))
+    (tmp_path / "warm" / "checkpoints").mkdir(parents=True)
+    trainer = Trainer(recipe, tmp_path / "warm")
+    exported = AsrModel.load(str(out)).state_dict()
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, exported[key], rtol=0, atol=0, msg=key)
+    assert trainer.progress.step == 5 and trainer.progress.warm_start_step == 5
+    assert trainer.progress.audio_seconds == pytest.approx(record["audio_seconds"])
+    rates = []
+    for _ in range(3):
+        rates.append(scheduled_lr(recipe, trainer.progress))
+        trainer.progress.step += 1
+    assert 0 < rates[0] < rates[1] < rates[2] <= learning_rate(recipe, 7)
+    trainer.progress.step = 5
+    assert trainer.run() == 0 and trainer.progress.step == 9
+    changed = any(not torch.equal(v, exported[k]) for k, v in trainer.model.state_dict().items())
+    assert changed
+
+    wrong = _recipe(corpus, init_from=str(out))
+    wrong["model"]["encoder"]["d_model"] = 16
+    (tmp_path / "bad" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="model shape"):
+        Trainer(recipe_from_dict(wrong), tmp_path / "bad")
 
 
 # ------------------------------------------------------------------------------------------------

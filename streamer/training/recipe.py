@@ -92,6 +92,7 @@ class OptimSection:
     warmup_steps: int = 500
     min_lr: float = 1.0e-5
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    rewarmup_steps: int = 200  # after a warm start (train.init_from): ramp the scheduled lr up again from 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,9 @@ class TrainSection:
     log_every_steps: int = 25
     val_every_steps: int = 500
     checkpoint_every_minutes: float = 10.0
+    # Warm start: a .nemo exported by `streamer export` (or any run checkpoint .pt) whose weights and
+    # tokenizer start this run; its training.json (written beside it by export) carries the step count on.
+    init_from: str = ""
     # Look-aheads decoded at validation; the first decides best.pt.
     val_att_context_sizes: list[list[int]] = field(default_factory=lambda: [[70, 13], [70, 0]])
 

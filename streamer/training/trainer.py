@@ -119,6 +119,19 @@ def learning_rate(recipe: Recipe, step: int) -> float:
     return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def scheduled_lr(recipe: Recipe, progress: Progress) -> float:
+    """The learning rate of the next step: the schedule, ramped up again after a warm start.
+
+    A warm start brings weights but not the optimizer's moment estimates, so the first
+    ``optim.rewarmup_steps`` steps scale the scheduled rate linearly from 0 while Adam re-learns them.
+    """
+    lr = learning_rate(recipe, progress.step)
+    if progress.warm_start_step >= 0 and recipe.optim.rewarmup_steps > 0:
+        done = progress.step - progress.warm_start_step + 1
+        lr *= min(1.0, done / recipe.optim.rewarmup_steps)
+    return lr
+
+
 # --------------------------------------------------------------------------------------------------
 # One step
 
@@ -206,6 +219,8 @@ class Progress:
     best_wer: float = float("inf")
     best_step: int = -1
     history: list[dict[str, float]] = field(default_factory=list)  # recent log lines
+    warm_start_step: int = -1  # the step this run's weights came in at (train.init_from); -1: none
+    warm_start_from: str = ""
 
 
 def new_run_dir(root: Path, name: str) -> Path:
@@ -277,6 +292,9 @@ def model_from_run(run_dir: Path, which: str = "best") -> AsrModel:
 
 def export_nemo(run_dir: Path, out: Path, which: str = "best") -> AsrModel:
     """Write a run's model as a ``.nemo`` that NeMo 3.0.0 and :meth:`AsrModel.load` read."""
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    if which == "best" and not path.is_file():
+        path = run_dir / "checkpoints" / "latest.pt"
     model, tokenizer_model = load_run(run_dir, which)
     ckpt = Checkpoint(
         config=model.config,
@@ -286,7 +304,37 @@ def export_nemo(run_dir: Path, out: Path, which: str = "best") -> AsrModel:
         source=str(run_dir),
     )
     save_nemo(out, ckpt, regenerate_config=True)
+    progress = load_checkpoint_file(path)["progress"]
+    record = {
+        key: progress[key] for key in ("step", "epoch", "audio_seconds", "train_seconds", "best_wer", "best_step")
+    }
+    record.update(run=run_dir.name, checkpoint=path.name, hours_seen=round(progress["audio_seconds"] / 3600, 2))
+    (out.parent / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return model
+
+
+TRAINING_RECORD = "training.json"  # written beside an exported .nemo: how far its training went
+
+
+def read_warm_start(path: Path) -> tuple[AsrModel, dict[str, Any]]:
+    """Weights (and tokenizer) to start a run from, and the training record that came with them.
+
+    ``path`` is a ``.nemo`` (its ``training.json`` neighbour, if any, gives the step count) or a run's
+    ``checkpoints/*.pt``.
+    """
+    if not path.is_file():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    if path.suffix == ".pt":
+        state = load_checkpoint_file(path)
+        recipe = recipe_from_dict(state["recipe"])
+        tokenizer = Tokenizer.from_bytes(state["tokenizer_model"])
+        model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
+        model.load_state_dict(state["model"], strict=True)
+        return model, dict(state["progress"])
+    model = AsrModel.load(str(path))
+    record_path = path.parent / TRAINING_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    return model, record
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +373,15 @@ class Trainer:
         if not data.tokenizer_path.is_file():
             raise ConfigError(f"tokenizer {data.tokenizer_path} does not exist (the corpus builder writes it last)")
         self.tokenizer_model = data.tokenizer_path.read_bytes()
+        warm: tuple[AsrModel, dict[str, Any]] | None = None
+        if recipe.train.init_from and not resume:
+            warm = read_warm_start(Path(recipe.train.init_from))
+            assert warm[0].tokenizer is not None
+            if warm[0].tokenizer.model_bytes != self.tokenizer_model:
+                logger.warning(
+                    "the corpus tokenizer differs from %s's; training with the model's", recipe.train.init_from
+                )
+            self.tokenizer_model = warm[0].tokenizer.model_bytes
         tokenizer = Tokenizer.from_bytes(self.tokenizer_model, str(data.tokenizer_path))
         self.train_utts = load_utterances(corpus, data.train_split, tokenizer, data.min_duration_s, data.max_duration_s)
         self.dev_utts = load_utterances(
@@ -340,8 +397,11 @@ class Trainer:
             head.durations, recipe.loss.sigma, recipe.loss.omega, recipe.loss.reduction, seed=recipe.seed
         )  # type: ignore[arg-type]
         self.progress = Progress()
+        self._last_lr = 0.0
         if resume:
             self._restore(run_dir / "checkpoints" / "latest.pt")
+        elif warm is not None:
+            self._warm_start(*warm)
         hours = sum(u.num_samples for u in self.train_utts) / 16000 / 3600
         logger.info(
             "model: %.2fM parameters; train: %d utterances (%.1f h); dev subset: %d",
@@ -366,6 +426,29 @@ class Trainer:
             self.progress.step,
             self.progress.epoch,
             self.progress.batch_in_epoch,
+        )
+
+    def _warm_start(self, model: AsrModel, record: dict[str, Any]) -> None:
+        own = self.model.state_dict()
+        theirs = model.state_dict()
+        if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+            raise ConfigError(f"train.init_from: {self.recipe.train.init_from} does not have this recipe's model shape")
+        self.model.load_state_dict(theirs, strict=True)
+        step = int(record.get("step", 0))
+        self.progress = Progress(
+            step=step,
+            epoch=int(record.get("epoch", -1)) + 1,  # a fresh shuffle
+            audio_seconds=float(record.get("audio_seconds", 0.0)),
+            train_seconds=float(record.get("train_seconds", 0.0)),
+            warm_start_step=step,
+            warm_start_from=self.recipe.train.init_from,
+        )
+        logger.info(
+            "warm start from %s: step %d, %.1f h of audio seen before; lr ramps up over %d steps",
+            self.recipe.train.init_from,
+            step,
+            self.progress.audio_seconds / 3600,
+            self.recipe.optim.rewarmup_steps,
         )
 
     # ------------------------------------------------------------------ loop
@@ -413,9 +496,8 @@ class Trainer:
                 if recipe.spec_augment.start_step <= progress.step:
                     g = torch.Generator().manual_seed(seed + 1)
                     batch = _with_mel(batch, spec_augment(batch.mel, batch.mel_lengths, recipe.spec_augment, g))
-                result = train_step(
-                    self.model, self.optimizer, batch, ctx, self.loss_fn, recipe, learning_rate(recipe, progress.step)
-                )
+                self._last_lr = scheduled_lr(recipe, progress)
+                result = train_step(self.model, self.optimizer, batch, ctx, self.loss_fn, recipe, self._last_lr)
                 progress.step += 1
                 progress.epoch, progress.batch_in_epoch = epoch, index + 1
                 progress.audio_seconds += result.audio_s
@@ -445,7 +527,7 @@ class Trainer:
             "transducer_loss": float(np.mean([r.transducer_loss for r in window])),
             "ctc_loss": float(np.mean([r.ctc_loss for r in window])),
             "grad_norm": float(np.mean([r.grad_norm for r in window])),
-            "lr": learning_rate(self.recipe, p.step - 1),
+            "lr": self._last_lr,
             "audio_s_per_s": audio / max(seconds, 1e-9),
             "audio_hours": p.audio_seconds / 3600,
         }
