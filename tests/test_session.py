@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel
@@ -259,3 +261,14 @@ async def test_scheduler_warns_when_a_stream_falls_behind(model: AsrModel, speec
     (warning,) = [e for e in published if isinstance(e, Warning)]
     assert warning.code == "audio_dropped" and warning.seconds == pytest.approx(3 * speech.size / 16000 -
                                                                                 scheduler.ring_capacity_s, abs=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["tdt", "ctc"])
+def test_streaming_on_cuda_equals_cpu(model: AsrModel, speech: np.ndarray, kind: str) -> None:
+    """model.device = cuda: features stay on the CPU, the network runs on the GPU, the tokens are the CPU's."""
+    on_cpu = transcribe_streaming(model, speech, kind, (70, 1))  # type: ignore[arg-type]
+    gpu_model = copy.deepcopy(model).to_device("cuda")
+    on_gpu = transcribe_streaming(gpu_model, speech, kind, (70, 1))  # type: ignore[arg-type]
+    assert on_gpu.token_ids == on_cpu.token_ids and on_gpu.text == on_cpu.text

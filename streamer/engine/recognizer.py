@@ -8,6 +8,7 @@ the same way. Only one thread may touch a stream and the recognizer at a time (t
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 
@@ -132,7 +133,7 @@ class Stream:
             raise RuntimeError(f"stream {self.name}: audio after input_finished()")
         if samples.size == 0:
             return
-        feat = self.recognizer.model.preprocessor.featurizer
+        feat = self.recognizer.featurizer
         x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
         frames, self.feat_state = feat.step(x, self.feat_state)
         self.samples_in += samples.size
@@ -143,7 +144,7 @@ class Stream:
         """No more audio: the tail will be flushed by the next steps."""
         if self.input_done:
             return
-        feat = self.recognizer.model.preprocessor.featurizer
+        feat = self.recognizer.featurizer
         frames = feat.finish(self.feat_state)
         if frames.size(2):
             self.pending = torch.cat([self.pending, frames[0]], dim=1)
@@ -181,6 +182,11 @@ class Recognizer:
                 f"(this one uses {model.config.features.normalize!r}); use offline mode"
             )
         self.model = model
+        # Features are computed per stream as audio arrives, on the CPU (cheap, and no tiny transfers);
+        # the encoder and decoder run batched on the model's device, with their caches there.
+        self.device = next(model.parameters()).device
+        featurizer = model.preprocessor.featurizer
+        self.featurizer = featurizer if self.device.type == "cpu" else copy.deepcopy(featurizer).cpu()
         self.kind = model.check_decoder(decoder)
         self.plan = model.encoder.streaming_plan(att_context_size)
         self.greedy = model.greedy_decoder(self.kind)
@@ -195,7 +201,7 @@ class Recognizer:
         return Stream(
             recognizer=self,
             name=name or f"s{next(_ids)}",
-            feat_state=model.preprocessor.featurizer.init_state(1),
+            feat_state=self.featurizer.init_state(1),
             enc_state=model.encoder.init_state(1, self.plan),
             dec_state=self.greedy.init_state(1),
             pending=torch.zeros(model.config.features.n_mels, 0),
@@ -220,6 +226,8 @@ class Recognizer:
             for i, (s, n) in enumerate(work):
                 mel[i, :, :n] = s.pending[:, :n]
             n_new = torch.tensor([n for _, n in work])
+            if self.device.type != "cpu":
+                mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
             out, out_len, enc_state = enc.step(mel, n_new, stack([s.enc_state for s, _ in work]), self.plan)
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
             spans, dec_state = self.greedy.step(dec_in, out_len, stack([s.dec_state for s, _ in work]))
