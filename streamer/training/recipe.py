@@ -100,6 +100,9 @@ class TrainSection:
     threads: int = 1  # torch intra-op threads of the training process
     bf16: bool = True  # bfloat16 autocast for matmuls and convs (AMX/AVX-512 CPUs: ~2x); losses in fp32
     fast_depthwise: bool = True  # training-only depthwise conv of the subsampling (streamer.training.speed)
+    # Train the first conv as if its input were normalised with the corpus mean and std of the log-mel
+    # features (streamer.training.speed.InputNormalizedConv2d); the saved model is unchanged in form.
+    input_normalization: bool = True
     max_steps: int = 1_000_000
     max_hours: float = 0.0  # wall-clock limit of one invocation; 0 = none
     log_every_steps: int = 25

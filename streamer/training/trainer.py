@@ -51,6 +51,7 @@ from streamer.training.data import (
     Batch,
     BatchFeaturizer,
     EpochBatches,
+    Utterance,
     batch_seed,
     epoch_loader,
     eval_batches,
@@ -60,7 +61,7 @@ from streamer.training.data import (
 )
 from streamer.training.evaluate import decode_offline, word_error_rate
 from streamer.training.recipe import Recipe, load_recipe, model_config, recipe_from_dict
-from streamer.training.speed import use_fast_depthwise
+from streamer.training.speed import InputNormalizedConv2d, use_fast_depthwise, use_input_normalization
 from streamer.training.tdt_loss import TransducerLoss, ctc_loss
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,22 @@ def scheduled_lr(recipe: Recipe, progress: Progress) -> float:
         done = progress.step - progress.warm_start_step + 1
         lr *= min(1.0, done / recipe.optim.rewarmup_steps)
     return lr
+
+
+def feature_statistics(featurizer: BatchFeaturizer, utts: list[Utterance], count: int = 256) -> tuple[float, float]:
+    """Mean and std of the valid log-mel values of every ``len(utts) // count``-th utterance (deterministic)."""
+    picked = utts[:: max(1, len(utts) // count)][:count]
+    total = total_sq = 0.0
+    n = 0
+    for i in range(0, len(picked), 16):
+        batch = featurizer(picked[i : i + 16])
+        valid = torch.arange(batch.mel.size(2))[None, :] < batch.mel_lengths[:, None]  # (B, M)
+        values = batch.mel.double().transpose(1, 2)[valid]  # (frames, F)
+        total += float(values.sum())
+        total_sq += float((values**2).sum())
+        n += values.numel()
+    mean = total / n
+    return mean, math.sqrt(max(total_sq / n - mean**2, 1e-12))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +269,13 @@ def save_checkpoint(
             "recipe": recipe.to_dict(),
             "tokenizer_model": tokenizer_model,
             "model": model.state_dict(),
+            # The reparametrised convs' own parameters, so a resume continues bit for bit.
+            "train_parameters": {
+                f"{name}.{p}": getattr(m, p).detach().clone()
+                for name, m in model.named_modules()
+                if isinstance(m, InputNormalizedConv2d)
+                for p in ("weight", "bias")
+            },
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "progress": progress.__dict__,
             "loss_rng": loss_fn.state_dict() if loss_fn is not None else None,
@@ -391,6 +415,10 @@ class Trainer:
         self.model = build_model(recipe, tokenizer, recipe.seed)
         if recipe.train.fast_depthwise:
             use_fast_depthwise(self.model.encoder)
+        if recipe.train.input_normalization:
+            mean, std = feature_statistics(self.featurizer, self.train_utts)
+            use_input_normalization(self.model.encoder, mean, std)
+            logger.info("log-mel mean %.3f, std %.3f: the first conv trains on normalised input", mean, std)
         self.optimizer = build_optimizer(self.model, recipe)
         head = recipe.model.transducer
         self.loss_fn = TransducerLoss(
@@ -414,6 +442,10 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         state = load_checkpoint_file(path)
         self.model.load_state_dict(state["model"], strict=True)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state.get("train_parameters", {}).items():
+                params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
         self.loss_fn.load_state_dict(state["loss_rng"])
