@@ -6,6 +6,10 @@ import argparse
 import csv
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +238,31 @@ def test_resume_continues_exactly(corpus: Path, tmp_path: Path) -> None:
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     assert a["loss_rng"] == b["loss_rng"]
+
+
+def test_sigterm_to_the_process_group_saves_and_exits_0(corpus: Path, tmp_path: Path) -> None:
+    """Ctrl-C or systemctl stop signal the trainer and its data worker alike: it saves latest.pt and exits 0."""
+    config = tmp_path / "recipe.yaml"
+    recipe = _recipe(corpus, max_steps=100000, log_every_steps=1, val_every_steps=100000)
+    recipe["data"]["workers"] = 1
+    config.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamer", "train", "--config", str(config), "--runs", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # until a few steps are done
+        lines.append(line)
+        if " step 3 " in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(lines) + out
+    (run,) = (tmp_path / "runs").iterdir()
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["progress"]["step"] >= 3
+    assert "Traceback" not in out
 
 
 def test_run_directory_files(corpus: Path, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,11 +286,23 @@ def epoch_loader(dataset: EpochBatches, workers: int) -> DataLoader:
         prefetch_factor=2 if workers else None,
         persistent_workers=False,
         collate_fn=_identity,
+        worker_init_fn=_ignore_stop_signals if workers else None,
     )
 
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the trainer, which finishes its step, saves and shuts them down.
+
+    Ctrl-C reaches the whole process group and ``pkill``/``systemctl stop`` may signal every process: a
+    worker that died of it made PyTorch raise in the middle of the training step, losing the last
+    checkpoint interval.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_batches(
