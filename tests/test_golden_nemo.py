@@ -26,6 +26,11 @@ AUDIO = ("audio_0", "audio_1")
 pytestmark = pytest.mark.checkpoint
 
 
+# Features are compared to NeMo's, computed on the machine that made the goldens (a Xeon). On an AMD EPYC
+# the per_feature-normalised features of tdt_offline_sym differed by up to 3.5e-5 (7 of 51,328 values):
+# the FFT's float rounding differs between CPUs, and dividing by a small per-bin std magnifies it.
+FEATURE_ATOL = 1e-4
+
 @dataclass
 class Case:
     name: str
@@ -67,7 +72,7 @@ def test_features_match_nemo(case: Case) -> None:
         feats, lens = pre(audio, torch.tensor([audio.size(1)]))
         want, length = case.feats(key)
         assert int(lens[0]) == length
-        torch.testing.assert_close(feats[0], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feats[0], want, rtol=1e-5, atol=FEATURE_ATOL)
 
 
 def test_padded_batch_features_match_nemo(case: Case) -> None:
@@ -79,7 +84,7 @@ def test_padded_batch_features_match_nemo(case: Case) -> None:
     feats, lens = case.model.preprocessor(batch, torch.tensor([a.numel() for a in audios]))
     want = case.golden["features_batch"]
     assert lens.tolist() == want["lengths"].tolist()
-    torch.testing.assert_close(feats, want["feats"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(feats, want["feats"], rtol=1e-5, atol=FEATURE_ATOL)
 
 
 def test_incremental_features_match_nemo(case: Case) -> None:
@@ -95,7 +100,7 @@ def test_incremental_features_match_nemo(case: Case) -> None:
             parts.append(frames)
         parts.append(feat.finish(state))
         want, length = case.feats(key)
-        torch.testing.assert_close(torch.cat(parts, dim=2)[0], want[:, :length], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat(parts, dim=2)[0], want[:, :length], rtol=1e-5, atol=FEATURE_ATOL)
 
 
 def test_offline_encoder_matches_nemo(case: Case) -> None:
