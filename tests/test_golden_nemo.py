@@ -31,6 +31,7 @@ pytestmark = pytest.mark.checkpoint
 # the FFT's float rounding differs between CPUs, and dividing by a small per-bin std magnifies it.
 FEATURE_ATOL = 1e-4
 
+
 @dataclass
 class Case:
     name: str
@@ -54,8 +55,9 @@ def ctx_of(key: str) -> tuple[int, int]:
 @pytest.fixture(scope="module", params=FIXTURE_DIRS, ids=[p.name for p in FIXTURE_DIRS])
 def case(request) -> Case:
     root: Path = request.param
-    return Case(root.name, root, AsrModel.load(str(root / "model.nemo")),
-                torch.load(root / "golden.pt", weights_only=True))
+    return Case(
+        root.name, root, AsrModel.load(str(root / "model.nemo")), torch.load(root / "golden.pt", weights_only=True)
+    )
 
 
 def test_fixtures_exist() -> None:
@@ -219,8 +221,19 @@ def test_cli_json_reproduces_nemo(case: Case, capsys) -> None:
         if key != "audio_1":
             continue
         for mode in modes:
-            args = ["transcribe", "--format", "json", "--model", str(case.root / "model.nemo"), "--mode", mode,
-                    "--decoder", kind, f"--att-context-size={ctx[0]},{ctx[1]}", str(case.root / f"{key}.wav")]
+            args = [
+                "transcribe",
+                "--format",
+                "json",
+                "--model",
+                str(case.root / "model.nemo"),
+                "--mode",
+                mode,
+                "--decoder",
+                kind,
+                f"--att-context-size={ctx[0]},{ctx[1]}",
+                str(case.root / f"{key}.wav"),
+            ]
             assert main(args) == 0
             obj = json.loads(capsys.readouterr().out)
             assert obj["token_ids"] == list(want["token_ids"]), (mode, ctx, kind)
