@@ -28,6 +28,7 @@ from streamer.engine.recognizer import Recognizer
 from streamer.protocol import Final, WordTiming
 from streamer.service import Daemon
 from streamer.settings import Settings
+from tests.fixtures_realpeers import Mosquitto
 
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
 Start = Callable[..., Awaitable[Daemon]]
@@ -363,17 +364,12 @@ async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mq
 
 
 async def test_broker_restart_mid_stream_loses_no_final(
-    start_daemon: Start, pcm: tuple[bytes, int], tmp_path: Path
+    start_daemon: Start, pcm: tuple[bytes, int], mosquitto_factory: Callable[..., Mosquitto]
 ) -> None:
     """The broker goes away mid-stream and comes back: every final the client saw reaches MQTT, once, in order."""
-    if shutil.which("mosquitto") is None:
-        pytest.skip("mosquitto is not installed (apt install mosquitto)")
     import aiomqtt
 
-    from tests.fixtures_realpeers import Mosquitto
-
-    broker = Mosquitto(tmp_path, persistent=True)  # the listener's QoS 1 session survives the restart
-    broker.start()
+    broker = mosquitto_factory(persistent=True)  # the listener's QoS 1 session survives the restart
     received: list[dict[str, Any]] = []
 
     async def listener() -> None:
@@ -420,7 +416,6 @@ async def test_broker_restart_mid_stream_loses_no_final(
         listening.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listening
-        broker.stop()
     assert [f["segment"] for f in finals] == list(range(6))
     assert received == finals
     assert sink.dropped_finals == 0

@@ -296,12 +296,17 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[AsrModel, bytes]:
-    """The model (eval mode) and serialized tokenizer of a run's ``best.pt`` (else ``latest.pt``)."""
+def checkpoint_path(run_dir: Path, which: str) -> Path:
+    """A run's ``best.pt`` (else ``latest.pt``, before the first validation) or its ``latest.pt``."""
     path = run_dir / "checkpoints" / f"{which}.pt"
     if which == "best" and not path.is_file():
         path = run_dir / "checkpoints" / "latest.pt"
-    state = load_checkpoint_file(path)
+    return path
+
+
+def load_run(run_dir: Path, which: str = "best") -> tuple[AsrModel, bytes]:
+    """The model (eval mode) and serialized tokenizer of a run's ``best.pt`` (else ``latest.pt``)."""
+    state = load_checkpoint_file(checkpoint_path(run_dir, which))
     recipe = recipe_from_dict(state["recipe"])
     tokenizer = Tokenizer.from_bytes(state["tokenizer_model"])
     model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
@@ -316,9 +321,7 @@ def model_from_run(run_dir: Path, which: str = "best") -> AsrModel:
 
 def export_nemo(run_dir: Path, out: Path, which: str = "best") -> AsrModel:
     """Write a run's model as a ``.nemo`` that NeMo 3.0.0 and :meth:`AsrModel.load` read."""
-    path = run_dir / "checkpoints" / f"{which}.pt"
-    if which == "best" and not path.is_file():
-        path = run_dir / "checkpoints" / "latest.pt"
+    path = checkpoint_path(run_dir, which)
     model, tokenizer_model = load_run(run_dir, which)
     ckpt = Checkpoint(
         config=model.config,
