@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
+from streamer.asr.encoder import rel_positional_table
 from streamer.asr.model import AsrModel
 from streamer.errors import ConfigError
 from streamer.training.cli import add_training_parsers
@@ -378,6 +380,48 @@ def test_input_normalization_keeps_the_model_and_its_state_dict() -> None:
     torch.testing.assert_close(again, before, rtol=1e-4, atol=1e-4)
 
 
+def _front_end_output(trainer: Trainer) -> tuple[Tensor, Tensor]:
+    """(xscaled pre_encode output over the valid frames of every train utterance, per-utterance means)."""
+    enc = trainer.model.encoder
+    batch = trainer.featurizer(trainer.train_utts)
+    with torch.no_grad():
+        y, _, lengths = enc.pre_encode(
+            batch.mel.transpose(1, 2), torch.zeros_like(batch.mel_lengths), batch.mel_lengths
+        )
+    y = y * (enc.xscale or 1.0)
+    valid = torch.arange(y.size(1))[None, :] < lengths[:, None]
+    return y[valid], torch.stack([y[i, : int(n)].mean(0) for i, n in enumerate(lengths)])
+
+
+def test_center_front_end_removes_the_constant_the_blocks_would_inherit(corpus: Path, tmp_path: Path) -> None:
+    """The front end's output starts dominated by one constant vector; centring leaves it zero-mean and unit-std."""
+    plain = Trainer(recipe_from_dict(_recipe(corpus)), tmp_path / "plain")
+    centred = Trainer(recipe_from_dict(_recipe(corpus, center_front_end=True)), tmp_path / "centred")
+    before, _ = _front_end_output(plain)
+    after, _ = _front_end_output(centred)
+    assert float(before.mean(0).norm()) > float((before - before.mean(0)).std())  # the constant dominates
+    assert float(after.mean(0).norm()) < 0.05 * float(after.std())
+    assert float((after - after.mean(0)).std()) == pytest.approx(1.0, rel=0.05)
+    keys = {k: v.shape for k, v in plain.model.state_dict().items()}
+    assert {k: v.shape for k, v in centred.model.state_dict().items()} == keys
+
+
+def test_zero_residual_branches_start_every_block_as_its_layer_norm(corpus: Path, tmp_path: Path) -> None:
+    """residual_init_scale 0: each block starts as LayerNorm(input), so the audio's signal passes every block."""
+    trainer = Trainer(recipe_from_dict(_recipe(corpus, residual_init_scale=0.0)), tmp_path)
+    enc = trainer.model.encoder
+    x = torch.randn(2, 40, enc.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    pos = rel_positional_table(40, enc.cfg.d_model)
+    with torch.no_grad():
+        for layer in enc.layers:
+            y, _, _, _ = layer(x, layer.self_attn.project_pos(pos), None, None)
+            torch.testing.assert_close(y, layer.norm_out(x))
+    default = Trainer(recipe_from_dict(_recipe(corpus)), tmp_path / "default").model.encoder.layers[0]
+    with torch.no_grad():
+        y, _, _, _ = default(x, default.self_attn.project_pos(pos), None, None)
+    assert not torch.allclose(y, default.norm_out(x), atol=1e-3)
+
+
 def test_recipe_rejects_unknown_keys() -> None:
     """A typo in a recipe is an error that suggests the right key."""
     with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
@@ -386,6 +430,13 @@ def test_recipe_rejects_unknown_keys() -> None:
         recipe_from_dict(
             {"model": {"encoder": {"att_context_sizes": [[70, 2]]}}, "train": {"val_att_context_sizes": [[70, 2]]}}
         )
+
+
+def test_recipe_reads_exponent_numbers_without_a_dot() -> None:
+    """YAML 1.1 reads ``3e-4`` as a string (``--set optim.lr=3e-4`` gave one and AdamW crashed on it)."""
+    assert recipe_from_dict({"optim": {"lr": "3e-4"}}).optim.lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match="optim.lr' must be a number"):
+        recipe_from_dict({"optim": {"lr": "fast"}})
 
 
 def test_cli_registers_training_commands(capsys: pytest.CaptureFixture[str]) -> None:

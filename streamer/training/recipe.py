@@ -103,6 +103,12 @@ class TrainSection:
     # Train the first conv as if its input were normalised with the corpus mean and std of the log-mel
     # features (streamer.training.speed.InputNormalizedConv2d); the saved model is unchanged in form.
     input_normalization: bool = True
+    # Initial scale of each encoder block's residual-branch output projections (trainer.scale_residual_branches):
+    # below 1 every block starts near the identity, so the gradient reaches the first blocks.
+    residual_init_scale: float = 1.0
+    # Initialise the subsampling's output projection on the corpus so its output is centred and unit-scale
+    # (trainer.center_front_end): without it the encoder starts nearly blind to the audio.
+    center_front_end: bool = False
     max_steps: int = 1_000_000
     max_hours: float = 0.0  # wall-clock limit of one invocation; 0 = none
     log_every_steps: int = 25
@@ -169,6 +175,12 @@ def _coerce(value: Any, kind: Any, path: str) -> Any:
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 reads 3e-4 (no dot) as a string; the recipe's type says it is a number.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"recipe key '{path}' must be a number, got {value!r}") from None
     if kind in (int, str, bool) and not isinstance(value, kind):
         raise ConfigError(f"recipe key '{path}' must be {kind.__name__}, got {value!r}")
     return value

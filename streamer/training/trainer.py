@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from streamer.asr.checkpoint import Checkpoint, save_nemo
 from streamer.asr.config import ContextSize
+from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.model import AsrModel
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import CheckpointError, ConfigError
@@ -73,9 +74,11 @@ CHECKPOINT_VERSION = 1
 
 
 def build_model(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> AsrModel:
-    """A freshly initialised model for the recipe (NeMo's LSTM forget-gate bias of 1)."""
+    """A freshly initialised model for the recipe (NeMo's LSTM forget-gate bias of 1; the encoder's
+    residual branches scaled by ``train.residual_init_scale``, see :func:`scale_residual_branches`)."""
     torch.manual_seed(seed)
     model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
+    scale_residual_branches(model.encoder, recipe.train.residual_init_scale)
     lstm = model.decoder.prediction.dec_rnn.lstm  # type: ignore[union-attr]
     with torch.no_grad():
         for name, param in lstm.named_parameters():
@@ -86,6 +89,63 @@ def build_model(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> AsrModel:
             elif name.startswith("bias_hh"):
                 param.zero_()
     return model.train()
+
+
+def scale_residual_branches(encoder: FastConformerEncoder, scale: float) -> None:
+    """Multiply the initial output projections of every residual branch (both feed-forwards, attention,
+    convolution module) by ``scale``.
+
+    Each FastConformer block ends in a LayerNorm (``norm_out``) over the residual sum, so the gradient
+    reaching block i is divided by the standard deviation of that sum in every block above it. With
+    PyTorch's default initialisation the four branches roughly double it per block, and in the first
+    training run the gradient of the first block fell ~4x per block to 1e-6 while the encoder collapsed to
+    a constant output. Small branches make every block start near the identity (the sum stays at the
+    scale of its input), so the gradient reaches all blocks. Only the initial values change.
+    """
+    if scale == 1.0:
+        return
+    with torch.no_grad():
+        for layer in encoder.layers:
+            for out in (
+                layer.feed_forward1.linear2,
+                layer.feed_forward2.linear2,
+                layer.self_attn.linear_out,
+                layer.conv.pointwise_conv2,
+            ):
+                out.weight.mul_(scale)
+                if out.bias is not None:
+                    out.bias.zero_()
+
+
+@torch.no_grad()
+def center_front_end(
+    encoder: FastConformerEncoder, featurizer: BatchFeaturizer, utts: list[Utterance], count: int = 64
+) -> float:
+    """Data-dependent initialisation of the subsampling's output projection (``pre_encode.out``): its output
+    over real speech gets zero mean and, after ``xscaling``, unit standard deviation.
+
+    With the default initialisation the front end's output is mostly a constant vector (the mean of its
+    ReLU features through the projection): on this corpus its time-invariant part was 4.7x its varying
+    part, every block inherited that, and training drove the encoder to a constant output while only the
+    prediction network learned (CTC loss flat for 1,600 steps). Centring removes the constant, so the
+    blocks start from what the audio says. Only the initial values change. Returns the removed mean's rms.
+    """
+    pre = encoder.pre_encode
+    picked = utts[:: max(1, len(utts) // count)][:count]
+    outs = []
+    for i in range(0, len(picked), 16):
+        batch = featurizer(picked[i : i + 16])
+        y, _, lengths = pre(batch.mel.transpose(1, 2), torch.zeros_like(batch.mel_lengths), batch.mel_lengths)
+        valid = torch.arange(y.size(1))[None, :] < lengths[:, None]
+        outs.append(y[valid].double())
+    y = torch.cat(outs)
+    mean = y.mean(0)
+    std = float((y - mean).std())
+    scale = 1.0 / (std * (encoder.xscale or 1.0))
+    pre.out.weight.mul_(scale)
+    if pre.out.bias is not None:
+        pre.out.bias.sub_(mean.to(pre.out.bias.dtype)).mul_(scale)
+    return float(mean.pow(2).mean().sqrt())
 
 
 def build_optimizer(model: AsrModel, recipe: Recipe) -> torch.optim.AdamW:
@@ -242,9 +302,15 @@ class Progress:
 
 def new_run_dir(root: Path, name: str) -> Path:
     """``root/<YYYYmmdd-HHMMSS>_<name>`` (created)."""
-    run = root / f"{time.strftime('%Y%m%d-%H%M%S')}_{name}"
-    (run / "checkpoints").mkdir(parents=True, exist_ok=False)
-    return run
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 100):  # two runs started in the same second get -2, -3, ...
+        run = root / (f"{stamp}_{name}" if attempt == 1 else f"{stamp}-{attempt}_{name}")
+        try:
+            (run / "checkpoints").mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        return run
+    raise FileExistsError(f"no free run directory for {stamp}_{name} in {root}")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -422,6 +488,9 @@ class Trainer:
             mean, std = feature_statistics(self.featurizer, self.train_utts)
             use_input_normalization(self.model.encoder, mean, std)
             logger.info("log-mel mean %.3f, std %.3f: the first conv trains on normalised input", mean, std)
+        if recipe.train.center_front_end and not resume:
+            offset = center_front_end(self.model.encoder, self.featurizer, self.train_utts)
+            logger.info("front end centred (its output's constant part was %.3f rms)", offset)
         self.optimizer = build_optimizer(self.model, recipe)
         head = recipe.model.transducer
         self.loss_fn = TransducerLoss(
