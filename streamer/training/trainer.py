@@ -488,7 +488,7 @@ class Trainer:
             mean, std = feature_statistics(self.featurizer, self.train_utts)
             use_input_normalization(self.model.encoder, mean, std)
             logger.info("log-mel mean %.3f, std %.3f: the first conv trains on normalised input", mean, std)
-        if recipe.train.center_front_end and not resume:
+        if recipe.train.center_front_end and not resume and warm is None:  # a warm start brings its own weights
             offset = center_front_end(self.model.encoder, self.featurizer, self.train_utts)
             logger.info("front end centred (its output's constant part was %.3f rms)", offset)
         self.optimizer = build_optimizer(self.model, recipe)
