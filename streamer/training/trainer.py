@@ -95,12 +95,11 @@ def scale_residual_branches(encoder: FastConformerEncoder, scale: float) -> None
     """Multiply the initial output projections of every residual branch (both feed-forwards, attention,
     convolution module) by ``scale``.
 
-    Each FastConformer block ends in a LayerNorm (``norm_out``) over the residual sum, so the gradient
-    reaching block i is divided by the standard deviation of that sum in every block above it. With
-    PyTorch's default initialisation the four branches roughly double it per block, and in the first
-    training run the gradient of the first block fell ~4x per block to 1e-6 while the encoder collapsed to
-    a constant output. Small branches make every block start near the identity (the sum stays at the
-    scale of its input), so the gradient reaches all blocks. Only the initial values change.
+    Every block adds its four branches to the residual stream and ends in a LayerNorm (``norm_out``), so
+    at initialisation each block mixes random features into what the front end gave it. Measured on the
+    corpus (with :func:`center_front_end`): the last block's output varied over time by 0.43 of its scale
+    with the default initialisation and by 0.70 with ``scale`` 0.1, which starts every block near the
+    identity. Only the initial values change.
     """
     if scale == 1.0:
         return
