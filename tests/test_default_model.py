@@ -13,13 +13,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
 
 from streamer.training.evaluate import word_error_rate
+from tests.test_browser import CHROMIUM, Wire, chromium_args, page_finals, wait_state
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
@@ -82,8 +85,9 @@ def test_transcribe_prints_the_spoken_sentences(wavs: list[Path], mode: str) -> 
     check_wer([r["text"] for r in results], f"streamer transcribe --mode {mode}")
 
 
-async def test_the_daemon_captions_speech_with_the_default_model(wavs: list[Path], tmp_path: Path) -> None:
-    """`streamer serve` with no --model: finals over /v1/listen carry the spoken words."""
+@pytest.fixture
+async def serve_default(tmp_path: Path) -> AsyncIterator[int]:
+    """`streamer serve` with no --model (the bundled default) on a free port; yields the port."""
     port_file = tmp_path / "port"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "streamer", "serve", "--port-file", str(port_file),
@@ -94,25 +98,63 @@ async def test_the_daemon_captions_speech_with_the_default_model(wavs: list[Path
         assert proc.stdout is not None
         async with asyncio.timeout(120 * TIMEOUT):
             line = (await proc.stdout.readline()).decode()
-        assert line.startswith("streamer: listening on"), line
-        port = int(port_file.read_text())
-        hyps = []
-        for wav in wavs:  # one session per recording: `stop` ends the session
-            async with connect(f"ws://127.0.0.1:{port}/v1/listen") as ws:
-                data, rate = sf.read(wav, dtype="int16")
-                await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le"}))
-                pcm = data.tobytes()
-                for i in range(0, len(pcm), 3200):
-                    await ws.send(pcm[i : i + 3200])
-                await ws.send(json.dumps({"type": "stop"}))
-                text = []
-                async with asyncio.timeout(60 * TIMEOUT):
-                    while (message := json.loads(await ws.recv()))["type"] != "end":
-                        if message["type"] == "final":
-                            text.append(message["text"])
-                hyps.append(" ".join(text))
-        check_wer(hyps, "the daemon over /v1/listen")
+            assert line.startswith("streamer: listening on"), line
+            while not port_file.is_file() or not port_file.read_text().strip():
+                await asyncio.sleep(0.05)
+        yield int(port_file.read_text())
     finally:
         proc.terminate()
         async with asyncio.timeout(60 * TIMEOUT):
             await proc.communicate()
+
+
+async def test_the_daemon_captions_speech_with_the_default_model(wavs: list[Path], serve_default: int) -> None:
+    """`streamer serve` with no --model: finals over /v1/listen carry the spoken words."""
+    hyps = []
+    for wav in wavs:  # one session per recording: `stop` ends the session
+        async with connect(f"ws://127.0.0.1:{serve_default}/v1/listen") as ws:
+            data, rate = sf.read(wav, dtype="int16")
+            await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le"}))
+            pcm = data.tobytes()
+            for i in range(0, len(pcm), 3200):
+                await ws.send(pcm[i : i + 3200])
+            await ws.send(json.dumps({"type": "stop"}))
+            text = []
+            async with asyncio.timeout(60 * TIMEOUT):
+                while (message := json.loads(await ws.recv()))["type"] != "end":
+                    if message["type"] == "final":
+                        text.append(message["text"])
+            hyps.append(" ".join(text))
+    check_wer(hyps, "the daemon over /v1/listen")
+
+
+async def test_the_caption_page_shows_the_spoken_words(wavs: list[Path], serve_default: int, tmp_path: Path) -> None:
+    """Headless Chromium's fake microphone speaks the four sentences into the caption page served by the
+    daemon on the default model: the finals the page shows carry the words (what a newcomer sees at /)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found (apt install chromium)")
+    async_api = pytest.importorskip("playwright.async_api")
+    parts = []
+    for wav in wavs:
+        data, rate = sf.read(wav, dtype="float32")
+        parts += [np.zeros(rate, dtype=np.float32), data]  # a second of silence ends each segment
+    mic = tmp_path / "mic.wav"
+    sf.write(mic, np.concatenate([*parts, np.zeros(2 * rate, dtype=np.float32)]), rate, subtype="PCM_16")
+    async with async_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=chromium_args(mic))
+        try:
+            page = await browser.new_page()
+            wire = Wire(page)
+            await page.goto(f"http://127.0.0.1:{serve_default}/")
+            await page.get_by_role("button", name="Start microphone").click()
+            await wait_state(page, "connected", wire)
+            await page.wait_for_selector("#captions .final", timeout=60_000 * TIMEOUT)
+            await asyncio.sleep(sf.info(mic).duration)  # the fake microphone plays in real time, once
+            await page.screenshot(path=tmp_path / "captions.png")
+            await page.get_by_role("button", name="Stop").click()  # the open segment's final, then "end"
+            await wait_state(page, "stopped", wire)
+            shown = " ".join(await page_finals(page))
+        finally:
+            await browser.close()
+    wer, errors, words = word_error_rate([" ".join(t for _, t in SPOKEN)], [shown])
+    assert wer <= MAX_WER, f"{errors}/{words} word errors (the caption page): {shown!r}"
