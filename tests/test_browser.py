@@ -9,7 +9,6 @@ the downloads are well-formed. Screenshots go to each test's tmp_path.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -57,24 +56,18 @@ def fake_mic_wav(speech_wav: Path, tmp_path: Path) -> Path:
     return path
 
 
-@contextlib.asynccontextmanager
-async def chromium(mic_wav: Path) -> AsyncIterator[Any]:
-    """A fresh headless Chromium (Debian's, not a downloaded one) whose fake microphone plays ``mic_wav``."""
+@pytest.fixture
+async def browser(fake_mic_wav: Path) -> AsyncIterator[Any]:
+    """A fresh headless Chromium (Debian's, not a downloaded one) with the fake microphone."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} not found (apt install chromium)")
     async_api = pytest.importorskip("playwright.async_api")
     async with async_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=chromium_args(mic_wav))
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=chromium_args(fake_mic_wav))
         try:
             yield browser
         finally:
             await browser.close()
-
-
-@pytest.fixture
-async def browser(fake_mic_wav: Path) -> AsyncIterator[Any]:
-    async with chromium(fake_mic_wav) as launched:
-        yield launched
 
 
 class Wire:
