@@ -146,17 +146,28 @@ class Printer:
 
 
 async def send_audio(
-    ws: ClientConnection, blocks: AsyncGenerator[np.ndarray, None], s16: bool, stop: asyncio.Event
+    ws: ClientConnection, blocks: AsyncGenerator[np.ndarray, None], s16: bool, stop: asyncio.Event, sent: list[int]
 ) -> None:
-    """Send blocks until they run out or ``stop`` is set, then ``stop``."""
+    """Send blocks until they run out or ``stop`` is set, then ``stop``; ``sent[0]`` counts sample frames."""
     try:
         async for block in blocks:
             if stop.is_set():
                 break
             await ws.send(encode(block, s16))
+            sent[0] += len(block)
     finally:
         await blocks.aclose()  # closes the microphone
     await ws.send(Stop().to_json())
+
+
+def check_accounting(end: End, sent_s: float) -> None:
+    """Say so on stderr when the server received other audio than was sent, or dropped some."""
+    if end.audio_s is not None and abs(end.audio_s - sent_s) > 0.002:
+        print(f"ws_client: sent {sent_s:.3f} s of audio but the server received {end.audio_s:.3f} s",
+              file=sys.stderr, flush=True)
+    if end.dropped_s:
+        print(f"ws_client: the server fell behind and dropped {end.dropped_s:.2f} s of the audio",
+              file=sys.stderr, flush=True)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -183,11 +194,13 @@ async def run(args: argparse.Namespace) -> int:
             return 1  # the start was refused (bad format, stream name in use, server busy)
         source = f"microphone at {rate} Hz" if args.mic else f"{args.file} ({rate} Hz, {channels} channel(s))"
         print(f"ws_client: streaming the {source} to {url} as stream {ready.stream}", file=sys.stderr, flush=True)
-        sender = asyncio.create_task(send_audio(ws, blocks, args.s16, stop))
+        sent = [0]
+        sender = asyncio.create_task(send_audio(ws, blocks, args.s16, stop, sent))
         try:
             async for raw in ws:  # until "end" (or the server closes)
                 show(raw)
-                if isinstance(parse_server_message(raw), End):
+                if isinstance(end := parse_server_message(raw), End):
+                    check_accounting(end, sent[0] / rate)
                     break
         finally:
             sender.cancel()

@@ -24,7 +24,7 @@ Session on ``/v1/listen``
    frames (a multiple of ``channels * bytes per sample``). Text messages in between: :class:`Finalize`
    (end the current segment now, keep listening), :class:`KeepAlive` (resets the idle timer),
    :class:`Stop` (no more audio: the server flushes the last segment, sends its final, then
-   :class:`End`, and closes with 1000).
+   :class:`End` (with the seconds of audio received and dropped), and closes with 1000).
 4. The server sends :class:`Partial` whenever the text of the open segment changes (``stable`` is the
    prefix of ``text`` that will not change any more) and exactly one :class:`Final` per segment,
    with words, times and confidence. Segments are numbered from 0 per stream; a segment in which
@@ -262,10 +262,17 @@ class Error:
 
 @dataclass(frozen=True, slots=True)
 class End:
-    """The session is over: no more messages follow. ``segments``: how many finals were sent."""
+    """The session is over: no more messages follow.
+
+    ``segments``: how many finals were sent. ``audio_s``: seconds of audio the server received in this
+    session (at the client's sample rate; a client compares it with what it sent). ``dropped_s``: seconds
+    of that audio the server dropped because it fell behind (also announced by ``audio_dropped``).
+    """
 
     stream: str
     segments: int
+    audio_s: float | None = None
+    dropped_s: float | None = None
     type: ClassVar[str] = "end"
 
     def to_json(self) -> str:

@@ -194,6 +194,57 @@ async def test_page_reconnects_after_the_daemon_restarts(daemon: Any, browser: A
     assert code == 0, stderr
 
 
+async def test_page_says_when_the_server_received_less_audio_than_it_sent(browser: Any) -> None:
+    """A server whose `end` counts less audio than the page sent, and some dropped: the page says so."""
+    from websockets.asyncio.server import ServerConnection, serve
+
+    received: list[int] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        start = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "ready", "session": "s1", "stream": "fake", "model": "fake",
+                                  "protocol_version": 1, "att_context_size": [70, 1],
+                                  "sample_rate": start["sample_rate"], "chunk_s": 0.08, "endpointing": {}}))
+        n = 0
+        async for message in ws:
+            if isinstance(message, bytes):
+                n += len(message)
+                continue
+            received.append(n)
+            heard = n / 2 / start["sample_rate"] - 1.0  # as if a second of it never arrived
+            await ws.send(json.dumps({"type": "end", "stream": "fake", "segments": 0, "audio_s": round(heard, 3),
+                                      "dropped_s": 0.5}))
+            await ws.close()
+            return
+
+    def page_over_http(connection: ServerConnection, request: Any) -> Any:  # a worklet needs an http origin
+        if request.path != "/v1/listen":
+            response = connection.respond(200, PAGE.read_text())
+            response.headers["Content-Type"] = "text/html; charset=utf-8"
+            return response
+        return None
+
+    async with serve(handler, "127.0.0.1", 0, process_request=page_over_http) as server:
+        port = server.sockets[0].getsockname()[1]
+        page = await browser.new_page()
+        wire = Wire(page)
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.get_by_role("button", name="Start microphone").click()
+        await wait_state(page, "connected", wire)
+        async with asyncio.timeout(10 * TIMEOUT):
+            while sum(map(len, wire.sent_bytes)) < 2 * 44100 * 1.5:  # 1.5 s at the rate it sends, or more
+                await asyncio.sleep(0.1)
+        await page.get_by_role("button", name="Stop").click()
+        await wait_state(page, "stopped", wire)
+        notice = await page.locator("#notice").inner_text()
+        health = await page.evaluate("speaker.health")
+    rate = wire.sent_text[0]["sample_rate"]
+    sent_s = received[0] / 2 / rate
+    assert f"the server received {sent_s - 1:.1f} s of the {sent_s:.1f} s sent" in notice, notice
+    assert "the server fell behind and skipped 0.5 s" in notice, notice
+    assert health == {"serverShortS": pytest.approx(1.0, abs=0.01), "serverDroppedS": 0.5}
+
+
 async def test_subtitles_text_size_and_contrast_from_the_keyboard(browser: Any, tmp_path: Path) -> None:
     """Finals with word times become SRT/VTT cues of at most two 42-character lines; controls work by keyboard."""
     page = await browser.new_page()

@@ -159,6 +159,27 @@ async def test_ws_client_sends_samples_at_the_files_rate_never_its_header(
     assert "torch" not in imported_modules(err)
 
 
+async def test_ws_client_says_when_the_server_received_less_than_it_sent(tmp_path: Path) -> None:
+    """`end` reports what the server received and dropped; the client compares it with what it sent."""
+    wav = tmp_path / "in.wav"
+    sf.write(wav, np.zeros(16000, dtype=np.float32), 16000, subtype="PCM_16")  # 1 s
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send(Ready("s1", "fake", "fake", (70, 1), 16000, 0.08, {}).to_json())
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.send(End("fake", 0, audio_s=0.75, dropped_s=0.25).to_json())
+                return
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        rc, _, err = await finish(await start_client("ws_client.py", str(wav), "--url", f"ws://127.0.0.1:{port}"))
+    assert rc == 0, without_importtime(err)
+    assert "sent 1.000 s of audio but the server received 0.750 s" in err
+    assert "the server fell behind and dropped 0.25 s" in err
+
+
 # ---------------------------------------------------------------- against the daemon (and mosquitto)
 
 
@@ -174,6 +195,9 @@ async def test_ws_client_prints_the_daemons_finals(daemon: Any, speech_wav: Path
     assert kinds[0] == "ready" and kinds[-1] == "end" and "final" in kinds  # partials: sent fast, finals win
     assert messages[0]["sample_rate"] == sf.info(speech_wav).samplerate
     assert messages[-1]["segments"] == kinds.count("final")
+    info = sf.info(speech_wav)
+    assert messages[-1]["audio_s"] == round(info.frames / info.samplerate, 3) and messages[-1]["dropped_s"] == 0
+    assert "server received" not in err and "dropped" not in err
     assert "torch" not in imported_modules(err)
 
     rc, out, err = await finish(await start_client("ws_client.py", str(speech_wav), "--url", url, "--s16"))

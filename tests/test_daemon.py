@@ -128,7 +128,10 @@ async def test_sigterm_flushes_the_open_segment_and_exits_0(daemon: Any, speech_
     assert close == 1001 and sub_close == 1001
     finals = [m for m in messages if m["type"] == "final"]
     assert len(finals) == 1 and finals[0]["reason"] == "shutdown" and finals[0]["segment"] == 0
-    assert messages[-1] == {"type": "end", "stream": "desk", "segments": 1}
+    end = messages[-1]
+    assert {k: end[k] for k in ("type", "stream", "segments", "dropped_s")} == {
+        "type": "end", "stream": "desk", "segments": 1, "dropped_s": 0.0}
+    assert 0 < end["audio_s"] <= len(pcm) / 2 / rate  # what arrived before SIGTERM, nothing more
     assert [m for m in sub_messages if m["type"] == "final"] == finals
 
 

@@ -155,7 +155,8 @@ async def test_wav_gives_ready_partials_one_final_per_segment_and_end(start_daem
         rest, code = await recv_all(ws)
     messages = first + rest
     assert code == 1000
-    assert messages[-1] == {"type": "end", "stream": "kitchen", "segments": len(check_segments(messages))}
+    assert messages[-1] == {"type": "end", "stream": "kitchen", "segments": len(check_segments(messages)),
+                            "audio_s": round(len(data) / 2 / rate, 3), "dropped_s": 0.0}  # every byte counted
     finals = check_segments(messages)
     assert len(finals) >= 2 and finals[-1]["reason"] == "stop"
     assert {f["reason"] for f in finals[:-1]} == {"max_length"}

@@ -79,6 +79,7 @@ class ListenSession:
         self.channel: Channel | None = None
         self._converter: PcmConverter | None = None
         self.stream = ""
+        self.received_bytes = 0  # audio bytes accepted in this session (whole sample frames)
 
     async def run(self) -> None:
         sender = asyncio.create_task(self.outbox.run(), name=f"ws-send-{self.id}")
@@ -181,6 +182,7 @@ class ListenSession:
         except AudioError as exc:
             self._error("bad_audio", str(exc))
             return
+        self.received_bytes += len(frame)
         self.channel.write(samples)
         self.server.scheduler.poke(self.channel)
 
@@ -195,8 +197,12 @@ class ListenSession:
             return
         self.phase = Phase.ENDING
         await self._flush(reason, detach_first=False)
-        if self.channel is not None:
-            self.outbox.offer(End(self.stream, self.channel.segmenter.segment))
+        if self.channel is not None and self._converter is not None:
+            c = self._converter
+            received_s = self.received_bytes / c.frame_bytes / c.sample_rate
+            dropped_s = self.channel.dropped_samples / self.channel.sample_rate_hz
+            self.outbox.offer(End(self.stream, self.channel.segmenter.segment, round(received_s, 3),
+                                  round(dropped_s, 3)))
         self.outbox.close_after_queue(code, close_reason)
 
     async def _flush(self, reason: str, detach_first: bool) -> None:
