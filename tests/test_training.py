@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -37,12 +38,15 @@ from streamer.training.speed import TapDepthwiseConv2d, use_input_normalization
 from streamer.training.tokenizer import train_tokenizer
 from streamer.training.trainer import (
     Trainer,
+    build_optimizer,
     compute_loss,
     export_nemo,
     learning_rate,
     load_run,
     scheduled_lr,
     train,
+    train_step,
+    training_device,
 )
 
 WORDS = ["red", "green", "blue", "one", "two", "three", "stop", "go", "left", "right", "up", "down"]
@@ -115,6 +119,7 @@ def _recipe(corpus: Path, **train: object) -> dict:
         "loss": {"omega": 0.0},
         "optim": {"lr": 3.0e-3, "warmup_steps": 4},
         "train": {
+            "device": "cpu",  # bit-exact resume checks; the CUDA tests below ask for the GPU themselves
             "threads": 1,
             "max_steps": 12,
             "log_every_steps": 4,
@@ -331,6 +336,64 @@ def test_warm_start_from_exported_nemo(corpus: Path, tmp_path: Path) -> None:
     (tmp_path / "bad" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ConfigError, match="model shape"):
         Trainer(recipe_from_dict(wrong), tmp_path / "bad")
+
+
+def test_training_device_names() -> None:
+    """train.device: cpu, auto (the GPU only where torch sees one) and clear errors for the rest."""
+    assert training_device("cpu") == torch.device("cpu")
+    assert training_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="not a device"):
+        training_device("gpu0")
+    with pytest.raises(ConfigError, match="not supported"):
+        training_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            training_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_on_cuda_equals_a_step_on_the_cpu(corpus: Path, tmp_path: Path) -> None:
+    """The same weights, batch and look-ahead: loss, gradient norm and updated weights agree (fp32)."""
+    recipe = recipe_from_dict(_recipe(corpus, bf16=False))
+    (tmp_path / "checkpoints").mkdir()
+    trainer = Trainer(recipe, tmp_path)
+    batch = next(trainer._batches())[2]
+    results, weights = [], []
+    for device in ("cpu", "cuda"):
+        model = copy.deepcopy(trainer.model).to(device)
+        optimizer = build_optimizer(model, recipe)
+        results.append(train_step(model, optimizer, batch, (4, 1), trainer.loss_fn, recipe, 1e-3))
+        weights.append({k: v.cpu() for k, v in model.state_dict().items()})
+    cpu, gpu = results
+    assert gpu.loss == pytest.approx(cpu.loss, rel=1e-4) and gpu.ctc_loss == pytest.approx(cpu.ctc_loss, rel=1e-4)
+    assert gpu.grad_norm == pytest.approx(cpu.grad_norm, rel=1e-3)
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_on_cuda_learns_and_exports_a_model_the_cpu_loads(corpus: Path, tmp_path: Path) -> None:
+    """train.device=cuda (bf16): the loss falls, checkpoints and the exported .nemo load on the CPU."""
+    recipe = recipe_from_dict(_recipe(corpus, device="cuda", max_steps=16))
+    (tmp_path / "checkpoints").mkdir()
+    trainer = Trainer(recipe, tmp_path)
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    batch = next(trainer._batches())[2]
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(compute_loss(trainer.model, batch, (4, 1), trainer.loss_fn, recipe)[0])
+
+    before = loss()
+    assert trainer.run() == 0
+    assert loss() < 0.8 * before
+    out = tmp_path / "model" / "model.nemo"
+    out.parent.mkdir()
+    model = export_nemo(tmp_path, out, "latest")
+    assert next(model.parameters()).device.type == "cpu"
+    loaded = AsrModel.load(str(out))
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value.cpu(), msg=key)
 
 
 # ------------------------------------------------------------------------------------------------

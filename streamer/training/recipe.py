@@ -97,9 +97,13 @@ class OptimSection:
 
 @dataclass(frozen=True, slots=True)
 class TrainSection:
+    # Where the network trains: "auto" (the GPU if torch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+    # Features, batching and SpecAugment stay on the CPU in the data worker(s) either way.
+    device: str = "auto"
     threads: int = 1  # torch intra-op threads of the training process
-    bf16: bool = True  # bfloat16 autocast for matmuls and convs (AMX/AVX-512 CPUs: ~2x); losses in fp32
-    fast_depthwise: bool = True  # training-only depthwise conv of the subsampling (streamer.training.speed)
+    bf16: bool = True  # bfloat16 autocast for matmuls and convs (AMX/AVX-512 CPUs: ~2x; GPUs); losses in fp32
+    # Training-only depthwise conv of the subsampling (streamer.training.speed); a CPU speed-up, not used on a GPU.
+    fast_depthwise: bool = True
     # Train the first conv as if its input were normalised with the corpus mean and std of the log-mel
     # features (streamer.training.speed.InputNormalizedConv2d); the saved model is unchanged in form.
     input_normalization: bool = True

@@ -234,7 +234,9 @@ def compute_loss(
     model: AsrModel, batch: Batch, ctx: ContextSize, loss_fn: TransducerLoss, recipe: Recipe
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.bf16):
+    device = next(model.parameters()).device
+    batch = batch_to(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
         enc, enc_len = model.encoder(batch.mel, batch.mel_lengths, ctx)  # (B, T, D)
         pred = model.decoder(batch.targets)  # (B, U+1, P)
         assert model.joint is not None
@@ -246,6 +248,35 @@ def compute_loss(
     ctc = ctc_loss(log_probs, batch.targets, enc_len, batch.target_lengths, recipe.loss.reduction)  # type: ignore[arg-type]
     w = recipe.loss.ctc_weight
     return (1 - w) * transducer + w * ctc, transducer, ctc
+
+
+def training_device(name: str) -> torch.device:
+    """``train.device``: "auto" is the first CUDA GPU if torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device: {name!r} is not a device (auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but torch {torch.__version__} sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: {name!r} is not supported (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on ``device`` (the same batch where they already are)."""
+    if batch.mel.device == device:
+        return batch
+    return Batch(
+        batch.mel.to(device, non_blocking=True),
+        batch.mel_lengths.to(device),
+        batch.targets.to(device, non_blocking=True),
+        batch.target_lengths.to(device),
+        batch.ids,
+        batch.texts,
+    )
 
 
 def train_step(
@@ -480,8 +511,9 @@ class Trainer:
             corpus, data.dev_split, tokenizer, data.min_duration_s, data.max_duration_s, limit=data.dev_utterances
         )
         self.featurizer = BatchFeaturizer(corpus, model_config(recipe, tokenizer.vocab_size).features, data.dither)
+        self.device = training_device(recipe.train.device)
         self.model = build_model(recipe, tokenizer, recipe.seed)
-        if recipe.train.fast_depthwise:
+        if recipe.train.fast_depthwise and self.device.type == "cpu":
             use_fast_depthwise(self.model.encoder)
         if recipe.train.input_normalization:
             mean, std = feature_statistics(self.featurizer, self.train_utts)
@@ -490,6 +522,7 @@ class Trainer:
         if recipe.train.center_front_end and not resume and warm is None:  # a warm start brings its own weights
             offset = center_front_end(self.model.encoder, self.featurizer, self.train_utts)
             logger.info("front end centred (its output's constant part was %.3f rms)", offset)
+        self.model.to(self.device)  # before the optimizer, whose state then lives beside the weights
         self.optimizer = build_optimizer(self.model, recipe)
         head = recipe.model.transducer
         self.loss_fn = TransducerLoss(
@@ -503,8 +536,9 @@ class Trainer:
             self._warm_start(*warm)
         hours = sum(u.num_samples for u in self.train_utts) / 16000 / 3600
         logger.info(
-            "model: %.2fM parameters; train: %d utterances (%.1f h); dev subset: %d",
+            "model: %.2fM parameters on %s; train: %d utterances (%.1f h); dev subset: %d",
             self.model.num_parameters / 1e6,
+            self.device,
             len(self.train_utts),
             hours,
             len(self.dev_utts),
@@ -665,6 +699,7 @@ class Trainer:
         for ctx in self.recipe.train.val_att_context_sizes:
             refs, hyps = [], []
             for batch in eval_batches(self.dev_utts, self.featurizer, self.recipe.batching.max_batch_mel_frames):
+                batch = batch_to(batch, self.device)
                 hyps += decode_offline(self.model, batch.mel, batch.mel_lengths, (ctx[0], ctx[1]))
                 refs += batch.texts
             wers[f"wer_{ctx[0]}_{ctx[1]}"] = word_error_rate(refs, hyps)[0]
