@@ -41,7 +41,6 @@ SPOKEN = [
 MAX_WER = 0.35
 # The caption page's bound: Chromium's fake microphone adds timing jitter (see the page test's docstring).
 PAGE_MAX_WER = 0.5
-CHROMIUM_BUFFER_MS = 10  # the fake capture device's buffer, the unit in which it pads or skips audio
 
 # The default model ships in the repository; a checkout or package without it (for instance one stripped
 # of model weights) skips these tests visibly rather than failing on a missing file.
@@ -215,10 +214,11 @@ async def test_the_caption_page_shows_the_spoken_words(wavs: list[Path], serve_d
     the page sent must hold all of the microphone's speech in order, the server's ``end`` must count all of
     it, and the page must show every final the server sent.
 
-    On a busy machine Chromium's fake capture pads its 10 ms buffers with silence, sometimes two in a row, and
-    now and then skips one (seen as lag shifts of +10, +20 or -10 ms in the sent audio). That happens before
-    the page sees the audio; what the page itself could lose is whole 50 ms blocks or more, so the test
-    allows any padding and a single buffer skipped at a time, and fails on any larger loss. Each pad moves
+    On a busy machine Chromium's fake capture pads its 10 ms buffers with silence, sometimes two in a row,
+    now and then skips one (seen as lag shifts of +10, +20 or -10 ms in the sent audio), and in one CI run
+    skipped about a second. That happens before the page's worklet sees the audio, so the test holds the
+    page to its own account (every sample the worklet delivered reached the wire) and reports the gap
+    finder's view of the capture path in the failure message. Each pad moves
     the 80 ms step grid against the speech, and this model, still early in its training, is sensitive to
     that: with 1-3 such pads put into the same recording, `streamer transcribe --mode streaming` made 6-11
     errors in the 31 words (6 without; run 6's weights). That is why this test allows more errors than the
@@ -243,6 +243,7 @@ async def test_the_caption_page_shows_the_spoken_words(wavs: list[Path], serve_d
             await wait_state(page, "stopped", wire)
             shown = " ".join(await page_finals(page))
             health = await page.evaluate("speaker.health")
+            captured = await page.evaluate("speaker.captured")  # samples the page's worklet delivered
             notice = await page.locator("#notice").inner_text()
         finally:
             await browser.close()
@@ -253,17 +254,17 @@ async def test_the_caption_page_shows_the_spoken_words(wavs: list[Path], serve_d
     unmatched, shifts = sent_audio_gaps(mic, sent, sent_rate)
     wer, errors, words = word_error_rate([" ".join(t for _, t in SPOKEN)], [shown])
     story = (f"page showed {shown!r} ({errors}/{words} word errors); page health {health}; notice {notice!r}; "
-             f"sent {len(sent) / sent_rate:.2f} s at {sent_rate} Hz, server's end {end}; speech windows missing "
+             f"worklet delivered {captured / sent_rate:.2f} s, sent {len(sent) / sent_rate:.2f} s at {sent_rate} Hz, "
+             f"server's end {end}; speech windows missing "
              f"from the sent audio at {unmatched[:20]} s, lag shifts (s, ms) {shifts[:20]}; "
              f"{len(wire.sockets)} connection(s); files in {tmp_path}")
     assert end["type"] == "end" and len(wire.sockets) == 1, story
     assert end["audio_s"] == pytest.approx(len(sent) / sent_rate, abs=0.002) and end["dropped_s"] == 0, story
-    # Nothing lost between the worklet and the socket: Chromium may pad, and skip one 10 ms buffer at a time.
-    # A 50 ms window that such a shift splits matches at no lag; a run of three or more would be audio gone
-    # (a loss longer than the lag search, a second, leaves every later window unmatched).
-    assert all(ms >= -(CHROMIUM_BUFFER_MS + 2) for _, ms in shifts), story
-    runs = np.split(np.array(unmatched), np.flatnonzero(np.diff(unmatched) > 0.075) + 1) if unmatched else []
-    assert all(len(run) <= 2 for run in runs), story
+    # Nothing lost between the worklet and the socket: every sample the page's audio worklet delivered went
+    # out on the wire. What Chromium's capture did before the worklet (the gap finder's shifts and missing
+    # windows, in the story) is not the page's to fix: on a starved 2-core CI box it has padded 10-20 ms and
+    # once skipped about a second of the fake microphone's file, all before the page saw any of it.
+    assert captured == len(sent), story
     assert shown == " ".join(wire.finals()), story  # the page shows every final the server sent
     assert health == {"serverShortS": 0, "serverDroppedS": 0} and not notice, story
     assert wer <= PAGE_MAX_WER, story
