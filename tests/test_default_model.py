@@ -131,7 +131,6 @@ async def test_the_daemon_captions_speech_with_the_default_model(wavs: list[Path
     check_wer(hyps, "the daemon over /v1/listen")
 
 
-
 def sent_audio_gaps(spoken: Path, sent: np.ndarray, sent_rate: int) -> tuple[list[float], list[tuple[float, float]]]:
     """Is the microphone's speech all in the audio the page sent, in order? Compared in 50 ms windows.
 
@@ -210,9 +209,9 @@ async def test_the_caption_page_shows_the_spoken_words(wavs: list[Path], serve_d
     """Headless Chromium's fake microphone speaks the four sentences into the caption page served by the
     daemon on the default model: the finals the page shows carry the words (what a newcomer sees at /).
 
-    Every step of the audio's way is checked, so that a failure says where words went missing: the audio
-    the page sent must hold all of the microphone's speech in order, the server's ``end`` must count all of
-    it, and the page must show every final the server sent.
+    Every step of the audio's way is checked, so that a failure says where words went missing: every sample
+    the page's worklet delivered must reach the wire, the server's ``end`` must count all of it, and the page
+    must show every final the server sent.
 
     On a busy machine Chromium's fake capture pads its 10 ms buffers with silence, sometimes two in a row,
     now and then skips one (seen as lag shifts of +10, +20 or -10 ms in the sent audio), and in one CI run
