@@ -338,6 +338,23 @@ def test_warm_start_from_exported_nemo(corpus: Path, tmp_path: Path) -> None:
         Trainer(recipe_from_dict(wrong), tmp_path / "bad")
 
 
+def test_cooldown_takes_the_schedule_linearly_to_min_lr_at_max_steps(tmp_path: Path) -> None:
+    """optim.anneal_steps: the schedule is untouched before the cooldown, then falls linearly to min_lr."""
+    base = _recipe(tmp_path, max_steps=1000)
+    base["optim"] = {"lr": 1.0e-3, "warmup_steps": 100, "min_lr": 1.0e-5}
+    plain = recipe_from_dict(base)
+    cooled = recipe_from_dict({**base, "optim": {**base["optim"], "anneal_steps": 300}})
+    for step in (0, 99, 100, 500, 699):
+        assert learning_rate(cooled, step) == learning_rate(plain, step)
+    tail = [learning_rate(cooled, step) for step in range(700, 1000)]
+    assert all(a > b for a, b in zip(tail, tail[1:]))
+    assert tail[0] == pytest.approx(learning_rate(plain, 700), rel=0.01)
+    assert tail[150] == pytest.approx(1.0e-5 + (learning_rate(plain, 850) - 1.0e-5) * 149 / 300)
+    assert tail[-1] == pytest.approx(1.0e-5)
+    with pytest.raises(ConfigError, match="anneal_steps"):
+        recipe_from_dict({**base, "optim": {**base["optim"], "anneal_steps": 1001}})
+
+
 def test_training_device_names() -> None:
     """train.device: cpu, auto (the GPU only where torch sees one) and clear errors for the rest."""
     assert training_device("cpu") == torch.device("cpu")

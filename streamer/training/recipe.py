@@ -93,6 +93,9 @@ class OptimSection:
     min_lr: float = 1.0e-5
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     rewarmup_steps: int = 200  # after a warm start (train.init_from): ramp the scheduled lr up again from 0
+    # Cooldown: over the last anneal_steps before train.max_steps, scale the scheduled lr linearly down to
+    # min_lr (0 = none). Set max_steps to where this stretch of training should end.
+    anneal_steps: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,11 @@ def check_recipe(recipe: Recipe) -> None:
             raise ConfigError(f"train.val_att_context_sizes {ctx} is not in model.encoder.att_context_sizes")
     if recipe.optim.schedule not in ("noam", "cosine"):
         raise ConfigError(f"optim.schedule must be noam or cosine, not {recipe.optim.schedule!r}")
+    if recipe.optim.anneal_steps < 0 or recipe.optim.anneal_steps > recipe.train.max_steps:
+        raise ConfigError(
+            f"optim.anneal_steps {recipe.optim.anneal_steps} must lie between 0 and train.max_steps "
+            f"{recipe.train.max_steps}: the cooldown ends at max_steps"
+        )
     if recipe.loss.reduction not in ("mean_batch", "mean", "mean_volume", "sum"):
         raise ConfigError(f"loss.reduction {recipe.loss.reduction!r} is not one of NeMo's reductions")
 

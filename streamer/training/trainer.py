@@ -166,6 +166,8 @@ def build_optimizer(model: AsrModel, recipe: Recipe) -> torch.optim.AdamW:
 def learning_rate(recipe: Recipe, step: int) -> float:
     """Linear warmup to ``lr``, then Noam (inverse square root) or cosine decay to ``min_lr``.
 
+    With ``optim.anneal_steps``, the last that many steps before ``train.max_steps`` take the rate
+    linearly from the schedule's value down to ``min_lr`` (a cooldown, which a run can add at its end).
     ``step`` counts optimizer steps from 0.
     """
     opt = recipe.optim
@@ -173,10 +175,15 @@ def learning_rate(recipe: Recipe, step: int) -> float:
     if s <= opt.warmup_steps:
         return opt.lr * s / max(opt.warmup_steps, 1)
     if opt.schedule == "noam":
-        return max(opt.min_lr, opt.lr * math.sqrt(opt.warmup_steps / s))
-    span = max(recipe.train.max_steps - opt.warmup_steps, 1)
-    progress = min(1.0, (s - opt.warmup_steps) / span)
-    return opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
+        lr = max(opt.min_lr, opt.lr * math.sqrt(opt.warmup_steps / s))
+    else:
+        span = max(recipe.train.max_steps - opt.warmup_steps, 1)
+        progress = min(1.0, (s - opt.warmup_steps) / span)
+        lr = opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
+    left = recipe.train.max_steps - step  # steps still to take, this one included
+    if 0 < opt.anneal_steps and left <= opt.anneal_steps:
+        lr = opt.min_lr + (lr - opt.min_lr) * max(left - 1, 0) / opt.anneal_steps
+    return lr
 
 
 def scheduled_lr(recipe: Recipe, progress: Progress) -> float:
