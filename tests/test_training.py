@@ -32,7 +32,13 @@ from streamer.training.data import (
     plan_epoch,
     spec_augment,
 )
-from streamer.training.evaluate import edit_distance, markdown_table, normalize_words, word_error_rate
+from streamer.training.evaluate import (
+    character_error_rate,
+    edit_distance,
+    markdown_table,
+    normalize_words,
+    word_error_rate,
+)
 from streamer.training.recipe import recipe_from_dict
 from streamer.training.speed import TapDepthwiseConv2d, use_input_normalization
 from streamer.training.tokenizer import train_tokenizer
@@ -203,6 +209,27 @@ def test_word_error_rate() -> None:
     assert normalize_words("Hello, World! it's") == ["hello", "world", "it's"]
     wer, errors, words = word_error_rate(["the cat sat", "on the mat"], ["the cat sat", "on mat"])
     assert (errors, words) == (1, 6) and math.isclose(wer, 1 / 6)
+    # CER counts letters and the spaces between words: "on mat" lost "the " (4 of 21 characters)
+    assert math.isclose(character_error_rate(["The cat sat.", "on the mat"], ["the cat sat", "on mat"]), 4 / 21)
+    assert math.isclose(character_error_rate(["going to"], ["gary to"]), 4 / 8)
+
+
+def test_results_csv_refuses_to_mix_columns(tmp_path: Path) -> None:
+    """Rows are appended under their own header; a file with other columns gets a clear error, not mixed rows."""
+    from streamer.training.evaluate import ResultRow, write_results
+
+    row = ResultRow("m", "dev", "offline", "[70,13]", 1040.0, 1120.0, 3, 10, 12.5, 0.0, 0.0, cer_percent=4.0)
+    path = tmp_path / "results.csv"
+    write_results([row], path)
+    write_results([row], path)
+    with path.open(newline="") as f:
+        read = list(csv.DictReader(f))
+    assert len(read) == 2 and read[1]["cer_percent"] == "4.0" and read[1]["wer_percent"] == "12.5"
+    old = tmp_path / "old.csv"
+    old.write_text("model,split,wer_percent\nm,dev,12.5\n")
+    with pytest.raises(ValueError, match="give --results a new file"):
+        write_results([row], old)
+    assert old.read_text() == "model,split,wer_percent\nm,dev,12.5\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,7 +374,7 @@ def test_cooldown_takes_the_schedule_linearly_to_min_lr_at_max_steps(tmp_path: P
     for step in (0, 99, 100, 500, 699):
         assert learning_rate(cooled, step) == learning_rate(plain, step)
     tail = [learning_rate(cooled, step) for step in range(700, 1000)]
-    assert all(a > b for a, b in zip(tail, tail[1:]))
+    assert all(a > b for a, b in zip(tail, tail[1:], strict=False))
     assert tail[0] == pytest.approx(learning_rate(plain, 700), rel=0.01)
     assert tail[150] == pytest.approx(1.0e-5 + (learning_rate(plain, 850) - 1.0e-5) * 149 / 300)
     assert tail[-1] == pytest.approx(1.0e-5)

@@ -66,6 +66,19 @@ def word_error_rate(refs: Iterable[str], hyps: Iterable[str]) -> tuple[float, in
     return (errors / words if words else 0.0), errors, words
 
 
+def character_error_rate(refs: Iterable[str], hyps: Iterable[str]) -> float:
+    """Corpus CER over the normalised words joined by single spaces (a space is a character too).
+
+    Beside WER it tells misspelt words (a letter or two wrong, low CER) from missed ones (high CER).
+    """
+    errors = chars = 0
+    for ref, hyp in zip(refs, hyps, strict=True):
+        r = " ".join(normalize_words(ref))
+        errors += edit_distance(r, " ".join(normalize_words(hyp)))
+        chars += len(r)
+    return errors / chars if chars else 0.0
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding
 
@@ -169,6 +182,7 @@ class ResultRow:
     wer_percent: float
     compute_ms_per_chunk: float
     rtf: float  # audio seconds per compute second, one stream (streaming rows)
+    cer_percent: float = 0.0
 
 
 def read_eval_manifest(path: Path, limit: int | None) -> tuple[list[np.ndarray], list[str]]:
@@ -218,6 +232,7 @@ def evaluate(
                 else:
                     hyps = transcribe_streaming_batch(model, audios, ctx)
                 wer, _, words = word_error_rate(texts, hyps)
+                cer = character_error_rate(texts, hyps)
                 compute_ms, rtf = 0.0, 0.0
                 if mode == "streaming":
                     timings = [chunk_compute_ms(model, a, ctx) for a in audios[:latency_utterances]]
@@ -236,18 +251,43 @@ def evaluate(
                         wer_percent=round(100 * wer, 2),
                         compute_ms_per_chunk=round(compute_ms, 2),
                         rtf=round(rtf, 1),
+                        cer_percent=round(100 * cer, 2),
                     )
                 )
-                logger.info("%s %s %s: WER %.2f%% (%.1f s)", split, mode, ctx, 100 * wer, time.perf_counter() - start)
+                logger.info(
+                    "%s %s %s: WER %.2f%%, CER %.2f%% (%.1f s)",
+                    split, mode, ctx, 100 * wer, 100 * cer, time.perf_counter() - start,
+                )
     return rows
 
 
+def results_file_problem(path: Path) -> str | None:
+    """Why rows cannot be appended to ``path`` (its header is not this version's columns), or None."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    fields = list(ResultRow.__dataclass_fields__)
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    if header == fields:
+        return None
+    columns = ",".join(header)
+    return f"{path} has the columns {columns}, not this version's {','.join(fields)}: give --results a new file"
+
+
 def write_results(rows: Sequence[ResultRow], path: Path) -> None:
-    """Append rows to a CSV (with a header when the file is new)."""
-    is_new = not path.exists()
+    """Append rows to a CSV (with a header when the file is new).
+
+    A file written with other columns (an older ``streamer`` wrote no ``cer_percent``) is not appended to:
+    its rows would land under the wrong headings.
+    """
+    fields = list(ResultRow.__dataclass_fields__)
+    problem = results_file_problem(path)
+    if problem:
+        raise ValueError(problem)
+    is_new = not path.exists() or path.stat().st_size == 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(ResultRow.__dataclass_fields__))
+        writer = csv.DictWriter(f, fieldnames=fields)
         if is_new:
             writer.writeheader()
         for row in rows:
@@ -292,6 +332,9 @@ def load_eval_model(spec: str) -> tuple[AsrModel, str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``streamer eval``."""
     torch.set_num_threads(args.threads)
+    problem = results_file_problem(args.results)
+    if problem:
+        raise SystemExit(f"streamer eval: {problem}")
     model, name = load_eval_model(args.model)
     manifests = {m.stem: m for m in args.manifest}
     if args.corpus:
