@@ -60,7 +60,42 @@ def summarize(impl, scope, dtype, params, ctx, chunk_s, streams, times, threads)
     )
 
 
-def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder) -> Row:
+def calibrate_emission(greedy, enc, enc_len, tokens_per_frame: float, iterations: int = 30) -> float:
+    """Bias a random-weight TDT joint so greedy decoding emits about ``tokens_per_frame`` labels per frame.
+
+    Random weights make the greedy search emit a label on nearly every step, ``max_symbols`` per frame:
+    a decoder cost no trained model has. This raises the blank logit by a bias found by bisection on
+    ``enc`` (``(B, T, D)``, the encoder output the benchmark will decode) and makes every decision take
+    one frame (duration 1), so the decoder visits each frame once and emits at a speech-like rate.
+    Changes the joint's output bias in place; returns the labels per frame reached.
+    """
+    import torch
+
+    cfg = greedy.cfg
+    bias = greedy.joint.joint_net[-1].bias
+    blank = cfg.blank_id
+    base = bias.detach().clone()
+    if cfg.is_tdt:
+        base[blank + 1 + list(cfg.durations).index(1)] += 100.0
+
+    def rate(shift: float) -> float:
+        with torch.no_grad():
+            bias.copy_(base)
+            bias[blank] += shift
+        spans, _ = greedy.step(enc, enc_len, greedy.init_state(enc.shape[0]))
+        return sum(len(s.token_ids) for s in spans) / float(enc_len.sum())
+
+    low, high = -50.0, 50.0  # blank bias: more blank (fewer labels) as it grows
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if rate(mid) > tokens_per_frame:
+            low = mid
+        else:
+            high = mid
+    return rate(high)
+
+
+def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder, tokens_per_s=4.0) -> Row:
     """Our steady-state step: full caches, every stream continuing with a full chunk."""
     import torch
 
@@ -91,6 +126,11 @@ def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder) -> R
                     mel_seen=torch.full((streams,), 10_000))
     mel = torch.randn(streams, enc_cfg.feat_in, plan.chunk, generator=torch.Generator().manual_seed(1)).to(dtype)
     n_new = torch.full((streams,), plan.chunk)
+    if greedy is not None and tokens_per_s > 0:
+        with torch.inference_mode():  # one untimed step, also the first of the warm-up
+            probe, probe_len, state = enc.step(mel, n_new, state, plan)
+        frame_s = 0.01 * enc_cfg.subsampling_factor  # 10 ms feature hop
+        calibrate_emission(greedy, probe.float(), probe_len, tokens_per_s * frame_s)
     dstate = greedy.init_state(streams) if greedy else None
     times = []
     with torch.inference_mode():
@@ -200,6 +240,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--dtypes", default="float32,int8",
                    help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations)")
     p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
+    p.add_argument("--tokens-per-s", type=float, default=4.0,
+                   help="labels per second of audio the random-weight decoder is biased to emit, about "
+                        "the rate of English speech with a 1024-piece vocabulary; 0 leaves the random "
+                        "joint alone, which emits max_symbols (10) labels on every frame: the worst case")
     p.add_argument("--nemo", choices=("auto", "off"), default="auto",
                    help="auto: include NeMo when importable here or via --nemo-python")
     p.add_argument("--nemo-python", default=os.environ.get("STREAMER_NEMO_PYTHON"),
@@ -233,7 +277,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             for dt in args.dtypes.split(","):
                 emit(measure_streamer(ctx, n, args.steps, args.warmup, dt, with_decoder=False))
             if not args.no_decoder:
-                emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True))
+                emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True,
+                                     tokens_per_s=args.tokens_per_s))
             if use_nemo:
                 if nemo_importable():
                     emit(measure_nemo(ctx, n, args.steps, args.warmup))
