@@ -6,6 +6,7 @@
     python clients/ws_client.py --mic                          # the default microphone, until Ctrl-C
     python clients/ws_client.py talk.mp3 --json                # every server message, one JSON line each
     python clients/ws_client.py talk.wav --url ws://gpu-box:8765 --stream kitchen
+    STREAMER_TOKEN=... python clients/ws_client.py talk.wav --url wss://gpu-box:8765 --cafile cert.pem
 
 Files are decoded with soundfile (WAV, FLAC, MP3, Ogg) and the *samples* are sent, never the file's
 bytes (a WAV header sent as audio is a click and garbage text): pcm_f32le (``--s16``: pcm_s16le) at the
@@ -13,6 +14,10 @@ file's own rate and channel count, which ``start`` declares; the server resample
 Rates outside 8-48 kHz are resampled here first (soxr). The microphone is read at its native rate
 with sounddevice. On a terminal the partial is rewritten in place and finals scroll; otherwise only
 finals are printed. Ctrl-C sends ``stop``: the last final arrives before the program exits.
+
+A daemon with ``server.auth_tokens`` needs ``--token`` (or ``STREAMER_TOKEN``), sent as
+``Authorization: Bearer``; a refusal (HTTP 401) is one line on stderr and exit status 1. For a
+``wss://`` daemon with a self-signed certificate, ``--cafile`` names the certificate to trust.
 
 Needs websockets, numpy, soundfile (files), sounddevice (``--mic``), soxr (unusual rates), and
 ``streamer.protocol`` (standard library only, so torch is never imported).
@@ -25,12 +30,13 @@ import asyncio
 import os
 import shutil
 import signal
+import ssl
 import sys
 from collections.abc import AsyncGenerator
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+from websockets.exceptions import InvalidStatus, WebSocketException
 
 from streamer.protocol import (
     MAX_CHANNELS,
@@ -184,7 +190,10 @@ async def run(args: argparse.Namespace) -> int:
     show = Printer(args.json)
     start = Start(rate, "pcm_s16le" if args.s16 else "pcm_f32le", channels, args.stream)
     url = args.url.rstrip("/") + "/v1/listen"
-    async with connect(url, open_timeout=10, close_timeout=5, compression=None, max_size=2**22) as ws:
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
+    tls = {"ssl": ssl.create_default_context(cafile=args.cafile)} if args.cafile else {}  # else the system CAs
+    async with connect(url, open_timeout=10, close_timeout=5, compression=None, max_size=2**22,
+                       additional_headers=headers, **tls) as ws:
         await ws.send(start.to_json())
         async with asyncio.timeout(10):
             first = await ws.recv()
@@ -218,16 +227,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", action="store_true", help="send a file no faster than it plays")
     p.add_argument("--s16", action="store_true", help="send 16-bit integers (pcm_s16le) instead of float32")
     p.add_argument("--json", action="store_true", help="print every server message as it arrives, one per line")
+    p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
+                   help="access token for a daemon that needs one (default: $STREAMER_TOKEN, which unlike "
+                   "a command-line argument other users cannot see in ps)")
+    p.add_argument("--cafile", help="with a wss:// URL: trust this PEM certificate (e.g. the daemon's self-signed one)")
     args = p.parse_args(argv)
     if args.mic == bool(args.file):
         p.error("give an audio file or --mic")
     if args.file and not os.path.isfile(args.file):
         p.error(f"{args.file}: no such file")
+    if args.cafile and not args.url.startswith("wss://"):
+        p.error("--cafile needs a wss:// URL")
+    if args.cafile and not os.path.isfile(args.cafile):
+        p.error(f"--cafile {args.cafile}: no such file")
     try:
         return asyncio.run(run(args))
+    except InvalidStatus as exc:  # the server answered the upgrade with an HTTP error
+        print(f"ws_client: error: {refused(exc)}", file=sys.stderr)
+        return 1
+    except ssl.SSLCertVerificationError as exc:
+        print(f"ws_client: error: {exc.verify_message or exc}: the server's certificate is not trusted "
+              "(--cafile FILE trusts a self-signed one)", file=sys.stderr)
+        return 1
     except (OSError, TimeoutError, RuntimeError, WebSocketException) as exc:  # refused, unreadable file, no mic
         print(f"ws_client: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
+
+
+def refused(exc: InvalidStatus) -> str:
+    """One line for an HTTP refusal of the upgrade, with the server's reason and, for 401, what to do."""
+    status = exc.response.status_code
+    body = exc.response.body.decode("utf-8", "replace").strip().splitlines() if exc.response.body else []
+    reason = f": {body[0]}" if body else ""
+    if status == 401:
+        return f"the server refused the connection (HTTP 401{reason}); give its token with --token or STREAMER_TOKEN"
+    return f"the server refused the connection (HTTP {status}{reason})"
 
 
 if __name__ == "__main__":

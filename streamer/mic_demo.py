@@ -4,7 +4,9 @@ By default the recognizer runs in this process (the bundled default model, or ``
 :class:`~streamer.audio.mic.MicrophoneSource` through the daemon's own scheduler and segmenter, so the
 partials and finals are the ones ``streamer serve`` would send. With ``--url ws://HOST:PORT`` the
 microphone is streamed to a running daemon instead (this module then imports no torch), reconnecting
-with backoff when the daemon goes away.
+with backoff when the daemon goes away. ``--token`` (or ``STREAMER_TOKEN``) is sent as ``Authorization:
+Bearer`` to a daemon that needs one, ``--cafile`` trusts a self-signed ``wss://`` certificate; a
+refused token or an untrusted certificate ends the program with one line instead of retrying.
 
 On a terminal the open segment's partial is rewritten in place on one line (``\\r`` and clear to end
 of line; the part that may still change is dimmed) and finals scroll. When stdout is not a terminal
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -54,6 +58,7 @@ examples:
   streamer mic --list-devices                   what can be captured from
   streamer mic --device 2 --model path/to/model.nemo
   streamer mic --url ws://127.0.0.1:8765        recognize on a running daemon instead (no torch here)
+  streamer mic --url wss://box:8765 --token T --cafile cert.pem
 """
 
 
@@ -227,6 +232,25 @@ def listen_url(url: str) -> str:
     return base if base.endswith("/v1/listen") else base + "/v1/listen"
 
 
+def connect_options(url: str, token: str | None, cafile: str | None) -> dict[str, Any]:
+    """Keyword arguments for websockets' ``connect``: the token as a Bearer header, a CA for ``wss://``.
+
+    Raises:
+        ConfigError: ``cafile`` with a ``ws://`` URL, or a ``cafile`` that does not load.
+    """
+    options: dict[str, Any] = {}
+    if token:
+        options["additional_headers"] = {"Authorization": f"Bearer {token}"}
+    if cafile:
+        if not url.startswith("wss://"):
+            raise ConfigError(f"--cafile needs a wss:// URL, not {url}")
+        try:
+            options["ssl"] = ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--cafile {cafile}: cannot load it as a PEM certificate ({exc})") from exc
+    return options
+
+
 class Backlog:
     """Audio blocks not sent yet: at most ``size``; when full the oldest is dropped (and counted)."""
 
@@ -255,6 +279,7 @@ async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio
     from streamer.audio.mic import MicrophoneSource
 
     url = listen_url(args.url)
+    options = connect_options(url, args.token, args.cafile)
     check_microphone()
     backlog = Backlog(BACKLOG_BLOCKS)
     mic = MicrophoneSource(parse_device(args.device), lambda samples: backlog.put(samples.astype("<f4").tobytes()))
@@ -263,7 +288,7 @@ async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio
     attempt = 0
     try:
         while True:
-            result = await _session(url, args.stream, backlog, captions, stop, mic)
+            result = await _session(url, args.stream, backlog, captions, stop, mic, options)
             if result is not None:
                 return result
             delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**attempt) * random.uniform(0.5, 1.0)
@@ -280,14 +305,20 @@ async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio
 
 
 async def _session(
-    url: str, stream: str | None, backlog: Backlog, captions: Captions, stop: asyncio.Event, mic: Any
+    url: str, stream: str | None, backlog: Backlog, captions: Captions, stop: asyncio.Event, mic: Any,
+    options: dict[str, Any],
 ) -> int | None:
-    """One connection: start, audio until ``stop``, the last final. Returns None when it failed (retry)."""
+    """One connection: start, audio until ``stop``, the last final. Returns None when it failed (retry).
+
+    Raises:
+        ConfigError: the daemon refused the token (HTTP 401) or its certificate is not trusted: retrying
+            cannot help.
+    """
     from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
     try:
-        async with connect(url, open_timeout=RECV_TIMEOUT_S, close_timeout=2, compression=None) as ws:
+        async with connect(url, open_timeout=RECV_TIMEOUT_S, close_timeout=2, compression=None, **options) as ws:
             await ws.send(Start(MIC_RATE_HZ, "pcm_f32le", stream=stream).to_json())
             async with asyncio.timeout(RECV_TIMEOUT_S):
                 ready = parse_server_message(await ws.recv())
@@ -324,6 +355,17 @@ async def _session(
                     task.cancel()
     except InvalidURI as exc:
         raise ConfigError(f"--url: {exc}") from exc
+    except InvalidStatus as exc:
+        if exc.response.status_code != 401:
+            captions.status(f"{url} refused the connection (HTTP {exc.response.status_code})")
+            return None
+        lines = (exc.response.body or b"").decode("utf-8", "replace").strip().splitlines()
+        reason = lines[0][:200] if lines else "no reason given"
+        raise ConfigError(f"{url} refused the connection (HTTP 401: {reason}); give its token with --token "
+                          "or STREAMER_TOKEN") from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise ConfigError(f"{url}: the server's certificate is not trusted ({exc.verify_message or exc}); "
+                          "--cafile FILE trusts a self-signed one") from exc
     except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as exc:
         captions.status(f"connection to {url} failed or lost ({exc or type(exc).__name__})")
         return None
@@ -359,6 +401,10 @@ def add_mic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="capture device: an index or part of a name (default: the system's)")
     p.add_argument("--url", help="recognize on a running daemon, e.g. ws://127.0.0.1:8765, instead of here")
     p.add_argument("--stream", help="with --url: the stream name, so others can follow /v1/captions?stream=NAME")
+    p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
+                   help="with --url: access token for a daemon that needs one (default: $STREAMER_TOKEN, "
+                   "which unlike a command-line argument other users cannot see in ps)")
+    p.add_argument("--cafile", help="with a wss:// --url: trust this PEM certificate (e.g. a self-signed one)")
     p.add_argument("--model", help="model to load (default: the bundled one); a .nemo file, directory, name or id")
     p.add_argument("--torch-device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -391,7 +437,9 @@ def cmd_mic(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | N
     if args.list_devices:
         return print_devices(out)
     if args.url:
-        listen_url(args.url)  # a bad URL fails before the microphone opens
+        connect_options(listen_url(args.url), args.token, args.cafile)  # bad options fail before the microphone opens
+    elif args.cafile:
+        raise ConfigError("--cafile goes with --url wss://HOST:PORT")
     captions = Captions(out, err, as_json=args.json)
     return asyncio.run(_main(args, captions))
 

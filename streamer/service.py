@@ -99,13 +99,21 @@ class Daemon:
         return int(self.server.port)
 
     async def start(self) -> None:
-        """Load and warm up the model, build the parts, bind the port (not yet ready)."""
+        """Load and warm up the model, build the parts, bind the port (not yet ready).
+
+        Raises:
+            ConfigError: the token file or a TLS file does not load (checked before the model loads).
+        """
         from streamer.engine.scheduler import Scheduler, StepStats
+        from streamer.server.auth import TokenAuth
         from streamer.server.hub import Hub
         from streamer.server.metrics import Metrics
+        from streamer.server.tls import server_ssl_context
         from streamer.server.websocket import WebSocketServer
 
         settings = self.settings
+        auth = TokenAuth.from_settings(settings.server)
+        ssl_context = server_ssl_context(settings.server.tls_cert, settings.server.tls_key)
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
             self.recognizer = await asyncio.to_thread(_load_recognizer, settings)
@@ -126,13 +134,14 @@ class Daemon:
         await asyncio.to_thread(self.scheduler.warm_up)
         info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.plan.att_context_size),
                 "chunk_s": round(recognizer.chunk_seconds, 3)}
-        self.server = WebSocketServer(settings.server, self.scheduler, self.hub, metrics, self.endpoint, info)
+        self.server = WebSocketServer(settings.server, self.scheduler, self.hub, metrics, self.endpoint, info, auth,
+                                      ssl_context)
         await self.server.start()
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
         """Serve until ``stop`` is set, then shut down in order; returns the exit status (0, or 1 on a failure)."""
         settings, server, scheduler = self.settings, self.server, self.scheduler
-        address = f"http://{settings.server.host}:{server.port}"
+        address = server.url
         tasks: list[asyncio.Task[Any]] = []
         failures: list[Exception] = []
         try:
@@ -204,7 +213,7 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
     try:
         daemon = Daemon(settings)
         await daemon.start()
-        print(f"streamer: listening on http://{settings.server.host}:{daemon.port}", flush=True)
+        print(f"streamer: listening on {daemon.server.url}", flush=True)
         if port_file is not None:
             port_file.write_text(f"{daemon.port}\n")
         return await daemon.run(stop, source)

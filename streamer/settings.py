@@ -21,8 +21,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from streamer.errors import ConfigError
 
@@ -31,6 +37,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = Path("/etc/streamer/streamer.toml")
 ENV_PREFIX = "STREAMER_"
 MASK = "********"
+CLIENT_ENV = {"STREAMER_TOKEN"}  # read by the clients (ws_client.py, streamer mic), not a setting
 
 
 class _Section(BaseModel):
@@ -47,6 +54,15 @@ class ModelSettings(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: torch's choice")
 
 
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be an access token (it must fit an HTTP header), or None when it can."""
+    if not token:
+        return "is empty"
+    if not all("!" <= c <= "~" for c in token):
+        return "has a space, a control or a non-ASCII character (use letters, digits and -._~)"
+    return None
+
+
 class ServerSettings(_Section):
     """[server]: the WebSocket and HTTP port."""
 
@@ -61,6 +77,26 @@ class ServerSettings(_Section):
     ping_timeout_s: float = Field(20.0, gt=0)
     close_timeout_s: float = Field(5.0, gt=0)
     web_root: str | None = None
+    auth_tokens: list[SecretStr] = Field(default_factory=list, description="tokens for /v1/*, /metrics; none: open")
+    auth_token_file: str | None = Field(None, description="file with more tokens, one per line")
+    tls_cert: str | None = Field(None, description="PEM certificate (chain) for wss:// and https://")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert, unencrypted")
+
+    @field_validator("auth_tokens")
+    @classmethod
+    def _tokens_are_header_safe(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        for i, token in enumerate(tokens):
+            problem = token_problem(token.get_secret_value())
+            if problem:  # the message never repeats the token
+                raise ValueError(f"token {i + 1} {problem}")
+        return tokens
+
+    @model_validator(mode="after")
+    def _tls_needs_both_files(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert is not None else ("tls_key", "tls_cert")
+            raise ValueError(f"server.{given} is set but server.{missing} is not: TLS needs both PEM files")
+        return self
 
 
 class EngineSettings(_Section):
@@ -139,6 +175,7 @@ class Settings(BaseSettings):
 SECTIONS: dict[str, type[BaseModel]] = {
     name: info.annotation for name, info in Settings.model_fields.items()  # type: ignore[misc]
 }
+SECRET_KEYS = {"server": ("auth_tokens",), "mqtt": ("password",)}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -179,6 +216,8 @@ def _warn_unknown_env() -> None:
     for var in os.environ:
         if not var.startswith(ENV_PREFIX) or var.startswith(ENV_PREFIX + "TEST_"):
             continue
+        if var in CLIENT_ENV:
+            continue
         section = var[len(ENV_PREFIX):].lower().partition("__")[0]
         if section not in SECTIONS:
             close = difflib.get_close_matches(section, list(SECTIONS), n=1)
@@ -208,6 +247,9 @@ def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | 
     except ValidationError as exc:
         problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration{f' ({path})' if path else ''}: {problems}") from exc
+    except SettingsError as exc:  # a STREAMER_ variable that should hold JSON (a list, a pair) does not
+        raise ConfigError(f"{exc}: lists take JSON in the environment, e.g. "
+                          """STREAMER_SERVER__AUTH_TOKENS='["token1", "token2"]'""") from exc
     finally:
         CONFIG_FILE.reset(token)
 
@@ -219,6 +261,8 @@ def _describe(err: Any) -> str:
         known = SECTIONS[section].model_fields if section in SECTIONS else {}
         return (f"unknown key {where}{_did_you_mean(key, known, section + '.')} (from STREAMER_"
                 f"{section.upper()}__{key.upper()}?)")
+    if len(err["loc"]) < 2 or err["loc"][1] in SECRET_KEYS.get(str(err["loc"][0]), ()):
+        return f"{where}: {err['msg']}"  # the input is a whole section or a secret: never echo it
     return f"{where}: {err['msg']} (got {err.get('input')!r})"
 
 

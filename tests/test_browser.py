@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 
 from tests.test_daemon import daemon  # noqa: F401  (the fixture that starts `streamer serve`)
+from tests.test_server import Start, recognizer, start_daemon  # noqa: F401  (the in-process daemon)
 
 pytestmark = pytest.mark.slow
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
@@ -283,6 +284,38 @@ async def test_subtitles_text_size_and_contrast_from_the_keyboard(browser: Any, 
         await page.focus("#dl-vtt")
         await page.keyboard.press("Enter")
     assert Path(await (await download_info.value).path()).read_text() == vtt
+    assert not [line for line in wire.console if line.startswith("pageerror")], wire.console
+
+
+async def test_page_passes_its_token_on_and_says_when_it_is_refused(
+    start_daemon: Start, browser: Any  # noqa: F811
+) -> None:
+    """?token= goes on to the WebSocket (the share link hides it); a wrong or missing token says so and backs off."""
+    running = await start_daemon(server={"auth_tokens": ["page-token"]})
+    base = f"http://127.0.0.1:{running.port}"
+    speaker = await browser.new_page()
+    await speaker.goto(f"{base}/?name=desk&token=page-token")
+    link = speaker.locator("#share a")
+    assert await link.get_attribute("href") == f"{base}/?stream=desk&token=page-token"
+    assert "page-token" not in await link.inner_text()
+
+    viewer = await browser.new_page()
+    wire = Wire(viewer)
+    await viewer.goto(f"{base}/?stream=desk&token=page-token")
+    await wait_state(viewer, "connected", wire)
+    assert wire.sockets == [f"ws://127.0.0.1:{running.port}/v1/captions?stream=desk&token=page-token"]
+
+    for query, text in (("token=wrong", "refused (check the token); retrying in"),
+                        ("", "refused: this server needs ?token=… in the page address; retrying in")):
+        refused = await browser.new_page()
+        wire = Wire(refused)
+        await refused.goto(f"{base}/?stream=desk&{query}")
+        await wait_state(refused, "error", wire, seconds=10)
+        assert (await refused.locator("#conn").inner_text()).startswith(text)
+        await asyncio.sleep(2)
+        assert 1 <= len(wire.sockets) <= 4, wire.sockets  # 0.5, 1, 2 s ceilings: backing off, not hammering
+        await refused.close()
+    assert running.metrics.auth_failures_total.value("invalid") >= 2
     assert not [line for line in wire.console if line.startswith("pageerror")], wire.console
 
 

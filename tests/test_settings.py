@@ -152,6 +152,57 @@ def test_print_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert printed["server"]["port"] == 1234
 
 
+def test_print_masks_tokens_and_env_takes_them_as_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auth_tokens from the file or STREAMER_SERVER__AUTH_TOKENS (a JSON list) load; config --print masks each."""
+    config = tmp_path / "s.toml"
+    config.write_text('[server]\nauth_tokens = ["file-token-1"]\nauth_token_file = "/run/credentials/tokens"\n')
+    args = parser().parse_args(["config", "--print", "--config", str(config)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "file-token-1" not in out and 'auth_tokens = ["********"]' in out
+    assert tomllib.loads(out)["server"]["auth_token_file"] == "/run/credentials/tokens"
+    monkeypatch.setenv("STREAMER_SERVER__AUTH_TOKENS", '["env-token-a", "env-token-b"]')
+    s = load_settings(config)
+    assert [t.get_secret_value() for t in s.server.auth_tokens] == ["env-token-a", "env-token-b"]  # env wins
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "env-token" not in out and 'auth_tokens = ["********", "********"]' in out
+    monkeypatch.setenv("STREAMER_SERVER__AUTH_TOKENS", "env-token-a,env-token-b")
+    with pytest.raises(ConfigError, match=r"lists take JSON in the environment, e.g. STREAMER_SERVER__AUTH_TOKENS="):
+        load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('auth_tokens = ["good-token", ""]', "server.auth_tokens: Value error, token 2 is empty"),
+        ('auth_tokens = ["secret token"]', "server.auth_tokens: Value error, token 1 has a space"),
+        ('auth_tokens = ["secret-token"]\ntls_cert = "/etc/c.pem"', "server.tls_cert is set but server.tls_key is not"),
+        ('auth_tokens = ["secret-token"]\ntls_key = "/etc/k.pem"', "server.tls_key is set but server.tls_cert is not"),
+    ],
+)
+def test_bad_security_settings_name_the_key_never_the_token(tmp_path: Path, toml: str, message: str) -> None:
+    """A bad token or half a TLS setup is a ConfigError naming the key; the message never shows a token."""
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[server]\n{toml}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(config)
+    assert message in str(info.value)
+    assert "secret" not in str(info.value) and "good-token" not in str(info.value)
+
+
+def test_streamer_token_is_no_setting_and_no_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """STREAMER_TOKEN belongs to the clients: the daemon neither reads it nor warns about it."""
+    monkeypatch.setenv("STREAMER_TOKEN", "client-token")
+    with caplog.at_level(logging.WARNING, logger="streamer.settings"):
+        assert load_settings().server.auth_tokens == []
+    assert "STREAMER_TOKEN" not in caplog.text
+
+
 def test_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """config --check FILE says ok for a valid file and raises a ConfigError naming the key otherwise."""
     args = parser().parse_args(["config", "--check", str(DEFAULT_TOML)])

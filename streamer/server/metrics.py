@@ -123,6 +123,11 @@ class Metrics:
         self.mqtt_outbox_depth = Gauge("streamer_mqtt_outbox_depth", "Finals waiting for the MQTT broker.")
         self.mqtt_connected = Gauge("streamer_mqtt_connected", "1 while connected to the MQTT broker.")
         self.ready = Gauge("streamer_ready", "1 once the model is warm and the daemon accepts audio.")
+        self.auth_failures_total = Counter(
+            "streamer_auth_failures_total", "Requests refused with HTTP 401: token missing or invalid.", "reason"
+        )
+        for reason in ("missing", "invalid"):  # both series exist from the start, for rate() alerts
+            self.auth_failures_total.inc(0.0, label_value=reason)
         self._rtf_busy_s = 0.0
         self._rtf_audio_s = 0.0
 

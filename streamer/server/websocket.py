@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 import uuid
 from http import HTTPStatus
 from pathlib import Path
@@ -39,6 +40,7 @@ from streamer.protocol import (
 from streamer.protocol import (
     Warning as WarningMessage,
 )
+from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.hub import Hub, Outbox
 from streamer.server.metrics import CONTENT_TYPE, Metrics
 
@@ -227,6 +229,8 @@ class WebSocketServer:
         metrics: the metrics registry.
         endpoint: default endpointing rules.
         model_info: ``model``, ``att_context_size``, ``chunk_s`` for ``ready`` messages.
+        auth: the accepted tokens; None lets every request in.
+        ssl_context: TLS for ``wss://`` and ``https://``; None serves plain ``ws://`` and ``http://``.
     """
 
     def __init__(
@@ -237,9 +241,13 @@ class WebSocketServer:
         metrics: Metrics,
         endpoint: EndpointConfig,
         model_info: dict[str, Any],
+        auth: TokenAuth | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings, self.scheduler, self.hub, self.metrics = settings, scheduler, hub, metrics
         self.endpoint, self.model_info = endpoint, model_info
+        self.auth = auth or TokenAuth()
+        self.ssl_context = ssl_context
         self.sessions: set[ListenSession] = set()
         self.is_ready = False  # /readyz: model warm, sockets bound, not shutting down
         self._server: Server | None = None
@@ -250,14 +258,26 @@ class WebSocketServer:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT``, or ``https://`` with TLS (WebSocket clients use ``ws://``/``wss://``)."""
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
+
     async def start(self) -> None:
         """Bind the socket (port 0: a free one, see :attr:`port`)."""
         s = self.settings
         self._server = await serve(
             self._handle, s.host, s.port, process_request=self._process_request, max_size=s.max_frame_bytes,
             compression=None, ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
-            close_timeout=s.close_timeout_s,
+            close_timeout=s.close_timeout_s, ssl=self.ssl_context,
         )
+        if self.auth.is_enabled:
+            logger.info("access needs one of %d token(s) on /v1/listen, /v1/captions and /metrics",
+                        self.auth.token_count)
+        for warning in exposure_warnings(s.host, self.auth, self.ssl_context is not None):
+            logger.warning("%s", warning)
 
     async def shutdown(self) -> None:
         """Stop accepting; flush every session's segment to every sink, send ``end``, close with 1001."""
@@ -290,6 +310,9 @@ class WebSocketServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        refusal = self.auth.check(request)
+        if refusal is not None:
+            return self._unauthorized(connection, path, refusal)
         if path in ("/v1/listen", "/v1/captions"):
             return None  # the WebSocket handshake goes on
         if request.method not in ("GET", "HEAD"):
@@ -310,6 +333,21 @@ class WebSocketServer:
             page = index.read_text(encoding="utf-8") if index.is_file() else PLACEHOLDER_PAGE
             return _with_type(connection.respond(HTTPStatus.OK, page), "text/html; charset=utf-8")
         return connection.respond(HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
+
+    def _unauthorized(self, connection: ServerConnection, path: str, refusal: Refusal) -> Response:
+        """HTTP 401 before any upgrade; logged with the peer's address, never with what it sent."""
+        self.metrics.auth_failures_total.inc(label_value=refusal.value)
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        logger.warning("refused %s from %s: %s token", path, peer, refusal.value)
+        if refusal is Refusal.MISSING:
+            body = "missing token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL\n"
+            challenge = 'Bearer realm="streamer"'
+        else:
+            body = "invalid token\n"
+            challenge = 'Bearer realm="streamer", error="invalid_token"'
+        response = connection.respond(HTTPStatus.UNAUTHORIZED, body)
+        response.headers["WWW-Authenticate"] = challenge
+        return response
 
     # ------------------------------------------------------------------ WebSocket
 
