@@ -149,6 +149,18 @@ async def test_bearer_header_and_query_token_are_let_in(start_daemon: Start, pcm
     assert daemon.metrics.auth_failures_total.value("missing") == 0
 
 
+async def test_debug_logging_never_shows_a_token(start_daemon: Start, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """--log-level debug must not write tokens (websockets logs request lines and headers at DEBUG)."""
+    caplog.set_level(logging.DEBUG)
+    daemon = await start_daemon(server={"auth_tokens": [TOKEN]})
+    async with connect(ws_url(daemon, f"/v1/captions?stream=room&token={TOKEN}")):
+        pass
+    async with connect(ws_url(daemon, "/v1/listen"), additional_headers=bearer(TOKEN)) as ws:
+        await ws.send(json.dumps({"type": "keepalive"}))
+    assert "/v1/captions" in caplog.text or "captions" in caplog.text.lower()
+    assert TOKEN not in caplog.text
+
+
 async def test_tokens_from_the_file_and_the_setting_are_both_accepted(start_daemon: Start, tmp_path: Path) -> None:  # noqa: F811
     """auth_token_file (blank lines, comments, spaces around) adds to auth_tokens; a comment is no token."""
     tokens = tmp_path / "tokens"

@@ -268,6 +268,10 @@ class WebSocketServer:
     async def start(self) -> None:
         """Bind the socket (port 0: a free one, see :attr:`port`)."""
         s = self.settings
+        if self.auth.is_enabled and logging.getLogger("websockets").getEffectiveLevel() < logging.INFO:
+            # At DEBUG websockets logs every request line and header (tokens) and every frame.
+            logging.getLogger("websockets").setLevel(logging.INFO)
+            logger.debug("websockets' own debug log stays off while tokens are in use (it shows them)")
         self._server = await serve(
             self._handle, s.host, s.port, process_request=self._process_request, max_size=s.max_frame_bytes,
             compression=None, ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
