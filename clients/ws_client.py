@@ -15,6 +15,13 @@ Rates outside 8-48 kHz are resampled here first (soxr). The microphone is read a
 with sounddevice. On a terminal the partial is rewritten in place and finals scroll; otherwise only
 finals are printed. Ctrl-C sends ``stop``: the last final arrives before the program exits.
 
+Live sources (``--mic``, ``--realtime``) survive a dropped connection: the client keeps the last
+``RESUME_BUFFER_S`` of audio, reconnects with backoff and resumes the session with the token from
+``ready`` (protocol: "Resuming a session" in ``streamer/protocol.py``), re-sending the audio from where
+the server's ``audio_s`` says it got to; the finals it missed arrive then, once each. If the session
+cannot be resumed (its window passed), it goes on in a new session. It gives up after ``GIVE_UP_S``
+without a connection.
+
 A daemon with ``server.auth_tokens`` needs ``--token`` (or ``STREAMER_TOKEN``), sent as
 ``Authorization: Bearer``; a refusal (HTTP 401) is one line on stderr and exit status 1. For a
 ``wss://`` daemon with a self-signed certificate, ``--cafile`` names the certificate to trust.
@@ -27,16 +34,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
 import ssl
 import sys
+from collections import deque
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from streamer.protocol import (
     MAX_CHANNELS,
@@ -47,6 +57,7 @@ from streamer.protocol import (
     Final,
     Partial,
     Ready,
+    Resume,
     Start,
     Stop,
     Warning,
@@ -54,6 +65,9 @@ from streamer.protocol import (
 )
 
 FRAME_S = 0.1  # audio per binary frame
+RESUME_BUFFER_S = 30.0  # live audio kept to re-send after a reconnect (the server says where it got to)
+BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # waits before reconnect attempts; the last one repeats
+GIVE_UP_S = 60.0  # a live source stops trying after this long without a connection
 CLEAR_LINE = "\r\x1b[K"
 
 
@@ -166,6 +180,160 @@ async def send_audio(
     await ws.send(Stop().to_json())
 
 
+class AudioBuffer:
+    """The session's most recent audio (whole frames), to re-send what a dropped connection lost.
+
+    Positions count sample frames since the session began. Bounded: beyond ``max_frames`` the oldest goes.
+    """
+
+    def __init__(self, frame_bytes: int, max_frames: int) -> None:
+        self.frame_bytes, self.max_frames = frame_bytes, max_frames
+        self._blocks: deque[tuple[int, bytes]] = deque()  # (position of its first frame, payload)
+        self.start = 0  # position of the oldest frame kept
+        self.end = 0  # position after the newest frame
+
+    def add(self, payload: bytes) -> None:
+        self._blocks.append((self.end, payload))
+        self.end += len(payload) // self.frame_bytes
+        while self.end - self._blocks[0][0] - len(self._blocks[0][1]) // self.frame_bytes >= self.max_frames:
+            self._blocks.popleft()
+        self.start = self._blocks[0][0]
+
+    def since(self, position: int) -> list[bytes]:
+        """The audio from ``position`` on (from the oldest kept frame, if that is later), as frames to send."""
+        out = []
+        for first, payload in self._blocks:
+            skip = max(0, position - first) * self.frame_bytes
+            if skip < len(payload):
+                out.append(payload[skip:])
+        return out
+
+
+class LiveSession:
+    """Streams a live source to ``/v1/listen`` and carries its session across dropped connections.
+
+    Args:
+        start: the ``start`` message (without ``resume``).
+        blocks: the source's audio.
+        s16: send pcm_s16le rather than pcm_f32le.
+        stop: set to end the stream (Ctrl-C): what was captured is sent, then ``stop``.
+        show: prints each server message.
+        connect_kwargs: for ``websockets.connect`` (headers, TLS).
+        source: what is streamed, for the first status line.
+    """
+
+    def __init__(self, start: Start, blocks: AsyncGenerator[np.ndarray, None], s16: bool, stop: asyncio.Event,
+                 show: Printer, connect_kwargs: dict[str, Any], source: str) -> None:
+        self.start, self.blocks, self.s16, self.stop, self.show = start, blocks, s16, stop, show
+        self.connect_kwargs, self.source = connect_kwargs, source
+        self.audio = AudioBuffer(start.frame_bytes, round(RESUME_BUFFER_S * start.sample_rate))
+        self.captured = asyncio.Event()  # new audio in the buffer, or the source ended
+        self.is_source_done = False
+        self.ready: Ready | None = None  # the latest ready (its session and resume token)
+        self.next_segment = 0  # finals received so far = the first segment whose final is missing
+        self.sent = 0  # position up to which audio was written to the current connection
+        self.session_began = 0  # position where the server's current session began (after a failed resume)
+        self._attempt = 0  # reconnect attempts since the last ready
+        self._lost_at: float | None = None  # loop time of the first failure since the last ready
+
+    async def run(self, url: str) -> int:
+        producer = asyncio.create_task(self._capture())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    async with connect(url, **self.connect_kwargs) as ws:
+                        outcome = await self._converse(url, ws)
+                        if outcome is not None:
+                            return outcome
+                        why = f"closed with {ws.close_code} before 'end'"
+                except (ConnectionClosed, OSError, TimeoutError) as exc:
+                    if self.ready is None:
+                        raise  # never had a session: say so rather than retry
+                    why = str(exc) or type(exc).__name__
+                self._lost_at = self._lost_at or loop.time()
+                if loop.time() - self._lost_at > GIVE_UP_S:
+                    print(f"ws_client: no session for {GIVE_UP_S:g} s; giving up", file=sys.stderr, flush=True)
+                    return 1
+                delay = BACKOFF_S[min(self._attempt, len(BACKOFF_S) - 1)]
+                self._attempt += 1
+                print(f"ws_client: connection lost ({why}); reconnecting in {delay:g} s", file=sys.stderr, flush=True)
+                await asyncio.sleep(delay)
+        finally:
+            producer.cancel()
+
+    async def _capture(self) -> None:
+        """Read the source into the buffer, connected or not (a microphone must be drained)."""
+        try:
+            async for block in self.blocks:
+                if self.stop.is_set():
+                    break
+                self.audio.add(encode(block, self.s16))
+                self.captured.set()
+        finally:
+            await self.blocks.aclose()  # closes the microphone
+            self.is_source_done = True
+            self.captured.set()
+
+    async def _converse(self, url: str, ws: ClientConnection) -> int | None:
+        """One connection: ``start`` (resuming the session if there is one), send, print. Returns the exit status
+        once the session is over, or None when the connection closed before ``end`` (then reconnect)."""
+        previous = self.ready
+        resume = None
+        if previous is not None and previous.resume_token:
+            resume = Resume(previous.session, previous.resume_token, self.next_segment)
+        await ws.send(dataclasses.replace(self.start, resume=resume).to_json())
+        while True:
+            async with asyncio.timeout(10):
+                raw = await ws.recv()
+            msg = parse_server_message(raw)
+            self.show(raw)
+            if isinstance(msg, Ready):
+                break
+            if not isinstance(msg, Error) or msg.code != "resume_failed":
+                return 1  # the start was refused (bad format, stream name in use, server busy)
+        self.ready, self._attempt, self._lost_at = msg, 0, None
+        if msg.resumed:
+            position = round((msg.audio_s or 0.0) * self.start.sample_rate) + self.session_began
+            print(f"ws_client: resumed session {msg.session} at {msg.audio_s or 0:.3f} s", file=sys.stderr, flush=True)
+        else:
+            position = self.sent  # a new session: it gets what the last one did not
+            self.session_began, self.next_segment = position, 0
+            if previous is None:
+                print(f"ws_client: streaming the {self.source} to {url} as stream {msg.stream}", file=sys.stderr,
+                      flush=True)
+        if position < self.audio.start:
+            print(f"ws_client: {(self.audio.start - position) / self.start.sample_rate:.2f} s of audio were no "
+                  "longer buffered and are lost", file=sys.stderr, flush=True)
+        sender = asyncio.create_task(self._send(ws, max(position, self.audio.start)))
+        try:
+            async for raw in ws:
+                self.show(raw)
+                msg = parse_server_message(raw)
+                if isinstance(msg, Final):
+                    self.next_segment = max(self.next_segment, msg.segment + 1)
+                elif isinstance(msg, End):
+                    check_accounting(msg, (self.audio.end - self.session_began) / self.start.sample_rate)
+                    return 0
+        finally:
+            sender.cancel()
+        return None  # closed cleanly but without "end" (e.g. as a slow consumer): reconnect
+
+    async def _send(self, ws: ClientConnection, position: int) -> None:
+        """Send the buffered audio from ``position`` on, then live audio; ``stop`` once the source has ended."""
+        self.sent = position
+        while True:
+            self.captured.clear()
+            for payload in self.audio.since(self.sent):
+                await ws.send(payload)
+                self.sent += len(payload) // self.audio.frame_bytes
+            if self.is_source_done and self.sent == self.audio.end:
+                await ws.send(Stop().to_json())
+                return
+            if self.sent == self.audio.end:
+                await self.captured.wait()
+
+
 def check_accounting(end: End, sent_s: float) -> None:
     """Say so on stderr when the server received other audio than was sent, or dropped some."""
     if end.audio_s is not None and abs(end.audio_s - sent_s) > 0.002:
@@ -192,8 +360,12 @@ async def run(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/") + "/v1/listen"
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     tls = {"ssl": ssl.create_default_context(cafile=args.cafile)} if args.cafile else {}  # else the system CAs
-    async with connect(url, open_timeout=10, close_timeout=5, compression=None, max_size=2**22,
-                       additional_headers=headers, **tls) as ws:
+    options = {"open_timeout": 10, "close_timeout": 5, "compression": None, "max_size": 2**22,
+               "additional_headers": headers, **tls}
+    source = f"microphone at {rate} Hz" if args.mic else f"{args.file} ({rate} Hz, {channels} channel(s))"
+    if args.mic or args.realtime:  # live: a dropped connection is resumed
+        return await LiveSession(start, blocks, args.s16, stop, show, options, source).run(url)
+    async with connect(url, **options) as ws:
         await ws.send(start.to_json())
         async with asyncio.timeout(10):
             first = await ws.recv()
@@ -201,7 +373,6 @@ async def run(args: argparse.Namespace) -> int:
         ready = parse_server_message(first)
         if not isinstance(ready, Ready):
             return 1  # the start was refused (bad format, stream name in use, server busy)
-        source = f"microphone at {rate} Hz" if args.mic else f"{args.file} ({rate} Hz, {channels} channel(s))"
         print(f"ws_client: streaming the {source} to {url} as stream {ready.stream}", file=sys.stderr, flush=True)
         sent = [0]
         sender = asyncio.create_task(send_audio(ws, blocks, args.s16, stop, sent))

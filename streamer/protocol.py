@@ -17,9 +17,12 @@ Session on ``/v1/listen``
    for ``/v1/captions`` and MQTT topics (letters, digits, ``_ . -``, at most 64; default: the session
    id); two live sessions cannot share a name. ``interim_results: false`` turns partials off for this
    client only. ``endpointing`` overrides the server's rules for this session (see
-   ``streamer.engine.endpoint``). Unknown fields are errors.
+   ``streamer.engine.endpoint``). ``resume`` continues a session whose connection dropped (see
+   "Resuming a session"). Unknown fields are errors.
 2. The server answers :class:`Ready` (session id, stream, model, protocol version, att_context_size,
-   sample rate, the step period ``chunk_s`` and the effective endpointing rules).
+   sample rate, the step period ``chunk_s`` and the effective endpointing rules; when the server keeps
+   sessions across reconnects, also ``resume_token``, ``resume_window_s``, ``resumed`` and ``audio_s``:
+   see "Resuming a session" below).
 3. The client sends binary frames of audio in the declared encoding, of any length that holds whole
    frames (a multiple of ``channels * bytes per sample``). Text messages in between: :class:`Finalize`
    (end the current segment now, keep listening), :class:`KeepAlive` (resets the idle timer),
@@ -33,6 +36,51 @@ Session on ``/v1/listen``
 Times (``start``, ``end``, word times) are seconds on the stream's own clock: from its first sample,
 counting audio the server dropped and not counting silence it padded in to flush a segment.
 
+Resuming a session
+==================
+
+When ``server.resume_window_s`` is above 0 (default 10 s), every ``ready`` carries ``resume_token``
+(a secret for this session, new in every ``ready``: a token resumes once), ``resume_window_s``,
+``resumed`` (false for a new session) and ``audio_s`` (0 for a new session).
+
+If the connection breaks without ``stop`` (no close frame from the client: a network drop, a laptop
+that roams or sleeps, a server-side keepalive timeout), the server keeps the session for
+``resume_window_s``: its recognizer state, open segment, stream name and the results its client may
+have missed. Its partials and finals keep going to ``/v1/captions`` subscribers and MQTT meanwhile
+(a final made while the client is away goes out to them at once and is kept for the client). A client
+that closes the WebSocket itself (any close frame) without ``stop`` has hung up: its session ends at
+once, as does one closed by the server for a policy reason (slow consumer, frame too large).
+
+To resume, a new connection sends ``start`` with the same ``sample_rate``, ``encoding`` and
+``channels`` (``stream`` and ``endpointing`` may be left out; if given they must match) and::
+
+    "resume": {"session": "<session from ready>", "token": "<resume_token from the latest ready>",
+               "next_segment": 3}
+
+``next_segment`` is the number of the first segment whose final the client has not received (the
+count of finals it has, since finals are numbered from 0; default 0: every final the server kept).
+The server answers ``ready`` with ``resumed: true``, the same ``session`` and ``stream``, a new
+``resume_token`` and ``audio_s``: the seconds of audio it received in the session so far, exact
+(``audio_s * sample_rate``, rounded, is the number of sample frames). The client re-sends its audio
+from that point on (clients keep a bounded buffer of recent audio for this) and then continues live.
+After ``ready`` come, in order, the finals from ``next_segment`` on (those sent on the broken
+connection, which may not have arrived, and those made while away), warnings made while away, the
+open segment's latest partial, then live results. A session whose old connection the server still
+believes open (it has not noticed the drop yet) is taken over: that connection is dropped.
+
+If the session cannot be resumed, the server sends error ``resume_failed`` saying why (no such
+session, or it ended or its window expired; a wrong token; a token used already; a format, stream
+or endpointing that differs from the session's; a server with resume off) and then treats the
+``start`` as a new session without ``resume`` (which gets its own ``ready``, or its own error such as
+``stream_in_use`` while the old session is still held). A mismatched ``start`` leaves the held session
+alone. When the window passes without a resume, the session ends as a disconnect always did: its
+open segment is flushed as a final with reason ``disconnect`` to the other sinks. A held session
+counts against ``server.max_sessions`` until it ends; when only held sessions fill the cap, a new
+connection is let in but may only resume one of them (a new session gets ``server_busy``, close
+1013). At shutdown held sessions are flushed like any other. A resume is a ``/v1/listen`` request like
+any other and needs the daemon's access token when it has tokens; the resume token is a second
+secret, bound to its session, and is never logged.
+
 Errors and limits
 =================
 
@@ -45,14 +93,18 @@ and the session goes on (the client may, for example, send a corrected ``start``
 - ``already_started``: a second ``start``;
 - ``unsupported_audio``: sample rate, encoding or channel count out of range;
 - ``bad_audio``: a frame that does not hold whole sample frames, or NaN/infinite floats;
-- ``stream_in_use``: another live source already sends that stream name;
+- ``stream_in_use``: another live source (or a session held for a resume) already sends that stream name;
+- ``resume_failed``: the ``start`` could not resume the session it names (see above); a new session
+  is started instead;
 - ``server_busy``: the session cap is reached (then closed with 1013);
 - ``not_ready``: the server is starting or stopping (then closed with 1013);
 - ``idle_timeout``: nothing received for ``server.idle_timeout_s`` (the open segment is flushed,
   ``end`` sent, then closed with 1008).
 
 A :class:`Warning` discards nothing the client sent: ``audio_dropped`` (the server fell behind and
-dropped ``seconds`` of the oldest audio), ``empty_frame`` (an empty binary frame was ignored).
+dropped ``seconds`` of the oldest audio), ``empty_frame`` (an empty binary frame was ignored),
+``results_lost`` (a resumed session could not replay every final from ``next_segment`` on: the server
+keeps the last ``server.max_pending_messages``).
 
 Close codes: 1000 after ``end``; 1001 when the server shuts down (every open segment is flushed and
 ``end`` sent first); 1008 idle timeout or a client too slow to read its results; 1009 a frame larger
@@ -108,8 +160,18 @@ class MessageError(ProtocolError):
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """In ``start``: continue session ``session`` (``token`` from its latest ``ready``); the client has the
+    finals of the segments before ``next_segment``."""
+
+    session: str
+    token: str
+    next_segment: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Start:
-    """Opens a session: the audio format and the session's options."""
+    """Opens a session (or resumes one, with ``resume``): the audio format and the session's options."""
 
     sample_rate: int
     encoding: str
@@ -118,6 +180,7 @@ class Start:
     interim_results: bool = True
     endpointing: dict[str, float] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
+    resume: Resume | None = None
     type: ClassVar[str] = "start"
 
     @property
@@ -166,7 +229,13 @@ ClientMessage = Start | Finalize | Stop | KeepAlive
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The session is open; audio may follow."""
+    """The session is open (or resumed); audio may follow.
+
+    The resume fields are None (left out on the wire) when the server does not keep sessions:
+    ``resume_token`` resumes this session once, within ``resume_window_s`` of a dropped connection;
+    ``resumed`` is true when this ``start`` resumed one; ``audio_s`` is the audio received in the session
+    so far (exact; re-send from there).
+    """
 
     session: str
     stream: str
@@ -176,6 +245,10 @@ class Ready:
     chunk_s: float
     endpointing: dict[str, float]
     protocol_version: int = PROTOCOL_VERSION
+    resume_token: str | None = None
+    resume_window_s: float | None = None
+    resumed: bool | None = None
+    audio_s: float | None = None
     type: ClassVar[str] = "ready"
 
     def to_json(self) -> str:
@@ -371,7 +444,7 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
 
 
 def _parse_start(obj: dict[str, Any]) -> Start:
-    allowed = {"sample_rate", "encoding", "channels", "stream", "interim_results", "endpointing", "version"}
+    allowed = {"sample_rate", "encoding", "channels", "stream", "interim_results", "endpointing", "version", "resume"}
     _no_extra(obj, allowed, "start")
     version = _int(obj, "version", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
@@ -402,7 +475,22 @@ def _parse_start(obj: dict[str, Any]) -> Start:
     interim = obj.get("interim_results", True)
     if not isinstance(interim, bool):
         raise MessageError("bad_message", f"'interim_results' must be true or false, got {interim!r}")
-    return Start(rate, encoding, channels, stream, interim, _parse_endpointing(obj.get("endpointing", {})), version)
+    resume = _parse_resume(obj["resume"]) if obj.get("resume") is not None else None
+    endpointing = _parse_endpointing(obj.get("endpointing", {}))
+    return Start(rate, encoding, channels, stream, interim, endpointing, version, resume)
+
+
+def _parse_resume(value: Any) -> Resume:
+    if not isinstance(value, dict):
+        raise MessageError("bad_message", f"'resume' must be an object, got {value!r}")
+    _no_extra(value, {"session", "token", "next_segment"}, "resume")
+    for key in ("session", "token"):
+        if not isinstance(value.get(key), str) or not value[key]:
+            raise MessageError("bad_message", f"'resume' needs {key!r}, a string from the session's 'ready'")
+    next_segment = value.get("next_segment", 0)
+    if isinstance(next_segment, bool) or not isinstance(next_segment, int) or next_segment < 0:
+        raise MessageError("bad_message", f"'resume.next_segment' must be an integer >= 0, got {next_segment!r}")
+    return Resume(value["session"], value["token"], next_segment)
 
 
 def _parse_endpointing(value: Any) -> dict[str, float]:

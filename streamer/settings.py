@@ -76,6 +76,9 @@ class ServerSettings(_Section):
     ping_interval_s: float = Field(20.0, gt=0)
     ping_timeout_s: float = Field(20.0, gt=0)
     close_timeout_s: float = Field(5.0, gt=0)
+    resume_window_s: float = Field(
+        10.0, ge=0, le=3600, description="how long a /v1/listen session outlives a dropped connection; 0: not at all"
+    )
     web_root: str | None = None
     auth_tokens: list[SecretStr] = Field(default_factory=list, description="tokens for /v1/*, /metrics; none: open")
     auth_token_file: str | None = Field(None, description="file with more tokens, one per line")

@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+from websockets.asyncio.client import connect
 
 from tests.test_daemon import daemon  # noqa: F401  (the fixture that starts `streamer serve`)
+from tests.test_resume import collect
 from tests.test_server import Start, recognizer, start_daemon  # noqa: F401  (the in-process daemon)
 
 pytestmark = pytest.mark.slow
@@ -193,6 +195,62 @@ async def test_page_reconnects_after_the_daemon_restarts(daemon: Any, browser: A
     await wait_state(page, "stopped", wire)
     code, stderr = await second.stop()
     assert code == 0, stderr
+
+
+async def test_page_resumes_its_session_after_the_connection_drops(
+    start_daemon: Start, browser: Any  # noqa: F811
+) -> None:
+    """The speaker's connection is cut mid-segment (a relay drops it, no close frame): the page reconnects, resumes
+    the same session, shows "resumed", re-sends what the server missed; every final arrives once, the open
+    segment's too, the same ones a viewer sees, and the server's end counts every sample the page captured."""
+    from tests.test_resume import Proxy
+
+    running = await start_daemon(endpointing={"max_segment_s": 2.0})
+    captions = f"ws://127.0.0.1:{running.port}/v1/captions?stream={STREAM}"
+    async with Proxy(running.port) as proxy, connect(captions) as viewer:
+        seen: list[dict[str, Any]] = []
+        watching = asyncio.create_task(collect(viewer, seen))
+        page = await browser.new_page()
+        wire = Wire(page)
+        await page.add_init_script(CONN_LOG)
+        await page.goto(f"http://127.0.0.1:{running.port}/?name={STREAM}&server=ws://127.0.0.1:{proxy.port}")
+        await page.get_by_role("button", name="Start microphone").click()
+        await wait_state(page, "connected", wire)
+        await page.wait_for_function("document.querySelector('#partial').textContent && "
+                                     "document.querySelectorAll('#captions .final').length >= 1",
+                                     timeout=30_000 * TIMEOUT)
+        finals_before = len(wire.finals())
+        await proxy.outage(0.5)  # mid-segment (a partial is showing): audio sent meanwhile is lost, then the cut
+        assert proxy.lost_bytes > 10000
+        async with asyncio.timeout(20 * TIMEOUT):
+            while not any(t.startswith("resumed") for t in await page.evaluate("window.connLog")):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(4)  # the rest of the fake microphone's speech
+        await page.get_by_role("button", name="Stop").click()
+        await wait_state(page, "stopped", wire)
+        await asyncio.sleep(0.3)  # the viewer's last final
+        watching.cancel()
+        shown = await page_finals(page)
+        notice = await page.locator("#notice").inner_text()
+        health = await page.evaluate("speaker.health")
+        captured = await page.evaluate("speaker.captured")
+    starts = [m for m in wire.sent_text if m["type"] == "start"]
+    readies = [m for m in wire.received if m["type"] == "ready"]
+    assert proxy.connections == 2 and [r["resumed"] for r in readies] == [False, True], wire.sent_text
+    on_first = wire.received[: next(i for i, m in enumerate(wire.received) if m.get("resumed"))]
+    assert starts[1]["resume"] == {"session": readies[0]["session"], "token": readies[0]["resume_token"],
+                                   "next_segment": len([m for m in on_first if m["type"] == "final"])}
+    assert starts[1]["resume"]["next_segment"] >= finals_before
+    finals = [m for m in wire.received if m["type"] == "final"]
+    assert [f["segment"] for f in finals] == list(range(len(finals))) and len(finals) > finals_before
+    assert "disconnect" not in [f["reason"] for f in finals] and finals[-1]["reason"] == "stop"
+    assert [f for f in seen if f["type"] == "final"] == finals  # the viewer saw each final once, the same
+    assert shown == wire.finals()
+    end = wire.received[-1]
+    assert end["type"] == "end" and end["segments"] == len(finals)
+    assert end["audio_s"] == pytest.approx(captured / starts[0]["sample_rate"], abs=0.002) and end["dropped_s"] == 0
+    assert health == {"serverShortS": 0, "serverDroppedS": 0} and not notice, notice
+    assert not [line for line in wire.console if line.startswith("pageerror")], wire.console
 
 
 async def test_page_says_when_the_server_received_less_audio_than_it_sent(browser: Any) -> None:

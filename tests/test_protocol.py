@@ -19,6 +19,7 @@ from streamer.protocol import (
     MessageError,
     Partial,
     Ready,
+    Resume,
     Start,
     Stop,
     Warning,
@@ -42,6 +43,25 @@ def test_start_with_everything_round_trips() -> None:
     start = Start(44100, "pcm_f32le", 2, "kitchen", False, {"max_segment_s": 7.5})
     assert parse_client_message(start.to_json()) == start
     assert start.frame_bytes == 8
+
+
+def test_start_with_resume_round_trips_and_checks_its_fields() -> None:
+    """A resuming start carries session, token and next_segment; a malformed resume is refused, naming the field."""
+    start = Start(48000, "pcm_s16le", resume=Resume("abc123", "t0k", 3))
+    assert json.loads(start.to_json())["resume"] == {"session": "abc123", "token": "t0k", "next_segment": 3}
+    assert parse_client_message(start.to_json()) == start
+    assert "resume" not in json.loads(Start(48000, "pcm_s16le").to_json())  # an old client's start is unchanged
+    base = '{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "resume": '
+    for resume, fragment in (("1", "'resume' must be an object"), ('{"session": "a"}', "'resume' needs 'token'"),
+                             ('{"session": "a", "token": "b", "next_segment": -1}', "must be an integer >= 0"),
+                             ('{"session": "a", "token": "b", "seq": 1}', "unknown field 'seq' in 'resume'")):
+        with pytest.raises(MessageError) as info:
+            parse_client_message(base + resume + "}")
+        assert info.value.code == "bad_message" and fragment in str(info.value)
+    ready = Ready("s", "k", "m", (70, 1), 16000, 0.16, {}, resume_token="t", resume_window_s=10.0, resumed=True,
+                  audio_s=1.5)
+    assert parse_server_message(ready.to_json()) == ready
+    assert "resume_token" not in json.loads(Ready("s", "k", "m", (70, 1), 16000, 0.16, {}).to_json())
 
 
 @pytest.mark.parametrize("cls", [Finalize, Stop, KeepAlive])

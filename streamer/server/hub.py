@@ -31,6 +31,13 @@ class EventSink(Protocol):
     def offer(self, event: dict[str, Any]) -> None: ...
 
 
+class MessageSink(Protocol):
+    """Where a stream's messages for its source client go: an :class:`Outbox`, or a session's
+    ``streamer.server.resume.ResultLog``, which keeps them across a reconnect."""
+
+    def offer(self, msg: ServerMessage) -> None: ...
+
+
 class Outbox:
     """Messages to one WebSocket client; see the module docstring.
 
@@ -148,15 +155,15 @@ class Hub:
     def __init__(self, mqtt: EventSink | None = None, on_event: Callable[[ServerMessage], None] | None = None) -> None:
         self.mqtt = mqtt
         self._on_event = on_event
-        self._sources: dict[str, Outbox] = {}
+        self._sources: dict[str, MessageSink] = {}
         self._subscribers: dict[str, set[Outbox]] = {}
 
-    def set_source(self, stream: str, outbox: Outbox | None) -> None:
+    def set_source(self, stream: str, sink: MessageSink | None) -> None:
         """The client that sends a stream's audio (it also gets warnings); None once it is gone."""
-        if outbox is None:
+        if sink is None:
             self._sources.pop(stream, None)
         else:
-            self._sources[stream] = outbox
+            self._sources[stream] = sink
 
     def subscribe(self, stream: str, outbox: Outbox) -> None:
         self._subscribers.setdefault(stream, set()).add(outbox)

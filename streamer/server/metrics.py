@@ -94,6 +94,12 @@ class Metrics:
     def __init__(self) -> None:
         self.streams = Gauge("streamer_streams", "Open audio streams (WebSocket sessions, microphone, file).")
         self.sessions_total = Counter("streamer_sessions_total", "WebSocket /v1/listen sessions opened.")
+        self.sessions_resumed_total = Counter(
+            "streamer_sessions_resumed_total", "/v1/listen sessions resumed on a new connection after a drop."
+        )
+        self.sessions_held = Gauge(
+            "streamer_sessions_held", "/v1/listen sessions waiting for their client to reconnect (resume window)."
+        )
         self.sessions_refused_total = Counter(
             "streamer_sessions_refused_total", "Connections refused because a cap was reached.", "endpoint"
         )

@@ -1,18 +1,16 @@
 """WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``.
 
-The protocol is documented in :mod:`streamer.protocol`. One :class:`ListenSession` per ``/v1/listen``
-connection turns client frames into audio for its engine channel and results (through the
-:class:`~streamer.server.hub.Hub`) back into messages. A failure of one connection closes that
-connection only (1011); the server keeps running.
+The protocol is documented in :mod:`streamer.protocol`. One :class:`~streamer.server.listen.ListenSession`
+per ``/v1/listen`` connection carries a session (and may resume a held one); caption subscribers get an
+:class:`~streamer.server.hub.Outbox` each. A failure of one connection closes that connection only
+(1011); the server keeps running.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import ssl
-import uuid
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,30 +20,15 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from streamer.audio.convert import PcmConverter
 from streamer.engine.endpoint import EndpointConfig
-from streamer.errors import AudioError, ConfigError
-from streamer.protocol import (
-    STREAM_NAME,
-    End,
-    Error,
-    Finalize,
-    KeepAlive,
-    MessageError,
-    Ready,
-    Start,
-    Stop,
-    parse_client_message,
-)
-from streamer.protocol import (
-    Warning as WarningMessage,
-)
+from streamer.protocol import STREAM_NAME, Error, Resume
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.hub import Hub, Outbox
+from streamer.server.listen import ListenSession, Phase
 from streamer.server.metrics import CONTENT_TYPE, Metrics
+from streamer.server.resume import tokens_match
 
 if TYPE_CHECKING:
-    from streamer.engine.channel import Channel
     from streamer.engine.scheduler import Scheduler
     from streamer.settings import ServerSettings
 
@@ -59,164 +42,6 @@ captions on <code>ws://HOST/v1/captions?stream=NAME</code>; health on <a href="/
 readiness on <a href="/readyz">/readyz</a>, metrics on <a href="/metrics">/metrics</a>.</p>
 </body></html>
 """
-
-
-class Phase(enum.Enum):
-    AWAITING_START = "awaiting start"
-    STREAMING = "streaming"
-    ENDING = "ending"
-
-
-class ListenSession:
-    """One ``/v1/listen`` client; see :mod:`streamer.protocol` for what it may send and receives."""
-
-    def __init__(self, server: WebSocketServer, ws: ServerConnection) -> None:
-        self.server, self.ws = server, ws
-        self.id = uuid.uuid4().hex[:12]
-        cfg = server.settings
-        self.outbox = Outbox(
-            ws, cfg.max_pending_messages, cfg.close_timeout_s, on_slow=server.metrics.slow_consumers_total.inc
-        )
-        self.phase = Phase.AWAITING_START
-        self.channel: Channel | None = None
-        self._converter: PcmConverter | None = None
-        self.stream = ""
-        self.received_bytes = 0  # audio bytes accepted in this session (whole sample frames)
-
-    async def run(self) -> None:
-        sender = asyncio.create_task(self.outbox.run(), name=f"ws-send-{self.id}")
-        try:
-            await self._receive()
-        finally:
-            if self.phase is not Phase.ENDING:  # the client vanished, or the connection broke
-                self.phase = Phase.ENDING
-                self.outbox.stop()
-                await self._flush("disconnect", detach_first=True)
-            if not sender.done():
-                try:
-                    async with asyncio.timeout(self.server.settings.close_timeout_s * 2):
-                        await asyncio.shield(sender)
-                except TimeoutError:
-                    sender.cancel()
-
-    async def _receive(self) -> None:
-        idle_s = self.server.settings.idle_timeout_s
-        while self.phase is not Phase.ENDING:
-            try:
-                async with asyncio.timeout(idle_s):
-                    message = await self.ws.recv()
-            except TimeoutError:
-                self._error("idle_timeout", f"nothing received for {idle_s:g} s; the session is closed")
-                await self.end("idle", 1008, "idle timeout")
-                return
-            except ConnectionClosed:
-                return
-            if isinstance(message, str):
-                await self._on_text(message)
-            else:
-                self._on_audio(message)
-
-    async def _on_text(self, text: str) -> None:
-        if self.phase is Phase.ENDING:
-            return
-        try:
-            msg = parse_client_message(text)
-        except MessageError as exc:
-            self._error(exc.code, str(exc))
-            return
-        if isinstance(msg, Start):
-            self._on_start(msg)
-        elif isinstance(msg, KeepAlive):
-            pass
-        elif self.channel is None:
-            self._error("no_start", f"{msg.type!r} before 'start'; send a 'start' message first")
-        elif isinstance(msg, Finalize):
-            self.channel.finalize()
-            self.server.scheduler.poke(self.channel)
-        elif isinstance(msg, Stop):
-            await self.end("stop", 1000, "end of stream")
-
-    def _on_start(self, start: Start) -> None:
-        if self.channel is not None:
-            self._error("already_started", "this session has started already; open a new connection for a new stream")
-            return
-        try:
-            converter = PcmConverter(start.sample_rate, start.encoding, start.channels)
-            endpoint = self.server.endpoint.with_overrides(start.endpointing)
-        except AudioError as exc:
-            self._error("unsupported_audio", str(exc))
-            return
-        except ConfigError as exc:
-            self._error("bad_message", str(exc))
-            return
-        name = start.stream or f"ws-{self.id}"
-        if name in self.server.scheduler.channels:
-            self._error("stream_in_use", f"stream {name!r} is already sent by another source; choose another name")
-            return
-        try:
-            channel = self.server.scheduler.open(name, endpoint)
-        except ValueError as exc:  # every channel is taken (sessions + microphone + file)
-            self._error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
-            return
-        self.channel, self._converter, self.stream = channel, converter, name
-        self.phase = Phase.STREAMING
-        self.outbox.set_interim_results(start.interim_results)
-        self.server.hub.set_source(name, self.outbox)
-        self.server.metrics.sessions_total.inc()
-        info = self.server.model_info
-        self.outbox.offer(Ready(self.id, name, info["model"], info["att_context_size"], start.sample_rate,
-                                info["chunk_s"], endpoint.to_dict()))
-        logger.info("session %s: stream %s, %d Hz %s x%d", self.id, name, start.sample_rate, start.encoding,
-                    start.channels)
-
-    def _on_audio(self, frame: bytes) -> None:
-        if self.phase is Phase.ENDING:
-            return
-        if self.channel is None or self._converter is None:
-            self._error("no_start", "audio before 'start'; send a 'start' message first (the frame was dropped)")
-            return
-        if not frame:
-            self.outbox.offer(WarningMessage("empty_frame", "an empty binary frame carries no audio; it was ignored",
-                                      self.stream))
-            return
-        try:
-            samples = self._converter.convert(frame)
-        except AudioError as exc:
-            self._error("bad_audio", str(exc))
-            return
-        self.received_bytes += len(frame)
-        self.channel.write(samples)
-        self.server.scheduler.poke(self.channel)
-
-    def _error(self, code: str, message: str) -> None:
-        logger.info("session %s: %s: %s", self.id, code, message)
-        self.server.metrics.protocol_errors_total.inc(label_value=code)
-        self.outbox.offer(Error(code, message, self.stream or None))
-
-    async def end(self, reason: str, code: int, close_reason: str) -> None:
-        """Flush the last segment (its final reaches the client first), send ``end``, close with ``code``."""
-        if self.phase is Phase.ENDING:
-            return
-        self.phase = Phase.ENDING
-        await self._flush(reason, detach_first=False)
-        if self.channel is not None and self._converter is not None:
-            c = self._converter
-            received_s = self.received_bytes / c.frame_bytes / c.sample_rate
-            dropped_s = self.channel.dropped_samples / self.channel.sample_rate_hz
-            self.outbox.offer(End(self.stream, self.channel.segmenter.segment, round(received_s, 3),
-                                  round(dropped_s, 3)))
-        self.outbox.close_after_queue(code, close_reason)
-
-    async def _flush(self, reason: str, detach_first: bool) -> None:
-        channel = self.channel
-        if channel is None:
-            return
-        if detach_first:
-            self.server.hub.set_source(self.stream, None)  # nobody to send to: finals go to the other sinks
-        elif self._converter is not None and not channel.is_closing:
-            channel.write(self._converter.flush())
-        await self.server.scheduler.close(channel, reason)
-        self.server.hub.set_source(self.stream, None)
 
 
 class WebSocketServer:
@@ -283,6 +108,29 @@ class WebSocketServer:
         for warning in exposure_warnings(s.host, self.auth, self.ssl_context is not None):
             logger.warning("%s", warning)
 
+    def find_resumable(self, resume: Resume) -> tuple[ListenSession | None, str | None]:
+        """The live or held session that ``resume`` names and may take over, or None and why not."""
+        if self.settings.resume_window_s <= 0:
+            return None, "this server does not keep sessions for a resume (server.resume_window_s is 0)"
+        for session in self.sessions:
+            if session.id != resume.session or session.phase not in (Phase.STREAMING, Phase.HELD):
+                continue
+            if tokens_match(resume.token, session.resume_token):
+                return session, None
+            if resume.token in session.spent_tokens:
+                return None, "this resume token was used already; each 'ready' carries a new one"
+            return None, "the resume token does not match the session's"
+        return None, (f"no such session: it ended, or its resume window of {self.settings.resume_window_s:g} s "
+                      "passed")
+
+    def _live_count(self) -> int:
+        """Connections that hold a place under max_sessions themselves (not held sessions, not leaving ones)."""
+        return sum(s.phase not in (Phase.HELD, Phase.MOVED) for s in self.sessions)
+
+    def is_full_for_new_session(self) -> bool:
+        """True when a new session would exceed max_sessions, counting held ones (the asker is in ``sessions``)."""
+        return sum(s.phase is not Phase.MOVED for s in self.sessions) > self.settings.max_sessions
+
     async def shutdown(self) -> None:
         """Stop accepting; flush every session's segment to every sink, send ``end``, close with 1001."""
         self.is_ready = False
@@ -329,6 +177,7 @@ class WebSocketServer:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         if path == "/metrics":
             self.metrics.streams.set(len(self.scheduler.channels))
+            self.metrics.sessions_held.set(sum(s.phase is Phase.HELD for s in self.sessions))
             self.metrics.subscribers.set(self.hub.subscriber_count)
             self.metrics.ready.set(int(self.is_ready))
             return _with_type(connection.respond(HTTPStatus.OK, self.metrics.render()), CONTENT_TYPE)
@@ -382,7 +231,9 @@ class WebSocketServer:
             await ws.send(Error("not_ready", message).to_json())
             await ws.close(1013, "not ready")
             return
-        if len(self.sessions) >= self.settings.max_sessions:
+        # Held sessions count against the cap too, but a connection may come in to resume one of them
+        # (ListenSession refuses it a new session while the cap is reached).
+        if self._live_count() >= self.settings.max_sessions:
             await self._refuse(ws, "listen", self.settings.max_sessions, "sessions")
             return
         session = ListenSession(self, ws)

@@ -1,0 +1,327 @@
+"""One ``/v1/listen`` connection and the session it carries (protocol: :mod:`streamer.protocol`).
+
+A :class:`ListenSession` turns a client's frames into audio for its engine channel and results (through
+the :class:`~streamer.server.hub.Hub` and the session's :class:`~streamer.server.resume.ResultLog`) back
+into messages. When the connection breaks without ``stop``, the session is held for
+``server.resume_window_s``; a new connection that resumes it takes its state over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from streamer.audio.convert import PcmConverter
+from streamer.errors import AudioError, ConfigError
+from streamer.protocol import (
+    End,
+    Error,
+    Finalize,
+    KeepAlive,
+    MessageError,
+    Ready,
+    Resume,
+    Start,
+    Stop,
+    parse_client_message,
+)
+from streamer.protocol import (
+    Warning as WarningMessage,
+)
+from streamer.server.hub import Outbox
+from streamer.server.resume import ResultLog, new_token, start_mismatch
+
+if TYPE_CHECKING:
+    from streamer.engine.channel import Channel
+    from streamer.server.websocket import WebSocketServer
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    AWAITING_START = "awaiting start"
+    STREAMING = "streaming"
+    HELD = "held"  # the connection broke; the session waits resume_window_s for its client
+    MOVED = "moved"  # the session was resumed on another connection; this one only winds down
+    ENDING = "ending"
+
+
+class ListenSession:
+    """One ``/v1/listen`` connection and the session it carries; see :mod:`streamer.protocol`.
+
+    A session outlives a broken connection for ``server.resume_window_s`` (phase ``HELD``); a new
+    connection's ``ListenSession`` that resumes it takes its state over (:meth:`_resume`) and this one
+    ends (``MOVED``).
+    """
+
+    def __init__(self, server: WebSocketServer, ws: ServerConnection) -> None:
+        self.server, self.ws = server, ws
+        self.id = uuid.uuid4().hex[:12]
+        cfg = server.settings
+        self.outbox = Outbox(
+            ws, cfg.max_pending_messages, cfg.close_timeout_s, on_slow=server.metrics.slow_consumers_total.inc
+        )
+        self.phase = Phase.AWAITING_START
+        self.channel: Channel | None = None
+        self._converter: PcmConverter | None = None
+        self.stream = ""
+        self.received_bytes = 0  # audio bytes accepted in this session (whole sample frames)
+        # the session's state a resume carries over (besides the channel, converter, stream and count above)
+        self.start: Start | None = None
+        self.results = ResultLog(cfg.max_pending_messages)
+        self.resume_token: str | None = None
+        self.spent_tokens: set[str] = set()
+        self._released = asyncio.Event()  # a held session was resumed or ended
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self.outbox.run(), name=f"ws-send-{self.id}")
+        try:
+            await self._receive()
+        finally:
+            if self.phase in (Phase.AWAITING_START, Phase.STREAMING):  # the client vanished, or the connection broke
+                self.outbox.stop()
+                if self.phase is Phase.STREAMING and self._may_hold():
+                    self._hold()
+                else:
+                    self.phase = Phase.ENDING
+                    await self._flush("disconnect", detach_first=True)
+            if not sender.done():
+                try:
+                    async with asyncio.timeout(self.server.settings.close_timeout_s * 2):
+                        await asyncio.shield(sender)
+                except TimeoutError:
+                    sender.cancel()
+            if self.phase is Phase.HELD:
+                await self._wait_for_resume()
+
+    async def _receive(self) -> None:
+        idle_s = self.server.settings.idle_timeout_s
+        while self.phase is Phase.AWAITING_START or self.phase is Phase.STREAMING:
+            try:
+                async with asyncio.timeout(idle_s):
+                    message = await self.ws.recv()
+            except TimeoutError:
+                self._error("idle_timeout", f"nothing received for {idle_s:g} s; the session is closed")
+                await self.end("idle", 1008, "idle timeout")
+                return
+            except ConnectionClosed:
+                return
+            if isinstance(message, str):
+                await self._on_text(message)
+            else:
+                self._on_audio(message)
+
+    async def _on_text(self, text: str) -> None:
+        if self.phase is not Phase.AWAITING_START and self.phase is not Phase.STREAMING:
+            return
+        try:
+            msg = parse_client_message(text)
+        except MessageError as exc:
+            self._error(exc.code, str(exc))
+            return
+        if isinstance(msg, Start):
+            self._on_start(msg)
+        elif isinstance(msg, KeepAlive):
+            pass
+        elif self.channel is None:
+            self._error("no_start", f"{msg.type!r} before 'start'; send a 'start' message first")
+        elif isinstance(msg, Finalize):
+            self.channel.finalize()
+            self.server.scheduler.poke(self.channel)
+        elif isinstance(msg, Stop):
+            await self.end("stop", 1000, "end of stream")
+
+    def _on_start(self, start: Start) -> None:
+        if self.channel is not None:
+            self._error("already_started", "this session has started already; open a new connection for a new stream")
+            return
+        if start.resume is not None:
+            if self._resume(start, start.resume):
+                return
+            start = dataclasses.replace(start, resume=None)  # what failed was said; go on with a new session
+        try:
+            converter = PcmConverter(start.sample_rate, start.encoding, start.channels)
+            endpoint = self.server.endpoint.with_overrides(start.endpointing)
+        except AudioError as exc:
+            self._error("unsupported_audio", str(exc))
+            return
+        except ConfigError as exc:
+            self._error("bad_message", str(exc))
+            return
+        name = start.stream or f"ws-{self.id}"
+        if name in self.server.scheduler.channels:
+            self._error("stream_in_use", f"stream {name!r} is already sent by another source; choose another name")
+            return
+        if self.server.is_full_for_new_session():
+            self._refuse_busy()
+            return
+        try:
+            channel = self.server.scheduler.open(name, endpoint)
+        except ValueError as exc:  # every channel is taken (sessions + microphone + file)
+            self._error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
+            return
+        self.channel, self._converter, self.stream, self.start = channel, converter, name, start
+        self.phase = Phase.STREAMING
+        self.outbox.set_interim_results(start.interim_results)
+        self.results.attach(self.outbox, 0)
+        self.server.hub.set_source(name, self.results)
+        self.server.metrics.sessions_total.inc()
+        self.outbox.offer(self._ready(resumed=False))
+        logger.info("session %s: stream %s, %d Hz %s x%d", self.id, name, start.sample_rate, start.encoding,
+                    start.channels)
+
+    def _ready(self, resumed: bool) -> Ready:
+        assert self.channel is not None and self.start is not None
+        info, window_s = self.server.model_info, self.server.settings.resume_window_s
+        extra: dict[str, Any] = {}
+        if window_s > 0:  # a server without resume sends exactly the ready it always did
+            if self.resume_token is not None:
+                self.spent_tokens.add(self.resume_token)
+            self.resume_token = new_token()
+            extra = {"resume_token": self.resume_token, "resume_window_s": window_s, "resumed": resumed,
+                     "audio_s": self._received_s()}
+        return Ready(self.id, self.stream, info["model"], info["att_context_size"], self.start.sample_rate,
+                     info["chunk_s"], self.channel.endpoint.to_dict(), **extra)
+
+    def _received_s(self) -> float:
+        """Seconds of audio received in the session, unrounded: times the sample rate it is a whole number."""
+        if self._converter is None:
+            return 0.0
+        return self.received_bytes / self._converter.frame_bytes / self._converter.sample_rate
+
+    # ------------------------------------------------------------------ resume
+
+    def _may_hold(self) -> bool:
+        """True when the connection broke under a streaming session that a resume may continue.
+
+        A close frame from the client means it hung up; a close for a slow consumer or a frame too large
+        is the server's verdict. Neither is held. A drop without a close frame (or a keepalive timeout) is.
+        """
+        closing = self.ws.protocol
+        if self.server.settings.resume_window_s <= 0 or self.outbox.is_slow or closing.close_rcvd is not None:
+            return False
+        sent = closing.close_sent
+        return sent is None or sent.code not in (CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG)
+
+    def _hold(self) -> None:
+        """Keep the session for its client: results wait in the log, the channel stays open."""
+        self.phase = Phase.HELD
+        self.results.detach()
+        logger.info("session %s: connection lost; stream %s is kept %g s for a resume", self.id, self.stream,
+                    self.server.settings.resume_window_s)
+
+    async def _wait_for_resume(self) -> None:
+        """Wait out the resume window; unless the session was resumed or ended meanwhile, end it as a disconnect.
+
+        Cancelling stops the wait and leaves the session held (the server's shutdown ends it).
+        """
+        try:
+            async with asyncio.timeout(self.server.settings.resume_window_s):
+                await self._released.wait()
+        except TimeoutError:
+            pass
+        if self.phase is Phase.HELD:
+            logger.info("session %s: not resumed within %g s; ending it", self.id, self.server.settings.resume_window_s)
+            self.phase = Phase.ENDING
+            await self._flush("disconnect", detach_first=True)
+
+    def _resume(self, start: Start, resume: Resume) -> bool:
+        """Take over the session ``resume`` names; False (after error ``resume_failed``) when it cannot be."""
+        held, problem = self.server.find_resumable(resume)
+        if held is not None and held.start is not None:
+            problem = start_mismatch(held.start, held.stream, start)
+        if held is None or problem is not None:
+            self._error("resume_failed", f"cannot resume session {resume.session!r}: {problem}; "
+                        "starting a new session instead")
+            return False
+        if held.phase is Phase.STREAMING:  # the client is back before the server saw its old connection die
+            logger.info("session %s: resumed while its old connection looked open; dropping that one", held.id)
+            held.outbox.stop()
+            held._hold()
+            held.ws.transport.abort()
+        self.id, self.channel, self._converter, self.stream = held.id, held.channel, held._converter, held.stream
+        self.received_bytes, self.start, self.results = held.received_bytes, held.start, held.results
+        self.resume_token, self.spent_tokens = held.resume_token, held.spent_tokens
+        held.phase, held.channel = Phase.MOVED, None
+        held._released.set()
+        self.phase = Phase.STREAMING
+        self.outbox.set_interim_results(start.interim_results)
+        self.server.metrics.sessions_resumed_total.inc()
+        self.outbox.offer(self._ready(resumed=True))
+        replayed = self.results.attach(self.outbox, resume.next_segment)
+        self.server.hub.set_source(self.stream, self.results)
+        logger.info("session %s: resumed on a new connection at %.3f s of audio; %d result(s) replayed", self.id,
+                    self._received_s(), replayed)
+        return True
+
+    # ------------------------------------------------------------------ audio, errors, the end
+
+    def _on_audio(self, frame: bytes) -> None:
+        if self.phase is not Phase.STREAMING and self.phase is not Phase.AWAITING_START:
+            return
+        if self.channel is None or self._converter is None:
+            self._error("no_start", "audio before 'start'; send a 'start' message first (the frame was dropped)")
+            return
+        if not frame:
+            self.outbox.offer(WarningMessage("empty_frame", "an empty binary frame carries no audio; it was ignored",
+                                      self.stream))
+            return
+        try:
+            samples = self._converter.convert(frame)
+        except AudioError as exc:
+            self._error("bad_audio", str(exc))
+            return
+        self.received_bytes += len(frame)
+        self.channel.write(samples)
+        self.server.scheduler.poke(self.channel)
+
+    def _error(self, code: str, message: str) -> None:
+        logger.info("session %s: %s: %s", self.id, code, message)
+        self.server.metrics.protocol_errors_total.inc(label_value=code)
+        self.outbox.offer(Error(code, message, self.stream or None))
+
+    def _refuse_busy(self) -> None:
+        cap = self.server.settings.max_sessions
+        self.server.metrics.sessions_refused_total.inc(label_value="listen")
+        self._error("server_busy", f"the server has {cap} sessions open, its maximum, counting sessions kept for "
+                    "their clients to reconnect; try again later")
+        self.phase = Phase.ENDING
+        self.outbox.close_after_queue(1013, "server busy")
+
+    async def end(self, reason: str, code: int, close_reason: str) -> None:
+        """Flush the last segment (its final reaches the client first), send ``end``, close with ``code``.
+
+        A held session has no client: its final goes to the other sinks only.
+        """
+        if self.phase is Phase.ENDING or self.phase is Phase.MOVED:
+            return
+        was_held = self.phase is Phase.HELD
+        self.phase = Phase.ENDING
+        self._released.set()
+        await self._flush(reason, detach_first=False)
+        if was_held:
+            return
+        if self.channel is not None and self._converter is not None:
+            dropped_s = self.channel.dropped_samples / self.channel.sample_rate_hz
+            self.outbox.offer(End(self.stream, self.channel.segmenter.segment, round(self._received_s(), 3),
+                                  round(dropped_s, 3)))
+        self.outbox.close_after_queue(code, close_reason)
+
+    async def _flush(self, reason: str, detach_first: bool) -> None:
+        channel = self.channel
+        if channel is None:
+            return
+        if detach_first:
+            self.server.hub.set_source(self.stream, None)  # nobody to send to: finals go to the other sinks
+        elif self._converter is not None and not channel.is_closing:
+            channel.write(self._converter.flush())
+        await self.server.scheduler.close(channel, reason)
+        self.server.hub.set_source(self.stream, None)

@@ -1,0 +1,96 @@
+"""Keeping a ``/v1/listen`` session's results for its client across a reconnect (see :mod:`streamer.protocol`).
+
+A :class:`ResultLog` is the hub's source for a session's stream. While a connection is attached it passes
+every message straight on to that connection's :class:`~streamer.server.hub.Outbox`; it also keeps the
+session's last finals, because a final written to a socket that then broke may never have arrived. While
+the session is held (no connection), it keeps warnings too and remembers the latest partial. When a new
+connection resumes the session, :meth:`ResultLog.attach` replays what the client asks for, in order.
+Everything runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+
+from streamer.protocol import Final, Partial, ServerMessage, Start
+from streamer.protocol import Warning as WarningMessage
+from streamer.server.hub import Outbox
+
+TOKEN_BYTES = 32  # 256 random bits, URL-safe base64: unguessable, and safe in a URL or a header
+
+
+def new_token() -> str:
+    """A fresh resume token."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def tokens_match(given: str, expected: str | None) -> bool:
+    """Constant-time comparison (a token from the wire may be any string)."""
+    return expected is not None and secrets.compare_digest(given.encode(), expected.encode())
+
+
+def start_mismatch(session: Start, stream: str, resuming: Start) -> str | None:
+    """Why ``resuming`` cannot continue a session opened with ``session`` on ``stream``; None when it can.
+
+    The audio format must be the same (the server's converter and clock carry on); ``stream`` and
+    ``endpointing`` may be left out, but if given they must be the session's.
+    """
+    for key in ("sample_rate", "encoding", "channels"):
+        was, now = getattr(session, key), getattr(resuming, key)
+        if was != now:
+            return f"the session's {key} is {was!r}, this start declares {now!r}: a resumed start must repeat it"
+    if resuming.stream is not None and resuming.stream != stream:
+        return f"the session's stream is {stream!r}, this start names {resuming.stream!r}"
+    if resuming.endpointing and resuming.endpointing != session.endpointing:
+        return "this start's endpointing differs from the session's (leave it out to keep the session's rules)"
+    return None
+
+
+class ResultLog:
+    """One session's results for its client, across connections; see the module docstring.
+
+    Args:
+        max_kept: most finals kept for a replay (and most warnings kept while held); the oldest go first.
+    """
+
+    def __init__(self, max_kept: int) -> None:
+        self._kept: deque[ServerMessage] = deque(maxlen=max(1, max_kept))  # finals; warnings while held
+        self._partial: Partial | None = None  # the open segment's latest partial
+        self._outbox: Outbox | None = None
+
+    def offer(self, msg: ServerMessage) -> None:
+        """Called by the hub on the loop for each of the stream's messages; never awaits."""
+        if isinstance(msg, Partial):
+            self._partial = msg
+        else:
+            if isinstance(msg, Final):
+                self._partial = None
+            if isinstance(msg, Final) or self._outbox is None:
+                self._kept.append(msg)
+        if self._outbox is not None:
+            self._outbox.offer(msg)
+
+    def detach(self) -> None:
+        """The connection broke: keep results until :meth:`attach`."""
+        self._outbox = None
+
+    def attach(self, outbox: Outbox, next_segment: int) -> int:
+        """Send ``outbox`` the finals from ``next_segment`` on, warnings kept while held, the latest partial,
+        then everything live. Returns how many messages were replayed."""
+        replay = [m for m in self._kept if not isinstance(m, Final) or m.segment >= next_segment]
+        finals = [m.segment for m in self._kept if isinstance(m, Final)]
+        oldest = finals[0] if finals else None
+        if oldest is not None and oldest > next_segment:  # the bound let some go: say so, never silently
+            missing = oldest - next_segment
+            outbox.offer(WarningMessage(
+                "results_lost", f"the finals of segments {next_segment}-{oldest - 1} are no longer kept and are "
+                f"not replayed ({missing} final(s))", replay[0].stream if replay else None,
+            ))
+        for msg in replay:
+            outbox.offer(msg)
+        if self._partial is not None:
+            outbox.offer(self._partial)
+        self._kept = deque((m for m in self._kept if isinstance(m, Final)), maxlen=self._kept.maxlen)
+        self._outbox = outbox
+        return len(replay)
