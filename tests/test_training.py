@@ -252,6 +252,16 @@ def test_loss_goes_down(corpus: Path, tmp_path: Path) -> None:
     assert loss() < 0.8 * before
 
 
+def test_the_last_step_is_validated_even_off_the_validation_interval(corpus: Path, tmp_path: Path) -> None:
+    """max_steps 8 with validation every 6 steps: results.csv has rows for steps 6 and 8."""
+    recipe = recipe_from_dict(_recipe(corpus, max_steps=8, val_every_steps=6))
+    (tmp_path / "checkpoints").mkdir()
+    assert Trainer(recipe, tmp_path).run() == 0
+    with (tmp_path / "results.csv").open() as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert steps == [6, 8]
+
+
 def test_resume_continues_exactly(corpus: Path, tmp_path: Path) -> None:
     """Stopping at step 3 and resuming to step 6 gives the weights of 6 uninterrupted steps."""
     straight = recipe_from_dict(_recipe(corpus, max_steps=6))

@@ -651,7 +651,8 @@ class Trainer:
                 if progress.step % recipe.train.log_every_steps == 0:
                     self._log(window, time.monotonic() - window_start, bar)
                     window, window_start = [], time.monotonic()
-                if progress.step % recipe.train.val_every_steps == 0:
+                # The last step is validated too: a cooldown ends there, and best.pt must be able to hold it.
+                if progress.step % recipe.train.val_every_steps == 0 or progress.step == recipe.train.max_steps:
                     self.validate()
                     window_start = time.monotonic()
                 if time.monotonic() - last_save > recipe.train.checkpoint_every_minutes * 60:
