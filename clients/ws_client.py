@@ -16,11 +16,11 @@ with sounddevice. On a terminal the partial is rewritten in place and finals scr
 finals are printed. Ctrl-C sends ``stop``: the last final arrives before the program exits.
 
 Live sources (``--mic``, ``--realtime``) survive a dropped connection: the client keeps the last
-``RESUME_BUFFER_S`` of audio, reconnects with backoff and resumes the session with the token from
-``ready`` (protocol: "Resuming a session" in ``streamer/protocol.py``), re-sending the audio from where
-the server's ``audio_s`` says it got to; the finals it missed arrive then, once each. If the session
-cannot be resumed (its window passed), it goes on in a new session. It gives up after ``GIVE_UP_S``
-without a connection.
+``RESUME_BUFFER_S`` of audio (``streamer.protocol.ClientSession`` does the bookkeeping), reconnects
+with backoff and resumes the session with the token from ``ready`` (protocol: "Resuming a session"
+in ``streamer/protocol.py``), re-sending the audio from where the server's ``audio_s`` says it got
+to; the finals it missed arrive then, once each. If the session cannot be resumed (its window
+passed), it goes on in a new session. It gives up after ``GIVE_UP_S`` without a connection.
 
 A daemon with ``server.auth_tokens`` needs ``--token`` (or ``STREAMER_TOKEN``), sent as
 ``Authorization: Bearer``; a refusal (HTTP 401) is one line on stderr and exit status 1. For a
@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import shutil
 import signal
 import ssl
 import sys
-from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -52,12 +50,13 @@ from streamer.protocol import (
     MAX_CHANNELS,
     MAX_SAMPLE_RATE_HZ,
     MIN_SAMPLE_RATE_HZ,
+    RESUME_BUFFER_S,
+    ClientSession,
     End,
     Error,
     Final,
     Partial,
     Ready,
-    Resume,
     Start,
     Stop,
     Warning,
@@ -65,7 +64,6 @@ from streamer.protocol import (
 )
 
 FRAME_S = 0.1  # audio per binary frame
-RESUME_BUFFER_S = 30.0  # live audio kept to re-send after a reconnect (the server says where it got to)
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # waits before reconnect attempts; the last one repeats
 GIVE_UP_S = 60.0  # a live source stops trying after this long without a connection
 CLEAR_LINE = "\r\x1b[K"
@@ -180,35 +178,6 @@ async def send_audio(
     await ws.send(Stop().to_json())
 
 
-class AudioBuffer:
-    """The session's most recent audio (whole frames), to re-send what a dropped connection lost.
-
-    Positions count sample frames since the session began. Bounded: beyond ``max_frames`` the oldest goes.
-    """
-
-    def __init__(self, frame_bytes: int, max_frames: int) -> None:
-        self.frame_bytes, self.max_frames = frame_bytes, max_frames
-        self._blocks: deque[tuple[int, bytes]] = deque()  # (position of its first frame, payload)
-        self.start = 0  # position of the oldest frame kept
-        self.end = 0  # position after the newest frame
-
-    def add(self, payload: bytes) -> None:
-        self._blocks.append((self.end, payload))
-        self.end += len(payload) // self.frame_bytes
-        while self.end - self._blocks[0][0] - len(self._blocks[0][1]) // self.frame_bytes >= self.max_frames:
-            self._blocks.popleft()
-        self.start = self._blocks[0][0]
-
-    def since(self, position: int) -> list[bytes]:
-        """The audio from ``position`` on (from the oldest kept frame, if that is later), as frames to send."""
-        out = []
-        for first, payload in self._blocks:
-            skip = max(0, position - first) * self.frame_bytes
-            if skip < len(payload):
-                out.append(payload[skip:])
-        return out
-
-
 class LiveSession:
     """Streams a live source to ``/v1/listen`` and carries its session across dropped connections.
 
@@ -226,13 +195,9 @@ class LiveSession:
                  show: Printer, connect_kwargs: dict[str, Any], source: str) -> None:
         self.start, self.blocks, self.s16, self.stop, self.show = start, blocks, s16, stop, show
         self.connect_kwargs, self.source = connect_kwargs, source
-        self.audio = AudioBuffer(start.frame_bytes, round(RESUME_BUFFER_S * start.sample_rate))
+        self.session = ClientSession(start, RESUME_BUFFER_S)  # the buffered audio, the token, the finals counted
         self.captured = asyncio.Event()  # new audio in the buffer, or the source ended
         self.is_source_done = False
-        self.ready: Ready | None = None  # the latest ready (its session and resume token)
-        self.next_segment = 0  # finals received so far = the first segment whose final is missing
-        self.sent = 0  # position up to which audio was written to the current connection
-        self.session_began = 0  # position where the server's current session began (after a failed resume)
         self._attempt = 0  # reconnect attempts since the last ready
         self._lost_at: float | None = None  # loop time of the first failure since the last ready
 
@@ -248,7 +213,7 @@ class LiveSession:
                             return outcome
                         why = f"closed with {ws.close_code} before 'end'"
                 except (ConnectionClosed, OSError, TimeoutError) as exc:
-                    if self.ready is None:
+                    if self.session.ready is None:
                         raise  # never had a session: say so rather than retry
                     why = str(exc) or type(exc).__name__
                 self._lost_at = self._lost_at or loop.time()
@@ -268,7 +233,7 @@ class LiveSession:
             async for block in self.blocks:
                 if self.stop.is_set():
                     break
-                self.audio.add(encode(block, self.s16))
+                self.session.audio.add(encode(block, self.s16))
                 self.captured.set()
         finally:
             await self.blocks.aclose()  # closes the microphone
@@ -278,11 +243,8 @@ class LiveSession:
     async def _converse(self, url: str, ws: ClientConnection) -> int | None:
         """One connection: ``start`` (resuming the session if there is one), send, print. Returns the exit status
         once the session is over, or None when the connection closed before ``end`` (then reconnect)."""
-        previous = self.ready
-        resume = None
-        if previous is not None and previous.resume_token:
-            resume = Resume(previous.session, previous.resume_token, self.next_segment)
-        await ws.send(dataclasses.replace(self.start, resume=resume).to_json())
+        previous = self.session.ready
+        await ws.send(self.session.start_message().to_json())
         while True:
             async with asyncio.timeout(10):
                 raw = await ws.recv()
@@ -292,45 +254,42 @@ class LiveSession:
                 break
             if not isinstance(msg, Error) or msg.code != "resume_failed":
                 return 1  # the start was refused (bad format, stream name in use, server busy)
-        self.ready, self._attempt, self._lost_at = msg, 0, None
+        self._attempt, self._lost_at = 0, None
+        lost = self.session.on_ready(msg)
         if msg.resumed:
-            position = round((msg.audio_s or 0.0) * self.start.sample_rate) + self.session_began
             print(f"ws_client: resumed session {msg.session} at {msg.audio_s or 0:.3f} s", file=sys.stderr, flush=True)
-        else:
-            position = self.sent  # a new session: it gets what the last one did not
-            self.session_began, self.next_segment = position, 0
-            if previous is None:
-                print(f"ws_client: streaming the {self.source} to {url} as stream {msg.stream}", file=sys.stderr,
-                      flush=True)
-        if position < self.audio.start:
-            print(f"ws_client: {(self.audio.start - position) / self.start.sample_rate:.2f} s of audio were no "
-                  "longer buffered and are lost", file=sys.stderr, flush=True)
-        sender = asyncio.create_task(self._send(ws, max(position, self.audio.start)))
+        elif previous is None:
+            print(f"ws_client: streaming the {self.source} to {url} as stream {msg.stream}", file=sys.stderr,
+                  flush=True)
+        if lost:
+            print(f"ws_client: {lost / self.start.sample_rate:.2f} s of audio were no longer buffered and are lost",
+                  file=sys.stderr, flush=True)
+        sender = asyncio.create_task(self._send(ws))
         try:
             async for raw in ws:
                 self.show(raw)
                 msg = parse_server_message(raw)
                 if isinstance(msg, Final):
-                    self.next_segment = max(self.next_segment, msg.segment + 1)
+                    self.session.on_final(msg)
                 elif isinstance(msg, End):
-                    check_accounting(msg, (self.audio.end - self.session_began) / self.start.sample_rate)
+                    self.session.on_end()
+                    check_accounting(msg, self.session.session_audio_s)
                     return 0
         finally:
             sender.cancel()
         return None  # closed cleanly but without "end" (e.g. as a slow consumer): reconnect
 
-    async def _send(self, ws: ClientConnection, position: int) -> None:
-        """Send the buffered audio from ``position`` on, then live audio; ``stop`` once the source has ended."""
-        self.sent = position
+    async def _send(self, ws: ClientConnection) -> None:
+        """Send the buffered audio the session lacks, then live audio; ``stop`` once the source has ended."""
         while True:
             self.captured.clear()
-            for payload in self.audio.since(self.sent):
+            for payload in self.session.unsent():
                 await ws.send(payload)
-                self.sent += len(payload) // self.audio.frame_bytes
-            if self.is_source_done and self.sent == self.audio.end:
-                await ws.send(Stop().to_json())
-                return
-            if self.sent == self.audio.end:
+                self.session.mark_sent(payload)
+            if self.session.is_caught_up:
+                if self.is_source_done:
+                    await ws.send(Stop().to_json())
+                    return
                 await self.captured.wait()
 
 

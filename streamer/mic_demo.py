@@ -1,12 +1,17 @@
 """``streamer mic``: live captions of a microphone in the terminal.
 
 By default the recognizer runs in this process (the bundled default model, or ``--model``), fed by
-:class:`~streamer.audio.mic.MicrophoneSource` through the daemon's own scheduler and segmenter, so the
-partials and finals are the ones ``streamer serve`` would send. With ``--url ws://HOST:PORT`` the
-microphone is streamed to a running daemon instead (this module then imports no torch), reconnecting
-with backoff when the daemon goes away. ``--token`` (or ``STREAMER_TOKEN``) is sent as ``Authorization:
-Bearer`` to a daemon that needs one, ``--cafile`` trusts a self-signed ``wss://`` certificate; a
-refused token or an untrusted certificate ends the program with one line instead of retrying.
+:class:`~streamer.audio.mic.MicrophoneSource` through the daemon's own scheduler and segmenter, so
+the partials and finals are the ones ``streamer serve`` would send. With ``--url ws://HOST:PORT``
+the microphone is streamed to a running daemon instead (this module then imports no torch),
+reconnecting with backoff when the daemon goes away. A dropped connection resumes its session
+(protocol: "Resuming a session" in ``streamer/protocol.py``): the last ``RESUME_BUFFER_S`` of audio
+are kept, the audio the daemon missed is sent again, and the finals made meanwhile arrive, so the
+caption that was open gets its final; the status line says "resumed". When the session cannot be
+resumed (the daemon restarted, or ``server.resume_window_s`` passed) it says so and goes on in a new
+session. ``--token`` (or ``STREAMER_TOKEN``) is sent as ``Authorization: Bearer`` to a daemon that
+needs one, ``--cafile`` trusts a self-signed ``wss://`` certificate; a refused token or an untrusted
+certificate ends the program with one line instead of retrying.
 
 On a terminal the open segment's partial is rewritten in place on one line (``\\r`` and clear to end
 of line; the part that may still change is dimmed) and finals scroll. When stdout is not a terminal
@@ -29,6 +34,8 @@ from typing import Any, TextIO
 
 from streamer.errors import AudioError, ConfigError, StreamerError
 from streamer.protocol import (
+    RESUME_BUFFER_S,
+    ClientSession,
     End,
     Error,
     Final,
@@ -42,7 +49,6 @@ from streamer.protocol import (
 )
 
 MIC_RATE_HZ = 16000  # what MicrophoneSource delivers (it resamples from the device's own rate)
-BACKLOG_BLOCKS = 500  # --url: 20 ms blocks kept while disconnected (10 s); the oldest go first
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 15.0
 RECV_TIMEOUT_S = 10.0  # --url: waiting for "ready", and for "end" after "stop"
 CLEAR_LINE = "\r\x1b[K"
@@ -251,27 +257,42 @@ def connect_options(url: str, token: str | None, cafile: str | None) -> dict[str
     return options
 
 
-class Backlog:
-    """Audio blocks not sent yet: at most ``size``; when full the oldest is dropped (and counted)."""
+class Uplink:
+    """The microphone's audio on its way to the daemon, kept across connections to resume the session.
 
-    def __init__(self, size: int) -> None:
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(size)
-        self.dropped = 0
+    Args:
+        start: the ``start`` message of every connection (a resume is added when there is a session).
+    """
 
-    def put(self, block: bytes) -> None:
-        if self._queue.full():
-            self._queue.get_nowait()
-            self.dropped += 1
-        self._queue.put_nowait(block)
+    def __init__(self, start: Start) -> None:
+        self.session = ClientSession(start, RESUME_BUFFER_S)
+        self.captured = asyncio.Event()  # new audio, or the microphone stopped
+        self.is_mic_done = False
+        self.readies = 0  # connections that got as far as "ready"
 
-    async def get(self) -> bytes:
-        return await self._queue.get()
+    def add(self, samples: Any) -> None:
+        """``MicrophoneSource``'s ``on_audio`` (on the loop thread): keep a block, connected or not."""
+        self.session.audio.add(samples.astype("<f4").tobytes())
+        self.captured.set()
 
-    def drain(self) -> list[bytes]:
-        blocks = []
-        while not self._queue.empty():
-            blocks.append(self._queue.get_nowait())
-        return blocks
+    def finish(self) -> None:
+        """The microphone stopped: `send` ends with ``stop`` once everything is sent."""
+        self.is_mic_done = True
+        self.captured.set()
+
+    async def send(self, ws: Any) -> None:
+        """Send the audio the session lacks, then live audio; ``stop`` after `finish`. Cancelling loses
+        nothing: what is not sent stays buffered. One task at a time."""
+        while True:
+            self.captured.clear()
+            for payload in self.session.unsent():
+                await ws.send(payload)
+                self.session.mark_sent(payload)
+            if self.session.is_caught_up:
+                if self.is_mic_done:
+                    await ws.send(Stop().to_json())
+                    return
+                await self.captured.wait()
 
 
 async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio.Event) -> int:
@@ -281,16 +302,19 @@ async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio
     url = listen_url(args.url)
     options = connect_options(url, args.token, args.cafile)
     check_microphone()
-    backlog = Backlog(BACKLOG_BLOCKS)
-    mic = MicrophoneSource(parse_device(args.device), lambda samples: backlog.put(samples.astype("<f4").tobytes()))
+    uplink = Uplink(Start(MIC_RATE_HZ, "pcm_f32le", stream=args.stream))
+    mic = MicrophoneSource(parse_device(args.device), uplink.add)
     await mic.start()
     captions.status(f"listening on {mic.device_name!r}; sending to {url}; Ctrl-C to stop")
     attempt = 0
     try:
         while True:
-            result = await _session(url, args.stream, backlog, captions, stop, mic, options)
+            readies = uplink.readies
+            result = await _session(url, uplink, captions, stop, mic, options)
             if result is not None:
                 return result
+            if uplink.readies > readies:  # it was connected: back off from the start (within the resume window)
+                attempt = 0
             delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**attempt) * random.uniform(0.5, 1.0)
             attempt += 1
             captions.status(f"retrying in {delay:.1f} s")
@@ -305,10 +329,10 @@ async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio
 
 
 async def _session(
-    url: str, stream: str | None, backlog: Backlog, captions: Captions, stop: asyncio.Event, mic: Any,
-    options: dict[str, Any],
+    url: str, uplink: Uplink, captions: Captions, stop: asyncio.Event, mic: Any, options: dict[str, Any]
 ) -> int | None:
-    """One connection: start, audio until ``stop``, the last final. Returns None when it failed (retry).
+    """One connection: start (resuming the session if there is one), audio until ``stop``, the last final.
+    Returns None when it failed or the session ended without ``stop`` (retry).
 
     Raises:
         ConfigError: the daemon refused the token (HTTP 401) or its certificate is not trusted: retrying
@@ -319,35 +343,32 @@ async def _session(
 
     try:
         async with connect(url, open_timeout=RECV_TIMEOUT_S, close_timeout=2, compression=None, **options) as ws:
-            await ws.send(Start(MIC_RATE_HZ, "pcm_f32le", stream=stream).to_json())
-            async with asyncio.timeout(RECV_TIMEOUT_S):
-                ready = parse_server_message(await ws.recv())
-            if isinstance(ready, Error):
-                captions.show(ready)
-                return None if ready.code in ("stream_in_use", "server_busy", "not_ready") else 1
-            if isinstance(ready, Ready):
-                captions.status(f"connected: stream {ready.stream}, model {ready.model}")
-            if backlog.dropped:
-                captions.status(f"{backlog.dropped * 0.02:.1f} s of audio were lost while disconnected")
-                backlog.dropped = 0
-            sender = asyncio.create_task(_send(ws, backlog))
-            receiver = asyncio.create_task(_receive(ws, captions))
+            ready = await _start(ws, uplink, captions)
+            if not isinstance(ready, Ready):
+                return ready
+            sender = asyncio.create_task(uplink.send(ws))
+            receiver = asyncio.create_task(_receive(ws, captions, uplink.session))
             stopper = asyncio.create_task(_until_stopped(stop, mic))
             tasks = {sender, receiver, stopper}
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 if stopper not in done:  # the connection broke, or the server ended the session
+                    why = "closed before 'end'"
                     for task in done:
-                        if task.exception() is not None and not isinstance(task.exception(), ConnectionClosed):
-                            raise task.exception()  # type: ignore[misc]
-                    captions.status(f"the session on {url} ended")
+                        if isinstance(exc := task.exception(), ConnectionClosed):
+                            why = str(exc)
+                        elif exc is not None:
+                            raise exc
+                    if uplink.session.ready is None:
+                        captions.status(f"the session on {url} ended")
+                    else:  # the next connection resumes it
+                        captions.status(f"connection to {url} lost ({why})")
                     return None
                 stopper.result()  # the microphone failed: its AudioError
-                sender.cancel()
-                for block in backlog.drain():
-                    await ws.send(block)
-                await ws.send(Stop().to_json())
+                await mic.stop()  # the resampler's tail goes in first
+                uplink.finish()
                 async with asyncio.timeout(RECV_TIMEOUT_S):
+                    await sender  # the rest of the audio, then "stop"
                     await receiver  # the last final, then "end"
                 return 0
             finally:
@@ -371,16 +392,45 @@ async def _session(
         return None
 
 
-async def _send(ws: Any, backlog: Backlog) -> None:
+async def _start(ws: Any, uplink: Uplink, captions: Captions) -> Ready | int | None:
+    """Send ``start`` and wait for ``ready``; an error instead gives the session's result (None: retry).
+
+    After ``resume_failed`` the server starts a new session from the same ``start``: its ``ready`` follows.
+    """
+    start = uplink.session.start_message()
+    await ws.send(start.to_json())
     while True:
-        await ws.send(await backlog.get())
+        async with asyncio.timeout(RECV_TIMEOUT_S):
+            msg = parse_server_message(await ws.recv())
+        if isinstance(msg, Ready):
+            break
+        if isinstance(msg, Error):
+            captions.show(msg)
+            if msg.code != "resume_failed":
+                return None if msg.code in ("stream_in_use", "server_busy", "not_ready") else 1
+    uplink.readies += 1
+    lost = uplink.session.on_ready(msg)
+    if msg.resumed:
+        how = f" (resumed at {msg.audio_s or 0:.2f} s)"
+    elif start.resume is not None:
+        how = " (a new session: the old one could not be resumed)"
+    else:
+        how = ""
+    captions.status(f"connected: stream {msg.stream}, model {msg.model}{how}")
+    if lost:
+        captions.status(f"{lost / MIC_RATE_HZ:.1f} s of audio were lost while disconnected")
+    return msg
 
 
-async def _receive(ws: Any, captions: Captions) -> None:
+async def _receive(ws: Any, captions: Captions, session: ClientSession) -> None:
+    """Show what the server sends until ``end``; count the finals (a resume asks for the rest)."""
     async for raw in ws:
         msg = parse_server_message(raw)
         captions.show(msg)
-        if isinstance(msg, End):
+        if isinstance(msg, Final):
+            session.on_final(msg)
+        elif isinstance(msg, End):
+            session.on_end()
             return
 
 
@@ -399,7 +449,8 @@ def add_mic_args(p: argparse.ArgumentParser) -> None:
     """The options of ``streamer mic`` (and of ``clients/mic_demo.py``)."""
     p.add_argument("--list-devices", action="store_true", help="list the capture devices and exit")
     p.add_argument("--device", help="capture device: an index or part of a name (default: the system's)")
-    p.add_argument("--url", help="recognize on a running daemon, e.g. ws://127.0.0.1:8765, instead of here")
+    p.add_argument("--url", help="recognize on a running daemon, e.g. ws://127.0.0.1:8765, instead of here (a "
+                   "dropped connection resumes its session)")
     p.add_argument("--stream", help="with --url: the stream name, so others can follow /v1/captions?stream=NAME")
     p.add_argument("--token", default=os.environ.get("STREAMER_TOKEN"),
                    help="with --url: access token for a daemon that needs one (default: $STREAMER_TOKEN, "
@@ -421,7 +472,8 @@ def add_mic_parser(sub: argparse._SubParsersAction) -> None:
         "mic",
         help="live captions of a microphone in the terminal",
         description="Live captions of a microphone in the terminal. The recognizer runs here (the bundled\n"
-        "default model, or --model), or on a running daemon with --url. On a terminal the partial is\n"
+        "default model, or --model), or on a running daemon with --url, which resumes the session after\n"
+        "a dropped connection (re-sending the audio the daemon missed). On a terminal the partial is\n"
         "rewritten in place and finals scroll; when stdout is not a terminal only finals are printed;\n"
         "--json prints every message. Ctrl-C prints the last final and exits.",
         epilog=EPILOG,

@@ -26,11 +26,12 @@ from websockets.exceptions import InvalidStatus
 from streamer import settings as settings_module
 from streamer.cli import main as streamer_main
 from streamer.errors import ConfigError
-from streamer.mic_demo import Backlog, Captions, _session, connect_options
+from streamer.mic_demo import Captions, Uplink, _session, connect_options, run_remote
+from streamer.protocol import Start as StartMessage
 from streamer.server.auth import TokenAuth, exposure_warnings
 from streamer.service import Daemon
 from streamer.settings import Settings
-from tests.test_clients import finish, start_client, without_importtime
+from tests.test_clients import FileMic, file_mics, finish, mic_args, start_client, without_importtime  # noqa: F401
 from tests.test_server import (  # noqa: F401  (fixtures)
     Start,
     check_segments,
@@ -238,17 +239,31 @@ def test_exposure_warnings() -> None:
 # ---------------------------------------------------------------- clients
 
 
-async def test_mic_url_stops_with_one_clear_line_on_401(start_daemon: Start) -> None:  # noqa: F811
-    """`streamer mic --url` gets ConfigError (no retry loop) naming the 401 and --token; a good token connects."""
+async def test_mic_url_stops_with_one_clear_line_on_401(
+    start_daemon: Start, file_mics: list[FileMic]  # noqa: F811
+) -> None:
+    """`streamer mic --url` gets ConfigError (one attempt, no retry loop) naming the 401 and --token; a good token
+    connects."""
     daemon = await start_daemon(server={"auth_tokens": [TOKEN]})
     url = ws_url(daemon, "/v1/listen")
-    err = io.StringIO()
-    captions = Captions(io.StringIO(), err)
     for token, reason in ((None, "HTTP 401: missing token"), ("wrong", "HTTP 401: invalid token")):
+        args = mic_args("--url", url, *(["--token", token] if token else []))
         with pytest.raises(ConfigError) as info:
-            await _session(url, None, Backlog(10), captions, asyncio.Event(), None, connect_options(url, token, None))
+            async with asyncio.timeout(10 * TIMEOUT):
+                await run_remote(args, Captions(io.StringIO(), io.StringIO()), asyncio.Event())
         assert reason in str(info.value) and "--token or STREAMER_TOKEN" in str(info.value)
         assert "\n" not in str(info.value)
+    assert daemon.metrics.auth_failures_total.value("missing") == daemon.metrics.auth_failures_total.value(
+        "invalid") == 1
+    err, stop = io.StringIO(), asyncio.Event()
+    running = asyncio.create_task(run_remote(mic_args("--url", url, "--token", TOKEN), Captions(io.StringIO(), err),
+                                             stop))
+    async with asyncio.timeout(10 * TIMEOUT):
+        while "connected: stream" not in err.getvalue():
+            await asyncio.sleep(0.01)
+    stop.set()
+    async with asyncio.timeout(10 * TIMEOUT):
+        assert await running == 0
     with pytest.raises(ConfigError, match="--cafile needs a wss:// URL"):
         connect_options(url, TOKEN, "/etc/ssl/certs/ca-certificates.crt")
 
@@ -311,7 +326,8 @@ async def test_wss_session_gets_ready_and_a_final(
     url = ws_url(daemon, "/v1/listen", "wss")  # `streamer mic --url` says so in one line instead of retrying
     captions = Captions(io.StringIO(), io.StringIO())
     with pytest.raises(ConfigError, match="certificate is not trusted .*--cafile FILE trusts a self-signed one"):
-        await _session(url, None, Backlog(10), captions, asyncio.Event(), None, connect_options(url, None, None))
+        uplink = Uplink(StartMessage(16000, "pcm_f32le"))
+        await _session(url, uplink, captions, asyncio.Event(), None, connect_options(url, None, None))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ started with ``-X importtime`` and its import list is checked.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
@@ -240,6 +241,63 @@ async def test_mqtt_subscriber_prints_status_and_finals(
 
 
 # ---------------------------------------------------------------- the microphone demo on the virtual microphone
+
+
+class FileMic:
+    """Stands in for ``MicrophoneSource`` in `streamer mic --url`: the test hands it 16 kHz float32 audio with
+    `feed`, as fast as it likes (no pacing), and the client takes it as captured."""
+
+    def __init__(self, device: Any, on_audio: Any) -> None:
+        self.on_audio, self.device_name = on_audio, "file"
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    def feed(self, samples: np.ndarray, block: int = 320) -> None:
+        """Deliver ``samples`` in 20 ms blocks, as MicrophoneSource does on the loop thread."""
+        for first in range(0, len(samples), block):
+            self.on_audio(samples[first : first + block])
+
+
+@pytest.fixture
+def file_mics(monkeypatch: pytest.MonkeyPatch) -> list[FileMic]:
+    """`streamer mic` gets a :class:`FileMic` instead of the microphone; the list holds the ones it opened."""
+    import streamer.audio.mic
+    from streamer.audio.mic import InputDevice
+
+    opened: list[FileMic] = []
+
+    def open_mic(device: Any, on_audio: Any) -> FileMic:
+        opened.append(FileMic(device, on_audio))
+        return opened[-1]
+
+    monkeypatch.setattr(streamer.audio.mic, "MicrophoneSource", open_mic)
+    monkeypatch.setattr(streamer.audio.mic, "list_devices", lambda: [InputDevice(0, "file", 1, 16000, "test", True)])
+    return opened
+
+
+@pytest.fixture(scope="module")
+def speech_16k(speech_wav: Path) -> np.ndarray:
+    """The speech WAV as MicrophoneSource delivers it: 16 kHz float32 mono."""
+    import soxr
+
+    data, rate = sf.read(speech_wav, dtype="float32")
+    return soxr.resample(data, rate, 16000).astype(np.float32)
+
+
+def mic_args(*argv: str) -> argparse.Namespace:
+    """The options of `streamer mic` as parsed from ``argv``."""
+    parser = argparse.ArgumentParser()
+    mic_demo.add_mic_args(parser)
+    return parser.parse_args(list(argv))
+
 
 
 async def mic_session(virtual_mic: Any, speech_wav: Path, script: str, ready: str, *args: str) -> tuple[int, str, str]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from streamer.errors import ProtocolError
 from streamer.protocol import (
     ENDPOINT_KEYS,
+    RESUME_BUFFER_S,
+    ClientSession,
     End,
     Error,
     Final,
@@ -20,6 +23,7 @@ from streamer.protocol import (
     Partial,
     Ready,
     Resume,
+    SentAudio,
     Start,
     Stop,
     Warning,
@@ -180,3 +184,110 @@ def test_server_and_engine_layers_import_as_documented() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------- client bookkeeping for a resume
+
+RATE = 16000
+START = Start(RATE, "pcm_s16le", stream="desk")
+
+
+def ready(session: str, token: str, resumed: bool, audio_s: float) -> Ready:
+    return Ready(session, "desk", "m", (70, 1), RATE, 0.08, {}, resume_token=token, resume_window_s=10.0,
+                 resumed=resumed, audio_s=audio_s)
+
+
+def final(segment: int) -> Final:
+    return Final("desk", segment, "hi", 0.0, 1.0, (), (), 1.0, False, "silence")
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(round(seconds * RATE) * START.frame_bytes)
+
+
+def send_all(session: ClientSession) -> int:
+    """What a client's sender does on a live connection; returns the bytes sent."""
+    sent = 0
+    for payload in session.unsent():
+        session.mark_sent(payload)
+        sent += len(payload)
+    return sent
+
+
+def test_sent_audio_keeps_at_least_the_newest_max_frames_by_position() -> None:
+    """Positions count frames across blocks; `since` cuts inside a block; old blocks go only beyond the bound."""
+    audio = SentAudio(frame_bytes=2, max_frames=4)
+    audio.add(b"aabbcc")  # frames 0-2
+    assert (audio.start, audio.end) == (0, 3)
+    assert audio.since(0) == [b"aabbcc"] and audio.since(1) == [b"bbcc"] and audio.since(3) == []
+    audio.add(b"ddeeff")  # frames 3-5: 3 frames follow block 0, fewer than 4: kept
+    assert audio.start == 0 and audio.since(2) == [b"cc", b"ddeeff"]
+    audio.add(b"gghh")  # frames 6-7: 5 frames follow block 0 (it goes), 2 follow block 1
+    assert (audio.start, audio.end) == (3, 8)
+    assert audio.since(0) == [b"ddeeff", b"gghh"]  # from the oldest kept frame
+    assert audio.since(5) == [b"ff", b"gghh"]
+    audio.add(b"")
+    assert audio.end == 8
+    with pytest.raises(ValueError, match="not whole frames"):
+        audio.add(b"iii")
+    with pytest.raises(ValueError, match="must be positive"):
+        SentAudio(frame_bytes=2, max_frames=0)
+
+
+def test_client_session_resumes_with_the_latest_token_and_the_finals_it_has() -> None:
+    """start resumes the session named in the latest ready, asking for the finals after those received; a resumed
+    ready moves the sending position back to the server's audio_s."""
+    session = ClientSession(START)
+    assert session.audio.max_frames == RESUME_BUFFER_S * RATE
+    assert session.start_message() == START  # nothing to resume yet
+    session.audio.add(silence(0.5))
+    assert session.on_ready(ready("s1", "tok1", False, 0.0)) == 0
+    assert send_all(session) == len(silence(0.5)) and session.is_caught_up
+    session.on_final(final(0))
+    session.on_final(final(0))  # a replayed final counts once
+    session.on_final(final(1))
+    assert session.start_message() == replace(START, resume=Resume("s1", "tok1", 2))
+    assert parse_client_message(session.start_message().to_json()) == session.start_message()
+
+    session.audio.add(silence(0.25))  # the connection drops; captured while away
+    assert session.on_ready(ready("s1", "tok2", True, 0.25)) == 0  # the server got only the first 0.25 s
+    assert session.sent == 0.25 * RATE and not session.is_caught_up
+    assert send_all(session) == len(silence(0.5))  # the 0.25 s lost on the way, and the 0.25 s since
+    assert session.session_audio_s == 0.75
+    assert session.start_message().resume == Resume("s1", "tok2", 2)
+    session.on_end()
+    assert session.start_message() == START  # the session is over: a new one next time
+
+
+def test_client_session_after_a_failed_resume_starts_a_new_session_where_the_last_stopped() -> None:
+    """A ready that is not resumed (after resume_failed) gets the audio not sent yet, counts finals from 0, and a
+    later resume of it maps its audio_s onto the same positions."""
+    session = ClientSession(START)
+    session.audio.add(silence(0.5))
+    session.on_ready(ready("s1", "tok1", False, 0.0))
+    send_all(session)
+    session.on_final(final(0))
+    session.audio.add(silence(0.1))  # captured while away
+    assert session.on_ready(ready("s2", "tok3", False, 0.0)) == 0
+    assert session.sent == 0.5 * RATE and session.next_segment == 0
+    assert send_all(session) == len(silence(0.1)) and session.session_audio_s == 0.1
+    assert session.start_message().resume == Resume("s2", "tok3", 0)
+    session.on_ready(ready("s2", "tok4", True, 0.05))
+    assert session.sent == 0.55 * RATE
+
+
+def test_client_session_skips_audio_that_fell_out_of_the_buffer_and_keeps_positions_in_step() -> None:
+    """Away longer than the buffer: the frames the server needs but no longer kept are reported lost, and a later
+    resume still re-sends from the right place (the server's audio_s does not count the gap)."""
+    session = ClientSession(START, buffer_s=1.0)
+    session.audio.add(silence(0.5))
+    session.on_ready(ready("s1", "tok1", False, 0.0))
+    send_all(session)
+    for _ in range(4):  # 2 s captured while away, in 0.5 s blocks: the oldest kept starts at 1.5 s
+        session.audio.add(silence(0.5))
+    assert session.audio.start == 1.5 * RATE
+    assert session.on_ready(ready("s1", "tok2", True, 0.25)) == 1.25 * RATE  # needed from 0.25 s on
+    assert session.sent == 1.5 * RATE and session.session_audio_s == 1.25  # 0.25 s received + 1 s to send
+    send_all(session)
+    session.on_ready(ready("s1", "tok3", True, 0.75))  # got 0.5 s of the re-sent second, then dropped again
+    assert session.sent == 2.0 * RATE

@@ -11,12 +11,15 @@ page) lose their connection too.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -25,6 +28,7 @@ from streamer.asr.model import AsrModel
 from streamer.engine.recognizer import Recognizer
 from streamer.service import Daemon
 from streamer.settings import Settings
+from tests.test_clients import FileMic, file_mics, speech_16k  # noqa: F401  (fixtures)
 from tests.test_server import (  # noqa: F401  (fixtures)
     Start,
     check_segments,
@@ -485,3 +489,99 @@ async def test_ws_client_resumes_through_a_dropped_connection(start_daemon: Star
     assert comparable([m for m in messages if m["type"] == "final"]) == comparable(expected)
     assert messages[-1]["type"] == "end" and messages[-1]["segments"] == len(expected)
     assert "server received" not in err and "lost" not in err.replace("connection lost", "")
+
+
+class MicURL:
+    """`streamer mic --url URL --json` running in this loop on a FileMic (see ``file_mics``), its output kept."""
+
+    def __init__(self, url: str, *argv: str) -> None:
+        from streamer.mic_demo import Captions, run_remote
+        from tests.test_clients import mic_args
+
+        self.out, self.err, self.stop = io.StringIO(), io.StringIO(), asyncio.Event()
+        captions = Captions(self.out, self.err, as_json=True)
+        self.task = asyncio.create_task(run_remote(mic_args("--url", url, *argv), captions, self.stop))
+
+    async def until(self, predicate: Callable[[], object], seconds: float = 20) -> None:
+        """Wait for ``predicate`` to hold (the client is still running)."""
+        try:
+            async with asyncio.timeout(seconds * TIMEOUT):
+                while not predicate():
+                    assert not self.task.done(), self.err.getvalue()
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            pytest.fail(f"not there after {seconds} s; stdout:\n{self.out.getvalue()}\nstderr:\n{self.err.getvalue()}")
+
+    async def finish(self) -> tuple[int, list[dict[str, Any]], str]:
+        """Ctrl-C: the exit status, the messages printed and the status lines."""
+        self.stop.set()
+        async with asyncio.timeout(30 * TIMEOUT):
+            rc = await self.task
+        return rc, json_lines(self.out.getvalue()), self.err.getvalue()
+
+
+def finals_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if m["type"] == "final"]
+
+
+async def test_streamer_mic_url_resumes_through_a_dropped_connection(
+    start_daemon: Start, file_mics: list[FileMic], speech_16k: np.ndarray  # noqa: F811
+) -> None:
+    """`streamer mic --url`, its connection dead for a while and then cut mid-segment by a relay: it reconnects, says
+    "resumed", re-sends what the server missed and shows the same finals as an uninterrupted run, each once."""
+    daemon = await start_daemon(endpointing={"max_segment_s": SEGMENT_S})
+    plain = MicURL(f"ws://127.0.0.1:{daemon.port}", "--stream", "plain")
+    await plain.until(lambda: "connected: stream plain" in plain.err.getvalue())
+    file_mics[-1].feed(speech_16k)
+    rc, messages, err = await plain.finish()
+    assert rc == 0, err
+    expected, expected_end = finals_of(messages), messages[-1]
+    assert len(expected) >= 3 and expected_end["type"] == "end" and "(resumed" not in err
+    half = len(speech_16k) * 7 // 10  # the second segment is open (max_segment_s: 1 s; 2.6 s of speech)
+    async with Proxy(daemon.port) as proxy:
+        roam = MicURL(f"ws://127.0.0.1:{proxy.port}", "--stream", "roam")
+        await roam.until(lambda: "connected: stream roam" in roam.err.getvalue())
+        file_mics[-1].feed(speech_16k[:half])
+        await roam.until(lambda: '"type":"partial","stream":"roam","segment":1' in roam.out.getvalue())
+        outage = asyncio.create_task(proxy.outage(0.5))
+        await asyncio.sleep(0)  # the outage begins
+        file_mics[-1].feed(speech_16k[half:])  # sent while the link is dead: lost on the way
+        await outage
+        await roam.until(lambda: "(resumed at" in roam.err.getvalue())
+        rc, messages, err = await roam.finish()
+    assert rc == 0, err
+    assert proxy.connections == 2 and proxy.lost_bytes > 10000  # audio had to be sent again
+    assert "connection to" in err and "lost" in err and "resume_failed" not in err
+    assert "lost while disconnected" not in err
+    assert comparable(finals_of(messages)) == comparable(expected)
+    assert messages[-1] == {**expected_end, "stream": "roam"}  # the server got all the audio, once
+
+
+async def test_streamer_mic_url_goes_on_in_a_new_session_when_the_resume_fails(
+    start_daemon: Start, file_mics: list[FileMic], speech_16k: np.ndarray  # noqa: F811
+) -> None:
+    """The connection comes back to a daemon that does not know the session (as after a restart): resume_failed is
+    shown, the status line says it is a new session, and the audio captured meanwhile goes to that one."""
+    first = await start_daemon(endpointing={"max_segment_s": SEGMENT_S})
+    second = await start_daemon(endpointing={"max_segment_s": SEGMENT_S})
+    half = len(speech_16k) * 7 // 10  # the second segment is open (max_segment_s: 1 s; 2.6 s of speech)
+    async with Proxy(first.port) as proxy:
+        mic = MicURL(f"ws://127.0.0.1:{proxy.port}", "--stream", "moved")
+        await mic.until(lambda: "connected: stream moved" in mic.err.getvalue())
+        file_mics[-1].feed(speech_16k[:half])
+        await mic.until(lambda: '"type":"partial","stream":"moved","segment":1' in mic.out.getvalue())
+        proxy.target = second.port
+        proxy.cut()
+        file_mics[-1].feed(speech_16k[half:])  # captured while away
+        await mic.until(lambda: mic.err.getvalue().count("connected: stream moved") == 2)
+        rc, messages, err = await mic.finish()
+    assert rc == 0, err
+    errors = [m for m in messages if m["type"] == "error"]  # --json: on stdout; on a terminal, a line on stderr
+    assert [e["code"] for e in errors] == ["resume_failed"] and "no such session" in errors[0]["message"]
+    assert "connected: stream moved, model streamer-tdt-small (a new session: the old one could not be resumed)" in err
+    end = messages[-1]
+    rest_s = (len(speech_16k) - half) / 16000  # less what went into the dead socket before the client noticed
+    assert end["type"] == "end" and rest_s - 0.2 < end["audio_s"] <= round(rest_s, 3)
+    segments = [f["segment"] for f in finals_of(messages)]
+    before = len(segments) - end["segments"]  # the old session's finals, then the new one's from 0
+    assert before >= 1 and segments == list(range(before)) + list(range(end["segments"]))
