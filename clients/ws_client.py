@@ -281,16 +281,7 @@ class LiveSession:
 
     async def _send(self, ws: ClientConnection) -> None:
         """Send the buffered audio the session lacks, then live audio; ``stop`` once the source has ended."""
-        while True:
-            self.captured.clear()
-            for payload in self.session.unsent():
-                await ws.send(payload)
-                self.session.mark_sent(payload)
-            if self.session.is_caught_up:
-                if self.is_source_done:
-                    await ws.send(Stop().to_json())
-                    return
-                await self.captured.wait()
+        await self.session.send_audio(ws, self.captured, lambda: self.is_source_done)
 
 
 def check_accounting(end: End, sent_s: float) -> None:

@@ -43,7 +43,6 @@ from streamer.protocol import (
     Ready,
     ServerMessage,
     Start,
-    Stop,
     Warning,
     parse_server_message,
 )
@@ -283,16 +282,7 @@ class Uplink:
     async def send(self, ws: Any) -> None:
         """Send the audio the session lacks, then live audio; ``stop`` after `finish`. Cancelling loses
         nothing: what is not sent stays buffered. One task at a time."""
-        while True:
-            self.captured.clear()
-            for payload in self.session.unsent():
-                await ws.send(payload)
-                self.session.mark_sent(payload)
-            if self.session.is_caught_up:
-                if self.is_mic_done:
-                    await ws.send(Stop().to_json())
-                    return
-                await self.captured.wait()
+        await self.session.send_audio(ws, self.captured, lambda: self.is_mic_done)
 
 
 async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio.Event) -> int:

@@ -129,10 +129,12 @@ the same JSON, plus a retained ``<prefix>/<device>/status`` of ``online``/``offl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -623,6 +625,20 @@ class ClientSession:
     def is_caught_up(self) -> bool:
         """Everything captured so far went to the current connection."""
         return self.sent >= self.audio.end
+
+    async def send_audio(self, ws: Any, captured: asyncio.Event, is_source_done: Callable[[], bool]) -> None:
+        """Send ``ws`` the kept audio it lacks, then live audio as ``captured`` signals it, and ``stop`` once
+        ``is_source_done()`` and everything is sent. Cancelling loses nothing: unsent audio stays kept."""
+        while True:
+            captured.clear()
+            for payload in self.unsent():
+                await ws.send(payload)
+                self.mark_sent(payload)
+            if self.is_caught_up:
+                if is_source_done():
+                    await ws.send(Stop().to_json())
+                    return
+                await captured.wait()
 
     @property
     def session_audio_s(self) -> float:
