@@ -165,6 +165,20 @@ async def interrupted(
     return first, second, resumed
 
 
+async def start_half_then_vanish(
+    daemon: Daemon, viewer: ClientConnection, stream: str, data: bytes, rate: int
+) -> dict[str, Any]:
+    """Open a /v1/listen session on ``stream`` with one long segment, send half of ``data``, wait until the
+    viewer has a partial, then drop the TCP connection without a close frame. Returns the ``ready``."""
+    ws = await connect(url(daemon, "/v1/listen"))
+    await ws.send(start_msg(rate, stream=stream, endpointing={"max_segment_s": 60}))
+    ready = await recv(ws)
+    await send_audio(ws, data[: len(data) // 2 & ~1])
+    await recv_until(viewer, "partial")
+    ws.transport.abort()
+    return ready
+
+
 def comparable(finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in f.items() if k != "stream"} for f in finals]
 
@@ -240,14 +254,9 @@ async def test_window_expiry_flushes_as_disconnect_and_a_late_resume_fails(
     daemon = await start_daemon(server={"resume_window_s": 0.8})
     data, rate = pcm
     async with connect(url(daemon, "/v1/captions?stream=late")) as viewer:
-        ws = await connect(url(daemon, "/v1/listen"))
-        await ws.send(start_msg(rate, stream="late", endpointing={"max_segment_s": 60}))
-        ready = await recv(ws)
-        assert ready["resume_window_s"] == 0.8
-        await send_audio(ws, data[: len(data) // 2 & ~1])
-        await recv_until(viewer, "partial")
-        ws.transport.abort()
+        ready = await start_half_then_vanish(daemon, viewer, "late", data, rate)
         dropped = time.monotonic()
+        assert ready["resume_window_s"] == 0.8
         final = (await recv_until(viewer, "final"))[-1]
         assert final["reason"] == "disconnect" and final["segment"] == 0
         assert time.monotonic() - dropped >= 0.7  # held for the window first
@@ -360,12 +369,7 @@ async def test_shutdown_flushes_held_sessions_without_waiting_for_the_window(
     await daemon.ready.wait()
     data, rate = pcm
     async with connect(url(daemon, "/v1/captions?stream=bye")) as viewer:
-        ws = await connect(url(daemon, "/v1/listen"))
-        await ws.send(start_msg(rate, stream="bye", endpointing={"max_segment_s": 60}))
-        await recv(ws)
-        await send_audio(ws, data[: len(data) // 2 & ~1])
-        await recv_until(viewer, "partial")
-        ws.transport.abort()
+        await start_half_then_vanish(daemon, viewer, "bye", data, rate)
         await asyncio.sleep(0.2)
         stopped = time.monotonic()
         stop.set()
@@ -381,13 +385,8 @@ async def test_resume_window_0_keeps_todays_behaviour(start_daemon: Start, pcm: 
     daemon = await start_daemon(server={"resume_window_s": 0})
     data, rate = pcm
     async with connect(url(daemon, "/v1/captions?stream=now")) as viewer:
-        ws = await connect(url(daemon, "/v1/listen"))
-        await ws.send(start_msg(rate, stream="now", endpointing={"max_segment_s": 60}))
-        ready = await recv(ws)
+        ready = await start_half_then_vanish(daemon, viewer, "now", data, rate)
         assert not {"resume_token", "resume_window_s", "resumed", "audio_s"} & set(ready)
-        await send_audio(ws, data[: len(data) // 2 & ~1])
-        await recv_until(viewer, "partial")
-        ws.transport.abort()
         final = (await recv_until(viewer, "final", timeout_s=3))[-1]  # no window to wait out (held: 10 s)
         assert final["reason"] == "disconnect"
     async with connect(url(daemon, "/v1/listen")) as again:
