@@ -44,6 +44,7 @@ from streamer.training.speed import TapDepthwiseConv2d, use_input_normalization
 from streamer.training.tokenizer import train_tokenizer
 from streamer.training.trainer import (
     Trainer,
+    bf16_supported,
     build_optimizer,
     compute_loss,
     export_nemo,
@@ -403,6 +404,24 @@ def test_training_device_names() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="sees no CUDA GPU"):
             training_device("cuda")
+
+
+def test_bf16_trains_in_float32_where_the_cpu_has_no_native_bfloat16(
+    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """train.bf16 (the recipe default) asks for bfloat16 autocast. On an AVX2-only CPU oneDNN's LSTM refuses
+    bf16 ("could not create a primitive descriptor"), so there the run says so and trains in float32; where
+    the CPU has it (AVX-512 bf16, AMX) the run keeps it. Either way a step trains."""
+    recipe = recipe_from_dict(_recipe(corpus, bf16=True))
+    (tmp_path / "checkpoints").mkdir()
+    with caplog.at_level("WARNING", logger="streamer.training.trainer"):
+        trainer = Trainer(recipe, tmp_path)
+    native = bf16_supported(torch.device("cpu"))
+    assert trainer.recipe.train.bf16 is native
+    assert ("no native bfloat16" in caplog.text) is (not native)
+    batch = next(trainer._batches())[2]
+    result = train_step(trainer.model, trainer.optimizer, batch, (4, 1), trainer.loss_fn, trainer.recipe, 1e-3)
+    assert math.isfinite(result.loss) and math.isfinite(result.grad_norm)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -104,7 +104,10 @@ class TrainSection:
     # Features, batching and SpecAugment stay on the CPU in the data worker(s) either way.
     device: str = "auto"
     threads: int = 1  # torch intra-op threads of the training process
-    bf16: bool = True  # bfloat16 autocast for matmuls and convs (AMX/AVX-512 CPUs: ~2x; GPUs); losses in fp32
+    # bfloat16 autocast for matmuls and convs (AMX/AVX-512 CPUs: ~2x; GPUs); losses in fp32. Where the device
+    # has no native bfloat16 (an AVX2-only CPU, where oneDNN's LSTM refuses it) the run says so and trains in
+    # float32 (trainer.bf16_supported).
+    bf16: bool = True
     # Training-only depthwise conv of the subsampling (streamer.training.speed); a CPU speed-up, not used on a GPU.
     fast_depthwise: bool = True
     # Train the first conv as if its input were normalised with the corpus mean and std of the log-mel

@@ -22,6 +22,7 @@ Shape legend:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -243,7 +244,8 @@ def compute_loss(
     """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``."""
     device = next(model.parameters()).device
     batch = batch_to(batch, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.bf16):
+    bf16 = recipe.train.bf16 and bf16_supported(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         enc, enc_len = model.encoder(batch.mel, batch.mel_lengths, ctx)  # (B, T, D)
         pred = model.decoder(batch.targets)  # (B, U+1, P)
         assert model.joint is not None
@@ -270,6 +272,19 @@ def training_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"train.device: {name!r} is not supported (auto, cpu, cuda or cuda:N)")
     return device
+
+
+@functools.cache
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively on ``device``. On a CPU that is oneDNN's own check (AVX-512
+    bf16 or AMX); without it, autocast emulates bf16 slowly and oneDNN's LSTM refuses it outright, so
+    :func:`compute_loss` runs such a device in float32 whatever ``train.bf16`` says."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -519,6 +534,13 @@ class Trainer:
         )
         self.featurizer = BatchFeaturizer(corpus, model_config(recipe, tokenizer.vocab_size).features, data.dither)
         self.device = training_device(recipe.train.device)
+        if recipe.train.bf16 and not bf16_supported(self.device):
+            logger.warning(
+                "train.bf16: this %s has no native bfloat16 (torch's CPU capability: %s); training in float32",
+                self.device,
+                torch.backends.cpu.get_cpu_capability(),
+            )
+            self.recipe = recipe = replace(recipe, train=replace(recipe.train, bf16=False))
         self.model = build_model(recipe, tokenizer, recipe.seed)
         if recipe.train.fast_depthwise and self.device.type == "cpu":
             use_fast_depthwise(self.model.encoder)
