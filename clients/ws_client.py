@@ -60,6 +60,7 @@ from streamer.protocol import (
     Start,
     Stop,
     Warning,
+    listen_url,
     parse_server_message,
 )
 
@@ -259,7 +260,7 @@ class LiveSession:
         if msg.resumed:
             print(f"ws_client: resumed session {msg.session} at {msg.audio_s or 0:.3f} s", file=sys.stderr, flush=True)
         elif previous is None:
-            print(f"ws_client: streaming the {self.source} to {url} as stream {msg.stream}", file=sys.stderr,
+            print(f"ws_client: streaming {self.source} to {url} as stream {msg.stream}", file=sys.stderr,
                   flush=True)
         if lost:
             print(f"ws_client: {lost / self.start.sample_rate:.2f} s of audio were no longer buffered and are lost",
@@ -307,7 +308,7 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     show = Printer(args.json)
     start = Start(rate, "pcm_s16le" if args.s16 else "pcm_f32le", channels, args.stream)
-    url = args.url.rstrip("/") + "/v1/listen"
+    url = listen_url(args.url)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     tls = {"ssl": ssl.create_default_context(cafile=args.cafile)} if args.cafile else {}  # else the system CAs
     options = {"open_timeout": 10, "close_timeout": 5, "compression": None, "max_size": 2**22,
@@ -323,7 +324,7 @@ async def run(args: argparse.Namespace) -> int:
         ready = parse_server_message(first)
         if not isinstance(ready, Ready):
             return 1  # the start was refused (bad format, stream name in use, server busy)
-        print(f"ws_client: streaming the {source} to {url} as stream {ready.stream}", file=sys.stderr, flush=True)
+        print(f"ws_client: streaming {source} to {url} as stream {ready.stream}", file=sys.stderr, flush=True)
         sent = [0]
         sender = asyncio.create_task(send_audio(ws, blocks, args.s16, stop, sent))
         try:
@@ -343,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", nargs="?", help="audio file (WAV, FLAC, MP3, Ogg; any rate and channel count)")
     p.add_argument("--mic", action="store_true", help="stream the microphone instead of a file")
     p.add_argument("--device", help="with --mic: device index or part of its name (default: the system's)")
-    p.add_argument("--url", default="ws://127.0.0.1:8765", help="the daemon (default: %(default)s)")
+    p.add_argument("--url", default="ws://127.0.0.1:8765",
+                   help="the daemon: ws://HOST:PORT, wss://..., or the full .../v1/listen (default: %(default)s)")
     p.add_argument("--stream", help="stream name, for /v1/captions?stream=NAME and MQTT (default: the server's)")
     p.add_argument("--realtime", action="store_true", help="send a file no faster than it plays")
     p.add_argument("--s16", action="store_true", help="send 16-bit integers (pcm_s16le) instead of float32")
@@ -357,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give an audio file or --mic")
     if args.file and not os.path.isfile(args.file):
         p.error(f"{args.file}: no such file")
-    if args.cafile and not args.url.startswith("wss://"):
+    try:
+        listen_url(args.url)
+    except ValueError as exc:
+        p.error(f"--url {exc}")
+    if args.cafile and not listen_url(args.url).startswith("wss://"):
         p.error("--cafile needs a wss:// URL")
     if args.cafile and not os.path.isfile(args.cafile):
         p.error(f"--cafile {args.cafile}: no such file")

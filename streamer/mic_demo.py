@@ -46,6 +46,7 @@ from streamer.protocol import (
     Warning,
     parse_server_message,
 )
+from streamer.protocol import listen_url as protocol_listen_url
 
 MIC_RATE_HZ = 16000  # what MicrophoneSource delivers (it resamples from the device's own rate)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 15.0
@@ -228,13 +229,11 @@ async def _until_stopped(stop: asyncio.Event, mic: Any) -> None:
 
 
 def listen_url(url: str) -> str:
-    """``ws://host:port`` or ``http://host:port/`` -> ``ws://host:port/v1/listen``."""
-    if url.startswith(("http://", "https://")):
-        url = "ws" + url[4:]
-    if not url.startswith(("ws://", "wss://")):
-        raise ConfigError(f"--url {url!r}: expected ws://HOST:PORT (or wss://)")
-    base = url.rstrip("/")
-    return base if base.endswith("/v1/listen") else base + "/v1/listen"
+    """:func:`streamer.protocol.listen_url`, with a bad ``--url`` as a :class:`ConfigError`."""
+    try:
+        return protocol_listen_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"--url {exc}") from None
 
 
 def connect_options(url: str, token: str | None, cafile: str | None) -> dict[str, Any]:

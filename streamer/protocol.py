@@ -518,6 +518,21 @@ def _parse_endpointing(value: Any) -> dict[str, float]:
 # ---------------------------------------------------------------- client bookkeeping for a resume
 
 
+def listen_url(url: str) -> str:
+    """The ``/v1/listen`` address of a daemon given as ``ws://host:port``, ``http://host:port/`` (what the
+    daemon prints) or the full ``ws://host:port/v1/listen``; ``https://`` becomes ``wss://``.
+
+    Raises:
+        ValueError: not a ws, wss, http or https address.
+    """
+    if url.startswith(("http://", "https://")):
+        url = "ws" + url[4:]
+    if not url.startswith(("ws://", "wss://")):
+        raise ValueError(f"{url!r}: expected ws://HOST:PORT (or wss://)")
+    base = url.rstrip("/")
+    return base if base.endswith("/v1/listen") else base + "/v1/listen"
+
+
 class SentAudio:
     """A live client's most recent audio, kept to re-send what a dropped connection lost.
 

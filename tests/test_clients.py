@@ -25,6 +25,7 @@ import soundfile as sf
 from websockets.asyncio.server import ServerConnection, serve
 
 from streamer import mic_demo
+from streamer.errors import ConfigError
 from streamer.mic_demo import CLEAR_LINE, DIM, NORMAL, Captions, listen_url
 from streamer.protocol import End, Final, Partial, Ready, WordTiming
 from tests.test_daemon import daemon  # noqa: F401  (the fixture that starts `streamer serve`)
@@ -109,6 +110,18 @@ def test_captions_rewrite_the_partial_in_place_and_scroll_finals() -> None:
 def test_listen_url_accepts_a_base_address() -> None:
     """--url takes ws://host:port, http://host:port/ or the full /v1/listen URL."""
     assert listen_url("ws://h:1") == listen_url("http://h:1/") == listen_url("ws://h:1/v1/listen") == "ws://h:1/v1/listen"
+    assert listen_url("https://h:1") == "wss://h:1/v1/listen"
+    with pytest.raises(ConfigError, match="expected ws://HOST:PORT"):
+        listen_url("h:1")
+
+
+def test_ws_client_names_a_bad_url() -> None:
+    """ws_client.py --url without a scheme: a usage error that says what it expected, before any I/O."""
+    result = subprocess.run(
+        [sys.executable, str(CLIENTS / "ws_client.py"), "--url", "localhost:8765", __file__],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "expected ws://HOST:PORT" in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------- ws_client.py on the wire
@@ -201,7 +214,9 @@ async def test_ws_client_prints_the_daemons_finals(daemon: Any, speech_wav: Path
     assert "server received" not in err and "dropped" not in err
     assert "torch" not in imported_modules(err)
 
-    rc, out, err = await finish(await start_client("ws_client.py", str(speech_wav), "--url", url, "--s16"))
+    # the full address as the daemon's banner prints it works too
+    client = await start_client("ws_client.py", str(speech_wav), "--url", url + "/v1/listen", "--s16")
+    rc, out, err = await finish(client)
     assert rc == 0, without_importtime(err)
     assert out and all(line.strip() for line in out.splitlines())  # one line of text per final
     code, stderr = await running.stop()
