@@ -313,7 +313,7 @@ async def run(args: argparse.Namespace) -> int:
     tls = {"ssl": ssl.create_default_context(cafile=args.cafile)} if args.cafile else {}  # else the system CAs
     options = {"open_timeout": 10, "close_timeout": 5, "compression": None, "max_size": 2**22,
                "additional_headers": headers, **tls}
-    source = f"microphone at {rate} Hz" if args.mic else f"{args.file} ({rate} Hz, {channels} channel(s))"
+    source = f"the microphone at {rate} Hz" if args.mic else f"{args.file} ({rate} Hz, {channels} channel(s))"
     if args.mic or args.realtime:  # live: a dropped connection is resumed
         return await LiveSession(start, blocks, args.s16, stop, show, options, source).run(url)
     async with connect(url, **options) as ws:
