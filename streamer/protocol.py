@@ -471,7 +471,9 @@ def _parse_start(obj: dict[str, Any]) -> Start:
     if not 1 <= channels <= MAX_CHANNELS:
         raise MessageError("unsupported_audio", f"channels must be 1-{MAX_CHANNELS}, got {channels}")
     stream = obj.get("stream")
-    if stream is not None and (not isinstance(stream, str) or not STREAM_NAME.fullmatch(stream)):
+    if stream is not None and not isinstance(stream, str):  # 7 is not "7": the rule below would read as satisfied
+        raise MessageError("bad_message", f"'stream' must be a string, got {stream!r}")
+    if stream is not None and not STREAM_NAME.fullmatch(stream):
         raise MessageError(
             "bad_message",
             f"stream name {stream!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "

@@ -101,6 +101,8 @@ def test_control_messages_round_trip(cls: type) -> None:
          "stream name 'a/b' is invalid"),
         ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "stream": ""}', "bad_message",
          "is invalid"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "stream": 7}', "bad_message",
+         "'stream' must be a string, got 7"),
         ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "interim_results": 1}', "bad_message",
          "true or false"),
         ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "version": 2}', "bad_message",

@@ -277,6 +277,70 @@ async def test_bad_input_gets_clear_errors_and_the_session_goes_on(start_daemon:
     assert errors.value("bad_audio") == 3 and errors.value("no_start") == 2
 
 
+async def test_bad_start_fields_are_named_and_a_corrected_start_goes_on(start_daemon: Start, pcm: tuple[bytes, int]):
+    """A start with an unknown key, a bad stream name or a bad endpointing override gets error bad_message naming the
+    key or value (no stream yet); the connection stays open, the bad starts reserve no name, and a corrected start
+    gets ready with its override. Once started, a bad start or control message is named the same way (with the
+    stream) and the session goes on to end and close 1000; a bystander session is undisturbed."""
+    daemon = await start_daemon()
+    data, rate = pcm
+    rule = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    allowed = "channels, encoding, endpointing, interim_results, resume, sample_rate, stream, version"
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"rate": 1}, f"unknown field 'rate' in 'start'; allowed: {allowed}"),
+        ({"stream": "kitchen", "endpoint": {}}, f"unknown field 'endpoint' in 'start'; allowed: {allowed}"),
+        ({"stream": "a/b"}, f"stream name 'a/b' is invalid: {rule}"),
+        ({"stream": ""}, f"stream name '' is invalid: {rule}"),
+        ({"stream": "-x"}, f"stream name '-x' is invalid: {rule}"),
+        ({"stream": "x" * 65}, f"stream name '{'x' * 65}' is invalid: {rule}"),
+        ({"stream": 7}, "'stream' must be a string, got 7"),
+        ({"stream": "kept", "endpointing": 1}, "'endpointing' must be an object, got 1"),
+        (
+            {"stream": "kept", "endpointing": {"rule1": 1}},
+            "unknown endpointing rule 'rule1'; known: trailing_silence_after_speech_s, silence_without_speech_s, "
+            "max_segment_s",
+        ),
+        (
+            {"stream": "kept", "endpointing": {"max_segment_s": 0}},
+            "endpointing.max_segment_s must be in (0, 3600] s, got 0",
+        ),
+        (
+            {"stream": "kept", "endpointing": {"max_segment_s": "5"}},
+            "endpointing.max_segment_s must be a number of seconds, got '5'",
+        ),
+        (
+            {"stream": "kept", "endpointing": {"silence_without_speech_s": float("nan")}},
+            "endpointing.silence_without_speech_s must be a number of seconds, got nan",
+        ),
+        # the bad override is named, not the name another session holds
+        (
+            {"stream": "taken", "endpointing": {"max_segment_s": 1e9}},
+            "endpointing.max_segment_s must be in (0, 3600] s, got 1000000000.0",
+        ),
+    ]
+    async with connect(url(daemon, "/v1/listen")) as other, connect(url(daemon, "/v1/listen")) as ws:
+        await other.send(start_msg(rate, stream="taken"))
+        assert (await recv(other))["type"] == "ready"
+        for extra, message in cases:
+            await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", **extra}))
+            assert await recv(ws) == {"type": "error", "code": "bad_message", "message": message}, extra
+        await ws.send(start_msg(rate, stream="kept", endpointing={"max_segment_s": 1.5}))
+        ready = await recv(ws)
+        assert ready["type"] == "ready" and ready["stream"] == "kept" and ready["endpointing"]["max_segment_s"] == 1.5
+        for bad, message in (
+            (start_msg(rate, stream="kept", bogus=True), f"unknown field 'bogus' in 'start'; allowed: {allowed}"),
+            (json.dumps({"type": "stop", "now": True}), "unknown field 'now' in 'stop'"),
+        ):
+            await ws.send(bad)
+            assert await recv(ws) == {"type": "error", "code": "bad_message", "stream": "kept", "message": message}
+        for client in (ws, other):
+            await send_audio(client, data)
+            await client.send(json.dumps({"type": "stop"}))
+            messages, code = await recv_all(client)
+            assert code == 1000 and check_segments(messages)[-1]["reason"] == "stop" and messages[-1]["type"] == "end"
+    assert daemon.metrics.protocol_errors_total.value("bad_message") == len(cases) + 2
+
+
 def io_wav(data: bytes, rate: int) -> Any:
     """The s16le bytes as an in-memory WAV file (to read them back as float32)."""
     import io
@@ -288,21 +352,35 @@ def io_wav(data: bytes, rate: int) -> Any:
 
 
 async def test_odd_byte_count_for_s16le_is_an_error(start_daemon: Start, pcm: tuple[bytes, int]) -> None:
-    """A frame of 3 bytes of s16le (or 2 bytes of stereo) is rejected; whole frames afterwards still work."""
+    """A mono s16le frame of 3 or 1 bytes, or a stereo one of 3 or 2 bytes, is rejected with bad_audio naming its size
+    and the frame size; the two sessions run side by side, count none of the dropped bytes and recognize whole
+    frames afterwards."""
     daemon = await start_daemon()
     data, rate = pcm
-    async with connect(url(daemon, "/v1/listen")) as ws:
-        await ws.send(start_msg(rate, channels=2))
-        await recv(ws)
-        for frame in (b"\x00\x01\x02", b"\x00\x01"):
-            await ws.send(frame)
-            msg = await recv(ws)
-            assert msg["code"] == "bad_audio" and "4 bytes each for 2 channel(s)" in msg["message"]
-        stereo = np.repeat(np.frombuffer(data, "<i2"), 2).tobytes()
-        await send_audio(ws, stereo, 8820)
-        await ws.send(json.dumps({"type": "stop"}))
-        messages, code = await recv_all(ws)
-    assert code == 1000 and check_segments(messages)
+
+    async def session(channels: int, bad_frames: tuple[bytes, ...]) -> tuple[list[dict[str, Any]], int | None]:
+        stream = f"odd{channels}"
+        async with connect(url(daemon, "/v1/listen")) as ws:
+            await ws.send(start_msg(rate, channels=channels, stream=stream))
+            assert (await recv(ws))["type"] == "ready"
+            for frame in bad_frames:
+                await ws.send(frame)
+                msg = await recv(ws)
+                message = (
+                    f"audio frame of {len(frame)} bytes is not a whole number of pcm_s16le samples "
+                    f"({2 * channels} bytes each for {channels} channel(s)); the frame was dropped"
+                )
+                assert msg == {"type": "error", "code": "bad_audio", "stream": stream, "message": message}
+            audio = np.repeat(np.frombuffer(data, "<i2"), channels).tobytes()
+            await send_audio(ws, audio, 4410 * channels)
+            await ws.send(json.dumps({"type": "stop"}))
+            return await recv_all(ws)
+
+    results = await asyncio.gather(session(1, (b"\x00\x01\x02", b"\x05")), session(2, (b"\x00\x01\x02", b"\x00\x01")))
+    for messages, code in results:
+        assert code == 1000 and check_segments(messages) and messages[-1]["type"] == "end"
+        assert messages[-1]["audio_s"] == round(len(data) / 2 / rate, 3)  # the dropped bytes were not counted
+    assert daemon.metrics.protocol_errors_total.value("bad_audio") == 4
 
 
 async def test_oversized_frame_closes_1009_and_the_segment_still_reaches_subscribers(
@@ -330,7 +408,9 @@ async def test_oversized_frame_closes_1009_and_the_segment_still_reaches_subscri
 async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mqtt(
     start_daemon: Start, pcm: tuple[bytes, int], tmp_path: Path
 ) -> None:
-    """A client that drops its TCP connection mid-utterance: its segment's final still reaches captions and MQTT."""
+    """A client that drops its TCP connection mid-utterance: once its (short) resume window passes, its segment's
+    final reaches captions and MQTT; a bystander session, mid-utterance across the drop, still gets its final
+    (on MQTT too), end and close 1000."""
     if shutil.which("mosquitto") is None:
         pytest.skip("mosquitto is not installed (apt install mosquitto)")
     import aiomqtt
@@ -341,25 +421,43 @@ async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mq
     broker.start()
     try:
         daemon = await start_daemon(
-            mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": "box"}
+            server={"resume_window_s": 0.5},  # held this long, not the default 10 s, then finalized as a disconnect
+            mqtt={"enabled": True, "host": "127.0.0.1", "port": broker.port, "device_id": "box"},
         )
         data, rate = pcm
+        half = len(data) // 2 & ~1
         async with aiomqtt.Client("127.0.0.1", broker.port) as mqtt:
             await mqtt.subscribe("streamer/box/#", qos=1)
-            async with connect(url(daemon, "/v1/captions?stream=gone")) as sub:
+            async with (
+                connect(url(daemon, "/v1/captions?stream=gone")) as sub,
+                connect(url(daemon, "/v1/listen")) as other,
+            ):
+                await other.send(start_msg(rate, stream="stays", endpointing={"max_segment_s": 60}))
+                await recv(other)
+                await send_audio(other, data[:half])
                 ws = await connect(url(daemon, "/v1/listen"))
                 await ws.send(start_msg(rate, stream="gone", endpointing={"max_segment_s": 60}))
-                await recv(ws)
-                await send_audio(ws, data[: len(data) // 2 & ~1])
+                assert (await recv(ws))["resume_window_s"] == 0.5
+                await send_audio(ws, data[:half])
                 await recv_until(sub, "partial")
                 ws.transport.abort()  # vanish: no close frame, no stop
-                final = (await recv_until(sub, "final"))[-1]
-                assert final["reason"] == "disconnect"
+                final = (await recv_until(sub, "final", timeout_s=10))[-1]
+                assert final["reason"] == "disconnect" and final["stream"] == "gone" and final["segment"] == 0
+                # the bystander's utterance goes on across the drop
+                await send_audio(other, data[half:])
+                await other.send(json.dumps({"type": "finalize"}))
+                kept = (await recv_until(other, "final"))[-1]
+                assert kept["reason"] == "finalize" and kept["stream"] == "stays" and kept["segment"] == 0
+                await other.send(json.dumps({"type": "stop"}))
+                messages, code = await recv_all(other)
+                assert code == 1000 and messages[-1]["type"] == "end"
+            wanted = {"streamer/box/gone/final": final, "streamer/box/stays/final": kept}
             async with asyncio.timeout(10 * TIMEOUT):
                 async for message in mqtt.messages:
-                    if str(message.topic) == "streamer/box/gone/final":
-                        assert json.loads(message.payload) == final
-                        break
+                    if str(message.topic) in wanted:
+                        assert json.loads(message.payload) == wanted.pop(str(message.topic))
+                        if not wanted:
+                            break
     finally:
         broker.stop()
 
@@ -367,7 +465,11 @@ async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mq
 async def test_broker_restart_mid_stream_loses_no_final(
     start_daemon: Start, pcm: tuple[bytes, int], mosquitto_factory: Callable[..., Mosquitto]
 ) -> None:
-    """The broker goes away mid-stream and comes back: every final the client saw reaches MQTT, once, in order."""
+    """The broker goes away mid-stream and comes back: every final the clients saw reaches MQTT, once, in order.
+
+    A second session (stream "lobby"), open across the outage, makes a final while the broker is down and ends
+    normally afterwards: neither session notices the outage.
+    """
     import aiomqtt
 
     broker = mosquitto_factory(persistent=True)  # the listener's QoS 1 session survives the restart
@@ -388,6 +490,11 @@ async def test_broker_restart_mid_stream_loses_no_final(
             while not predicate():
                 await asyncio.sleep(0.02)
 
+    async def utterance(ws: ClientConnection, audio: bytes) -> dict[str, Any]:
+        await send_audio(ws, audio)
+        await ws.send(json.dumps({"type": "finalize"}))
+        return (await recv_until(ws, "final"))[-1]
+
     listening = asyncio.create_task(listener())
     try:
         daemon = await start_daemon(
@@ -396,56 +503,117 @@ async def test_broker_restart_mid_stream_loses_no_final(
         sink = daemon.mqtt
         data, rate = pcm
         piece = len(data) // 4 & ~1
-        finals: list[dict[str, Any]] = []
-        async with connect(url(daemon, "/v1/listen")) as ws:
-            await ws.send(start_msg(rate, stream="hall", endpointing={"max_segment_s": 60}))
-            await recv(ws)
+        finals: list[dict[str, Any]] = []  # the hall client's
+        published: list[dict[str, Any]] = []  # every final either client saw, in the order they were made
+        async with connect(url(daemon, "/v1/listen")) as ws, connect(url(daemon, "/v1/listen")) as lobby:
+            for client, name in ((ws, "hall"), (lobby, "lobby")):
+                await client.send(start_msg(rate, stream=name, endpointing={"max_segment_s": 60}))
+                assert (await recv(client))["type"] == "ready"
+            await send_audio(lobby, data[:piece])  # mid-utterance when the broker goes
             for segment in range(6):
                 if segment == 2:  # the broker goes down with two finals delivered
                     await wait_for(lambda: len(received) == 2, "the first finals arrive")
                     await asyncio.to_thread(broker.stop)
                     await wait_for(lambda: not sink.connected, "the daemon notices")
-                if segment == 5:  # three finals made while it was down
-                    assert sink.outbox_depth == 3 and len(received) == 2
+                if segment == 3:  # the other session's final, made while the broker is down
+                    published.append(await utterance(lobby, data[piece : 2 * piece]))
+                    assert published[-1]["stream"] == "lobby" and published[-1]["segment"] == 0
+                if segment == 5:  # four finals made while it was down
+                    assert sink.outbox_depth == 4 and len(received) == 2
                     await asyncio.to_thread(broker.start)
-                await send_audio(ws, data[(segment % 4) * piece : (segment % 4 + 1) * piece])
-                await ws.send(json.dumps({"type": "finalize"}))
-                finals.append((await recv_until(ws, "final"))[-1])
-        await wait_for(lambda: len(received) >= 6, "every final after the restart")
+                finals.append(await utterance(ws, data[(segment % 4) * piece : (segment % 4 + 1) * piece]))
+                published.append(finals[-1])
+            await lobby.send(json.dumps({"type": "stop"}))
+            messages, code = await recv_all(lobby)
+            assert code == 1000 and messages[-1]["type"] == "end"
+            published += [m for m in messages if m["type"] == "final"]  # the stop's, if its short rest had words
+        await wait_for(lambda: len(received) >= len(published), "every final after the restart")
         await asyncio.sleep(0.2)  # a duplicate would show up here
     finally:
         listening.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listening
     assert [f["segment"] for f in finals] == list(range(6))
-    assert received == finals
+    assert received == published
     assert sink.dropped_finals == 0
 
 
 # ---------------------------------------------------------------- limits
 
 
-async def test_subscriber_that_never_reads_is_closed_1008(start_daemon: Start) -> None:
-    """A captions subscriber that stops reading is closed with 1008 (slow consumer); finals are never dropped."""
+async def test_subscriber_that_never_reads_is_closed_1008(start_daemon: Start, pcm: tuple[bytes, int]) -> None:
+    """A captions subscriber that stops reading is closed with 1008 (slow consumer); finals are never dropped.
+
+    A second subscriber of the same stream reads along: it gets every final, is not closed, and still gets the
+    final of a real /v1/listen session on that stream afterwards. A bystander session open across it all works on.
+    (The flood itself is published in-process: a real session's finals are too small to fill the socket buffers.)
+    """
     daemon = await start_daemon(server={"max_pending_messages": 8, "close_timeout_s": 10.0})
+    data, rate = pcm
+    half = len(data) // 2 & ~1
     big = Final("slow", 0, "x" * 65536, 0.0, 1.0, (WordTiming("x", 0.0, 1.0, 1.0),), (1,), 1.0, False, "silence")
-    async with connect(url(daemon, "/v1/captions?stream=slow"), max_queue=1) as sub:
-        async with asyncio.timeout(30 * TIMEOUT):
-            while daemon.metrics.slow_consumers_total.value() == 0:  # until the socket buffers are full
-                daemon.hub.publish("slow", [big])
-                await asyncio.sleep(0.001)
-        messages, code = await recv_all(sub)
-    assert code == 1008 and "slow consumer" in (sub.close_reason or "")
-    assert messages and all(m["type"] == "final" for m in messages)
+    read: list[dict[str, Any]] = []
+
+    async def read_along(ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                read.append(json.loads(message))
+
+    async with (
+        connect(url(daemon, "/v1/captions?stream=slow")) as reader,
+        connect(url(daemon, "/v1/listen")) as other,
+    ):
+        reading = asyncio.create_task(read_along(reader))
+        await other.send(start_msg(rate, stream="other", endpointing={"max_segment_s": 60}))
+        await recv(other)
+        await send_audio(other, data[:half])
+        published = 0
+        async with connect(url(daemon, "/v1/captions?stream=slow"), max_queue=1) as sub:
+            async with asyncio.timeout(30 * TIMEOUT):
+                while daemon.metrics.slow_consumers_total.value() == 0:  # until the socket buffers are full
+                    daemon.hub.publish("slow", [big])
+                    published += 1
+                    await asyncio.sleep(0.001)
+            messages, code = await recv_all(sub)
+        assert code == 1008 and "slow consumer" in (sub.close_reason or "")
+        assert messages and all(m["type"] == "final" for m in messages)
+        async with asyncio.timeout(20 * TIMEOUT):
+            while len(read) < published:
+                await asyncio.sleep(0.01)
+        assert read == [json.loads(big.to_json())] * published and not reading.done()
+        async with asyncio.timeout(10 * TIMEOUT):
+            while daemon.hub.subscriber_count != 1:  # the slow one's place is freed once its handler is done
+                await asyncio.sleep(0.01)
+        async with connect(url(daemon, "/v1/listen")) as ws:  # a real stream to the remaining subscriber
+            await ws.send(start_msg(rate, stream="slow"))
+            await recv(ws)
+            await send_audio(ws, data[:half])
+            await ws.send(json.dumps({"type": "finalize"}))
+            final = (await recv_until(ws, "final"))[-1]
+        async with asyncio.timeout(10 * TIMEOUT):
+            while final not in read:
+                await asyncio.sleep(0.01)
+        assert {m["type"] for m in read[published:]} <= {"partial", "final"}
+        await send_audio(other, data[half:])  # the bystander, mid-utterance all along
+        await other.send(json.dumps({"type": "stop"}))
+        others, code = await recv_all(other)
+        assert code == 1000 and check_segments(others)[-1]["reason"] == "stop" and others[-1]["type"] == "end"
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    assert daemon.metrics.slow_consumers_total.value() == 1
 
 
 async def test_session_cap_refuses_with_a_reason(start_daemon: Start, pcm: tuple[bytes, int]) -> None:
-    """With max_sessions = 1 a second client gets error server_busy and close 1013; later ones get in again."""
+    """With max_sessions = 1 a second client gets error server_busy and close 1013; the first session, mid-utterance
+    across the refusal, goes on to its finals, end and close 1000; later clients get in again."""
     daemon = await start_daemon(server={"max_sessions": 1})
     data, rate = pcm
+    half = len(data) // 2 & ~1
     async with connect(url(daemon, "/v1/listen")) as first:
-        await first.send(start_msg(rate))
+        await first.send(start_msg(rate, endpointing={"max_segment_s": 60}))
         await recv(first)
+        await send_audio(first, data[:half])
         async with connect(url(daemon, "/v1/listen")) as second:
             messages, code = await recv_all(second)
         assert code == 1013
@@ -456,6 +624,11 @@ async def test_session_cap_refuses_with_a_reason(start_daemon: Start, pcm: tuple
                 "message": "the server has 1 sessions open, its maximum; try again later",
             }
         ]
+        await send_audio(first, data[half:])
+        await first.send(json.dumps({"type": "stop"}))
+        messages, code = await recv_all(first)
+        assert code == 1000 and check_segments(messages)[-1]["reason"] == "stop"
+        assert messages[-1]["type"] == "end" and messages[-1]["audio_s"] == round(len(data) / 2 / rate, 3)
     async with asyncio.timeout(10 * TIMEOUT):
         while daemon.server.sessions:  # the first session is flushed and gone only after its close handshake
             await asyncio.sleep(0.01)
