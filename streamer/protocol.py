@@ -66,8 +66,11 @@ from that point on (clients keep a bounded buffer of recent audio for this; :cla
 a client's bookkeeping) and then continues live.
 After ``ready`` come, in order, the finals from ``next_segment`` on (those sent on the broken
 connection, which may not have arrived, and those made while away), warnings made while away, the
-open segment's latest partial, then live results. A session whose old connection the server still
-believes open (it has not noticed the drop yet) is taken over: that connection is dropped.
+open segment's latest partial, then live results. When the server no longer keeps some finals from
+``next_segment`` on (it keeps the last ``server.max_pending_messages``), warning ``results_lost`` naming
+them comes first. The replay does not count against the slow-consumer limit (see below). A session
+whose old connection the server still believes open (it has not noticed the drop yet) is taken over:
+that connection is dropped.
 
 If the session cannot be resumed, the server sends error ``resume_failed`` saying why (no such
 session, or it ended or its window expired; a wrong token; a token used already; a format, stream
@@ -89,7 +92,8 @@ An :class:`Error` names the offending input by ``code``; the offending message o
 and the session goes on (the client may, for example, send a corrected ``start``). Codes:
 
 - ``bad_json``: a text message that is not JSON;
-- ``bad_message``: not an object, an unknown ``type``, a missing, unknown or ill-typed field;
+- ``bad_message``: not an object, an unknown ``type``, a missing, unknown or ill-typed field; anything
+  sent on ``/v1/captions`` (see there);
 - ``no_start``: audio or ``finalize``/``stop`` before ``start``;
 - ``already_started``: a second ``start``;
 - ``unsupported_audio``: sample rate, encoding or channel count out of range;
@@ -117,10 +121,12 @@ Captions on ``/v1/captions?stream=NAME``
 A read-only subscription to the partials and finals of a named stream (the microphone, a file
 source or a ``/v1/listen`` session), in the same JSON as above. Partials may be skipped when the
 subscriber is behind (the latest wins); finals are never skipped: a subscriber that leaves
-``server.max_pending_messages`` finals unread is closed with 1008. Whatever it sends is ignored. A
-bad or missing name gets error ``bad_message`` and close 1008; the subscription cap
-(``server.max_subscribers``) error ``server_busy`` and close 1013. At shutdown subscribers get the
-flushed finals, then close 1001.
+``server.max_pending_messages`` finals unread is closed with 1008. A subscriber sends nothing: the
+first text or binary message it sends anyway gets error ``bad_message`` (``/v1/captions`` is
+read-only; audio goes to ``/v1/listen``), and it and any later ones are dropped (the later ones
+silently); the subscription goes on. A bad or missing name gets error ``bad_message`` and close 1008;
+the subscription cap (``server.max_subscribers``) error ``server_busy`` and close 1013. At shutdown
+subscribers get the flushed finals, then close 1001.
 
 Each ``final`` and ``partial`` is also published to MQTT when enabled:
 ``<prefix>/<device>/<stream>/partial`` (QoS 0) and ``<prefix>/<device>/<stream>/final`` (QoS 1), with

@@ -341,6 +341,37 @@ async def test_bad_start_fields_are_named_and_a_corrected_start_goes_on(start_da
     assert daemon.metrics.protocol_errors_total.value("bad_message") == len(cases) + 2
 
 
+async def test_stop_or_finalize_before_start_is_an_error_and_a_start_still_works(
+    start_daemon: Start, pcm: tuple[bytes, int]
+) -> None:
+    """stop or finalize before start gets error no_start naming the message (no stream key yet) and closes nothing;
+    a start then gets ready, and the session's finals reach the client and a caption subscriber, then end and close
+    1000."""
+    daemon = await start_daemon()
+    data, rate = pcm
+    async with connect(url(daemon, "/v1/captions?stream=late")) as sub, connect(url(daemon, "/v1/listen")) as ws:
+        for kind in ("stop", "finalize", "stop"):
+            await ws.send(json.dumps({"type": kind}))
+            assert await recv(ws) == {
+                "type": "error",
+                "code": "no_start",
+                "message": f"'{kind}' before 'start'; send a 'start' message first",
+            }
+        await ws.send(start_msg(rate, stream="late"))
+        ready = await recv(ws)
+        assert ready["type"] == "ready" and ready["stream"] == "late"
+        await send_audio(ws, data)
+        await ws.send(json.dumps({"type": "stop"}))
+        messages, code = await recv_all(ws)
+        finals = check_segments(messages)
+        assert code == 1000 and finals[-1]["reason"] == "stop" and messages[-1]["type"] == "end"
+        seen = await recv_until(sub, "final")
+        while len([m for m in seen if m["type"] == "final"]) < len(finals):
+            seen += await recv_until(sub, "final")
+        assert [m for m in seen if m["type"] == "final"] == finals
+    assert daemon.metrics.protocol_errors_total.value("no_start") == 3
+
+
 def io_wav(data: bytes, rate: int) -> Any:
     """The s16le bytes as an in-memory WAV file (to read them back as float32)."""
     import io
@@ -638,6 +669,99 @@ async def test_session_cap_refuses_with_a_reason(start_daemon: Start, pcm: tuple
     assert daemon.metrics.sessions_refused_total.value("listen") == 1
 
 
+async def test_subscriber_cap_refuses_with_a_reason(start_daemon: Start, pcm: tuple[bytes, int]) -> None:
+    """With max_subscribers = 1 a second /v1/captions client (of any stream) gets error server_busy and close 1013;
+    the first subscriber still gets a real /v1/listen session's final, and once it leaves a new subscriber gets in
+    and gets that session's next final."""
+    daemon = await start_daemon(server={"max_subscribers": 1})
+    data, rate = pcm
+    half = len(data) // 2 & ~1
+
+    async def subscribers(n: int) -> None:
+        async with asyncio.timeout(10 * TIMEOUT):
+            while daemon.hub.subscriber_count != n:
+                await asyncio.sleep(0.01)
+
+    async with connect(url(daemon, "/v1/listen")) as ws:
+        await ws.send(start_msg(rate, stream="hall", endpointing={"max_segment_s": 60}))
+        await recv(ws)
+        async with connect(url(daemon, "/v1/captions?stream=hall")) as first:
+            await subscribers(1)
+            for path in ("/v1/captions?stream=hall", "/v1/captions?stream=other"):
+                async with connect(url(daemon, path)) as refused:
+                    messages, code = await recv_all(refused)
+                assert code == 1013 and refused.close_reason == "server busy"
+                assert messages == [
+                    {
+                        "type": "error",
+                        "code": "server_busy",
+                        "message": "the server has 1 subscriptions open, its maximum; try again later",
+                    }
+                ]
+            await send_audio(ws, data[:half])
+            await ws.send(json.dumps({"type": "finalize"}))
+            final = (await recv_until(ws, "final"))[-1]
+            assert (await recv_until(first, "final"))[-1] == final
+        await subscribers(0)
+        async with connect(url(daemon, "/v1/captions?stream=hall")) as later:
+            await subscribers(1)
+            await send_audio(ws, data[half:])
+            await ws.send(json.dumps({"type": "stop"}))
+            messages, code = await recv_all(ws)
+            assert code == 1000 and messages[-1]["type"] == "end"
+            (last,) = [m for m in messages if m["type"] == "final"]
+            assert last["segment"] == 1 and last["reason"] == "stop"
+            assert (await recv_until(later, "final"))[-1] == last
+    assert daemon.metrics.sessions_refused_total.value("captions") == 2
+    assert daemon.metrics.sessions_refused_total.value("listen") == 0
+
+
+async def test_a_resume_older_than_the_kept_finals_warns_results_lost(start_daemon: Start, pcm: tuple[bytes, int]):
+    """A resume whose next_segment is older than the finals the server keeps (server.max_pending_messages of them)
+    gets ready, then warning results_lost naming the segments it cannot replay, then the kept finals in order, and
+    the session goes on to end and close 1000: the replay is a burst the server made, not a slow consumer. A caption
+    subscriber of the stream gets each final once, live."""
+    daemon = await start_daemon(server={"max_pending_messages": 4, "resume_window_s": 30})
+    data, rate = pcm
+    piece = len(data) // 4 & ~1
+    async with connect(url(daemon, "/v1/captions?stream=lost")) as sub:
+        ws = await connect(url(daemon, "/v1/listen"))
+        await ws.send(start_msg(rate, stream="lost", endpointing={"max_segment_s": 60}))
+        ready = await recv(ws)
+        finals: list[dict[str, Any]] = []
+        for i in range(6):  # six finals, read as they come: the server keeps the last four
+            await send_audio(ws, data[(i % 4) * piece : (i % 4 + 1) * piece])
+            await ws.send(json.dumps({"type": "finalize"}))
+            finals.append((await recv_until(ws, "final"))[-1])
+        assert [f["segment"] for f in finals] == list(range(6))
+        ws.transport.abort()  # no close frame: the session is kept for a resume
+        async with connect(url(daemon, "/v1/listen")) as again:
+            resume = {"session": ready["session"], "token": ready["resume_token"], "next_segment": 0}
+            await again.send(start_msg(rate, resume=resume))
+            resumed = await recv(again)
+            assert resumed["type"] == "ready" and resumed["resumed"] is True, resumed
+            assert round(resumed["audio_s"] * rate) == 6 * piece // 2
+            assert await recv(again) == {
+                "type": "warning",
+                "code": "results_lost",
+                "stream": "lost",
+                "message": "the finals of segments 0-1 are no longer kept and are not replayed (2 final(s))",
+            }
+            assert [await recv(again) for _ in finals[2:]] == finals[2:]
+            await send_audio(again, data[:piece])  # live again: a seventh segment
+            await again.send(json.dumps({"type": "stop"}))
+            messages, code = await recv_all(again)
+        assert code == 1000 and messages[-1] == {"type": "end", "stream": "lost", "segments": 7,
+                                                  "audio_s": round(7 * piece / 2 / rate, 3), "dropped_s": 0.0}
+        last = [m for m in messages if m["type"] == "final"]
+        assert [(f["segment"], f["reason"]) for f in last] == [(6, "stop")]
+        seen = await recv_until(sub, "final")
+        while len([m for m in seen if m["type"] == "final"]) < 7:
+            seen += await recv_until(sub, "final")
+    assert [m for m in seen if m["type"] == "final"] == [*finals, *last]
+    assert daemon.metrics.slow_consumers_total.value() == 0
+
+
 async def test_idle_session_is_flushed_and_closed(start_daemon: Start, pcm: tuple[bytes, int]) -> None:
     """A client silent for idle_timeout_s gets error idle_timeout, its segment's final, end, close 1008."""
     daemon = await start_daemon(server={"idle_timeout_s": 0.5})
@@ -660,6 +784,43 @@ async def test_captions_needs_a_valid_stream_name(start_daemon: Start) -> None:
         async with connect(url(daemon, path)) as ws:
             messages, code = await recv_all(ws)
         assert code == 1008 and messages[0]["code"] == "bad_message" and "?stream=NAME" in messages[0]["message"]
+
+
+async def test_captions_is_read_only_and_says_so_once(start_daemon: Start, pcm: tuple[bytes, int]) -> None:
+    """Whatever a /v1/captions client sends (text or binary) gets one error bad_message saying the endpoint is
+    read-only and where audio goes; later messages are dropped without a word. The subscription stays open: it, and
+    a subscriber that sent nothing, get the finals of a real /v1/listen session on the stream, and nothing else."""
+    daemon = await start_daemon()
+    data, rate = pcm
+    message = ("/v1/captions is read-only: it takes no messages or audio (this one and any later ones are ignored); "
+               "send audio to /v1/listen")
+    error = {"type": "error", "code": "bad_message", "stream": "room", "message": message}
+    async with (
+        connect(url(daemon, "/v1/captions?stream=room")) as texts,
+        connect(url(daemon, "/v1/captions?stream=room")) as frames,
+        connect(url(daemon, "/v1/captions?stream=room")) as quiet,
+    ):
+        await texts.send(start_msg(rate, stream="room"))
+        assert await recv(texts) == error
+        await frames.send(b"\x00\x01" * 100)
+        assert await recv(frames) == error
+        for sub in (texts, frames):  # said once: these get no answer
+            await sub.send(b"\x00\x01" * 100)
+            await sub.send(json.dumps({"type": "stop"}))
+        async with connect(url(daemon, "/v1/listen")) as ws:
+            await ws.send(start_msg(rate, stream="room", endpointing={"max_segment_s": 1.0}))
+            await recv(ws)
+            await send_audio(ws, data)
+            await ws.send(json.dumps({"type": "stop"}))
+            messages, code = await recv_all(ws)
+        finals = check_segments(messages)
+        assert code == 1000 and len(finals) >= 2
+        for sub in (texts, frames, quiet):
+            got: list[dict[str, Any]] = []
+            while len([m for m in got if m["type"] == "final"]) < len(finals):
+                got.append(await recv(sub))
+            assert check_segments(got) == finals and {m["type"] for m in got} <= {"partial", "final"}
+    assert daemon.metrics.protocol_errors_total.value("bad_message") == 2
 
 
 # ---------------------------------------------------------------- HTTP
@@ -817,3 +978,4 @@ async def test_shutdown_flushes_to_mqtt_and_publishes_offline(
             assert await task == 0
     finally:
         broker.stop()
+

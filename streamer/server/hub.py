@@ -4,7 +4,9 @@ Every WebSocket client gets an :class:`Outbox`, a per-client queue with a writte
 (backpressure does not suit broadcast): the latest partial wins (an unsent partial is replaced by a
 newer one and dropped when a final arrives), every other message queues in order up to
 ``max_pending`` and is never dropped; a client that falls that far behind is closed with 1008
-("slow consumer") instead. Everything runs on the event loop; ``offer`` never awaits.
+("slow consumer") instead. The results a resumed session replays come on top of that bound (they are a
+burst the server makes, not results the client left unread). Everything runs on the event loop; ``offer``
+never awaits.
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ class Outbox:
         self._wake = asyncio.Event()
         self._kick: asyncio.Task[None] | None = None
         self._is_stopped = False
+        self._replay_room = 0  # replayed messages queued since the queue was last empty: room above _max
         self.is_slow = False
 
-    def offer(self, msg: ServerMessage) -> None:
-        """Queue one message (loop thread; never awaits)."""
+    def offer(self, msg: ServerMessage, replay: bool = False) -> None:
+        """Queue one message (loop thread; never awaits). ``replay``: a result a resumed session sends again;
+        it does not count against ``max_pending``."""
         if self.is_slow or self._close_with is not None:
             return
         if isinstance(msg, Partial):
@@ -78,7 +82,9 @@ class Outbox:
                 return
             self._partial = msg
         else:
-            if len(self._queue) >= self._max:
+            if replay:
+                self._replay_room += 1
+            elif len(self._queue) >= self._max + self._replay_room:
                 self._slow()
                 return
             if isinstance(msg, Final):
@@ -130,6 +136,8 @@ class Outbox:
                     break
                 while self._queue and not self.is_slow:
                     await self._ws.send(self._queue.popleft().to_json())
+                if not self._queue:
+                    self._replay_room = 0
                 if (partial := self._partial) is not None and not self.is_slow:
                     self._partial = None
                     await self._ws.send(partial.to_json())

@@ -86,9 +86,9 @@ class ResultLog:
             outbox.offer(WarningMessage(
                 "results_lost", f"the finals of segments {next_segment}-{oldest - 1} are no longer kept and are "
                 f"not replayed ({missing} final(s))", replay[0].stream if replay else None,
-            ))
-        for msg in replay:
-            outbox.offer(msg)
+            ), replay=True)
+        for msg in replay:  # a burst on top of the outbox's bound: the log alone may hold that many
+            outbox.offer(msg, replay=True)
         if self._partial is not None:
             outbox.offer(self._partial)
         self._kept = deque((m for m in self._kept if isinstance(m, Final)), maxlen=self._kept.maxlen)

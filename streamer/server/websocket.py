@@ -258,8 +258,13 @@ class WebSocketServer:
         self.hub.subscribe(stream, outbox)
         sender = asyncio.create_task(outbox.run(), name=f"ws-captions-{ws.id}")
         try:
-            async for _ in ws:  # read-only: whatever the client sends is ignored (pings work regardless)
-                pass
+            told = False
+            async for _ in ws:  # read-only: what the client sends is dropped (pings work regardless), said once
+                if not told:
+                    told = True
+                    self.metrics.protocol_errors_total.inc(label_value="bad_message")
+                    outbox.offer(Error("bad_message", "/v1/captions is read-only: it takes no messages or audio "
+                                       "(this one and any later ones are ignored); send audio to /v1/listen", stream))
         except ConnectionClosed:
             pass
         finally:
