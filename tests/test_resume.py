@@ -271,8 +271,8 @@ async def test_window_expiry_flushes_as_disconnect_and_a_late_resume_fails(
 
 
 async def test_wrong_token_used_token_and_other_format_are_refused(start_daemon: Start, pcm: tuple[bytes, int]):
-    """A wrong token, a token used already, another sample rate: resume_failed saying so; the held session stays
-    held for its real client."""
+    """A wrong token, a token used already, another sample rate, encoding, stream or endpointing: resume_failed
+    saying so; the held session stays held for its real client."""
     daemon = await start_daemon()
     data, rate = pcm
     ws = await connect(url(daemon, "/v1/listen"))
@@ -300,6 +300,10 @@ async def test_wrong_token_used_token_and_other_format_are_refused(start_daemon:
     assert "the session's encoding is 'pcm_s16le'" in error["message"]
     error, _ = await refused(resume_msg(rate, first_ready, 0, stream="other"))
     assert "the session's stream is 'held', this start names 'other'" in error["message"]
+    error, then = await refused(resume_msg(rate, first_ready, 0, endpointing={"max_segment_s": 30}))
+    assert error["code"] == "resume_failed"
+    assert "this start's endpointing differs from the session's (leave it out" in error["message"]
+    assert then["type"] == "ready" and then["resumed"] is False and then["session"] != first_ready["session"]
 
     async with connect(url(daemon, "/v1/listen")) as back:  # the real client still gets its session
         await back.send(resume_msg(rate, first_ready, 0))
