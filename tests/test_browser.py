@@ -119,6 +119,19 @@ async def wait_state(page: Any, state: str, wire: Wire, seconds: float = 30) -> 
                              + "\n".join(wire.console[-20:])) from exc
 
 
+async def start_speaker(opener: Any, url: str, conn_log: bool = False) -> tuple[Any, Wire]:
+    """A new page (of a browser or a context) at ``url`` whose microphone is started and connected; with
+    ``conn_log`` the page's status texts are kept in ``window.connLog``."""
+    page = await opener.new_page()
+    wire = Wire(page)
+    if conn_log:
+        await page.add_init_script(CONN_LOG)
+    await page.goto(url)
+    await page.get_by_role("button", name="Start microphone").click()
+    await wait_state(page, "connected", wire)
+    return page, wire
+
+
 async def test_page_captions_the_fake_microphone_and_a_viewer_sees_the_same(
     daemon: Any, browser: Any, tmp_path: Path  # noqa: F811
 ) -> None:
@@ -130,11 +143,7 @@ async def test_page_captions_the_fake_microphone_and_a_viewer_sees_the_same(
     viewer_wire = Wire(viewer)
     await viewer.goto(f"{base}/?stream={STREAM}")
     await wait_state(viewer, "connected", viewer_wire)
-    page = await context.new_page()
-    wire = Wire(page)
-    await page.goto(f"{base}/?name={STREAM}")
-    await page.get_by_role("button", name="Start microphone").click()
-    await wait_state(page, "connected", wire)
+    page, wire = await start_speaker(context, f"{base}/?name={STREAM}")
     # the screenshot shows finals and, most likely, a partial in progress
     await page.wait_for_function("(n => n >= 3 || n >= 1 && document.querySelector('#partial').textContent)"
                                  "(document.querySelectorAll('#captions .final').length)", timeout=60_000 * TIMEOUT)
@@ -174,12 +183,7 @@ async def test_page_captions_the_fake_microphone_and_a_viewer_sees_the_same(
 async def test_page_reconnects_after_the_daemon_restarts(daemon: Any, browser: Any) -> None:  # noqa: F811
     """The daemon goes away (close 1001): the page shows it, retries with backoff, and streams to the new one."""
     first = await daemon()
-    page = await browser.new_page()
-    wire = Wire(page)
-    await page.add_init_script(CONN_LOG)
-    await page.goto(f"http://127.0.0.1:{first.port}/?name={STREAM}")
-    await page.get_by_role("button", name="Start microphone").click()
-    await wait_state(page, "connected", wire)
+    page, wire = await start_speaker(browser, f"http://127.0.0.1:{first.port}/?name={STREAM}", conn_log=True)
     code, stderr = await first.stop()
     assert code == 0, stderr
     await wait_state(page, "reconnecting", wire, seconds=10)
@@ -210,12 +214,9 @@ async def test_page_resumes_its_session_after_the_connection_drops(
     async with Proxy(running.port) as proxy, connect(captions) as viewer:
         seen: list[dict[str, Any]] = []
         watching = asyncio.create_task(collect(viewer, seen))
-        page = await browser.new_page()
-        wire = Wire(page)
-        await page.add_init_script(CONN_LOG)
-        await page.goto(f"http://127.0.0.1:{running.port}/?name={STREAM}&server=ws://127.0.0.1:{proxy.port}")
-        await page.get_by_role("button", name="Start microphone").click()
-        await wait_state(page, "connected", wire)
+        page, wire = await start_speaker(
+            browser, f"http://127.0.0.1:{running.port}/?name={STREAM}&server=ws://127.0.0.1:{proxy.port}", conn_log=True
+        )
         await page.wait_for_function("document.querySelector('#partial').textContent && "
                                      "document.querySelectorAll('#captions .final').length >= 1",
                                      timeout=30_000 * TIMEOUT)
@@ -285,11 +286,7 @@ async def test_page_says_when_the_server_received_less_audio_than_it_sent(browse
 
     async with serve(handler, "127.0.0.1", 0, process_request=page_over_http) as server:
         port = server.sockets[0].getsockname()[1]
-        page = await browser.new_page()
-        wire = Wire(page)
-        await page.goto(f"http://127.0.0.1:{port}/")
-        await page.get_by_role("button", name="Start microphone").click()
-        await wait_state(page, "connected", wire)
+        page, wire = await start_speaker(browser, f"http://127.0.0.1:{port}/")
         async with asyncio.timeout(10 * TIMEOUT):
             while sum(map(len, wire.sent_bytes)) < 2 * 44100 * 1.5:  # 1.5 s at the rate it sends, or more
                 await asyncio.sleep(0.1)

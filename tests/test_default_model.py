@@ -23,7 +23,7 @@ import soxr
 from websockets.asyncio.client import connect
 
 from streamer.training.evaluate import word_error_rate
-from tests.test_browser import CHROMIUM, Wire, chromium_args, page_finals, wait_state
+from tests.test_browser import CHROMIUM, chromium_args, page_finals, start_speaker, wait_state
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
@@ -230,11 +230,7 @@ async def test_the_caption_page_shows_the_spoken_words(wavs: list[Path], serve_d
     async with async_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=chromium_args(mic))
         try:
-            page = await browser.new_page()
-            wire = Wire(page)
-            await page.goto(f"http://127.0.0.1:{serve_default}/")
-            await page.get_by_role("button", name="Start microphone").click()
-            await wait_state(page, "connected", wire)
+            page, wire = await start_speaker(browser, f"http://127.0.0.1:{serve_default}/")
             await page.wait_for_selector("#captions .final", timeout=60_000 * TIMEOUT)
             await asyncio.sleep(sf.info(mic).duration)  # the fake microphone plays in real time, once
             await page.screenshot(path=tmp_path / "captions.png")
