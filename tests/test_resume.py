@@ -515,6 +515,15 @@ class MicURL:
         except TimeoutError:
             pytest.fail(f"not there after {seconds} s; stdout:\n{self.out.getvalue()}\nstderr:\n{self.err.getvalue()}")
 
+    @classmethod
+    async def mid_segment(cls, port: int, stream: str, mic: FileMic, audio: np.ndarray) -> MicURL:
+        """Connected to ``port`` as ``stream``, with ``audio`` spoken and the second segment's partial shown."""
+        client = cls(f"ws://127.0.0.1:{port}", "--stream", stream)
+        await client.until(lambda: f"connected: stream {stream}" in client.err.getvalue())
+        mic.feed(audio)
+        await client.until(lambda: f'"type":"partial","stream":"{stream}","segment":1' in client.out.getvalue())
+        return client
+
     async def finish(self) -> tuple[int, list[dict[str, Any]], str]:
         """Ctrl-C: the exit status, the messages printed and the status lines."""
         self.stop.set()
@@ -542,10 +551,7 @@ async def test_streamer_mic_url_resumes_through_a_dropped_connection(
     assert len(expected) >= 3 and expected_end["type"] == "end" and "(resumed" not in err
     half = len(speech_16k) * 7 // 10  # the second segment is open (max_segment_s: 1 s; 2.6 s of speech)
     async with Proxy(daemon.port) as proxy:
-        roam = MicURL(f"ws://127.0.0.1:{proxy.port}", "--stream", "roam")
-        await roam.until(lambda: "connected: stream roam" in roam.err.getvalue())
-        file_mics[-1].feed(speech_16k[:half])
-        await roam.until(lambda: '"type":"partial","stream":"roam","segment":1' in roam.out.getvalue())
+        roam = await MicURL.mid_segment(proxy.port, "roam", file_mics[-1], speech_16k[:half])
         outage = asyncio.create_task(proxy.outage(0.5))
         await asyncio.sleep(0)  # the outage begins
         file_mics[-1].feed(speech_16k[half:])  # sent while the link is dead: lost on the way
@@ -569,10 +575,7 @@ async def test_streamer_mic_url_goes_on_in_a_new_session_when_the_resume_fails(
     second = await start_daemon(endpointing={"max_segment_s": SEGMENT_S})
     half = len(speech_16k) * 7 // 10  # the second segment is open (max_segment_s: 1 s; 2.6 s of speech)
     async with Proxy(first.port) as proxy:
-        mic = MicURL(f"ws://127.0.0.1:{proxy.port}", "--stream", "moved")
-        await mic.until(lambda: "connected: stream moved" in mic.err.getvalue())
-        file_mics[-1].feed(speech_16k[:half])
-        await mic.until(lambda: '"type":"partial","stream":"moved","segment":1' in mic.out.getvalue())
+        mic = await MicURL.mid_segment(proxy.port, "moved", file_mics[-1], speech_16k[:half])
         proxy.target = second.port
         proxy.cut()
         file_mics[-1].feed(speech_16k[half:])  # captured while away
