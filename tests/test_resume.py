@@ -516,11 +516,12 @@ class MicURL:
             pytest.fail(f"not there after {seconds} s; stdout:\n{self.out.getvalue()}\nstderr:\n{self.err.getvalue()}")
 
     @classmethod
-    async def mid_segment(cls, port: int, stream: str, mic: FileMic, audio: np.ndarray) -> MicURL:
-        """Connected to ``port`` as ``stream``, with ``audio`` spoken and the second segment's partial shown."""
+    async def mid_segment(cls, port: int, stream: str, mics: list[FileMic], audio: np.ndarray) -> MicURL:
+        """Connected to ``port`` as ``stream``, with ``audio`` spoken into the microphone it opened (the newest
+        of ``mics``) and the second segment's partial shown."""
         client = cls(f"ws://127.0.0.1:{port}", "--stream", stream)
         await client.until(lambda: f"connected: stream {stream}" in client.err.getvalue())
-        mic.feed(audio)
+        mics[-1].feed(audio)
         await client.until(lambda: f'"type":"partial","stream":"{stream}","segment":1' in client.out.getvalue())
         return client
 
@@ -551,7 +552,7 @@ async def test_streamer_mic_url_resumes_through_a_dropped_connection(
     assert len(expected) >= 3 and expected_end["type"] == "end" and "(resumed" not in err
     half = len(speech_16k) * 7 // 10  # the second segment is open (max_segment_s: 1 s; 2.6 s of speech)
     async with Proxy(daemon.port) as proxy:
-        roam = await MicURL.mid_segment(proxy.port, "roam", file_mics[-1], speech_16k[:half])
+        roam = await MicURL.mid_segment(proxy.port, "roam", file_mics, speech_16k[:half])
         outage = asyncio.create_task(proxy.outage(0.5))
         await asyncio.sleep(0)  # the outage begins
         file_mics[-1].feed(speech_16k[half:])  # sent while the link is dead: lost on the way
@@ -575,7 +576,7 @@ async def test_streamer_mic_url_goes_on_in_a_new_session_when_the_resume_fails(
     second = await start_daemon(endpointing={"max_segment_s": SEGMENT_S})
     half = len(speech_16k) * 7 // 10  # the second segment is open (max_segment_s: 1 s; 2.6 s of speech)
     async with Proxy(first.port) as proxy:
-        mic = await MicURL.mid_segment(proxy.port, "moved", file_mics[-1], speech_16k[:half])
+        mic = await MicURL.mid_segment(proxy.port, "moved", file_mics, speech_16k[:half])
         proxy.target = second.port
         proxy.cut()
         file_mics[-1].feed(speech_16k[half:])  # captured while away
