@@ -307,7 +307,9 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     show = Printer(args.json)
-    start = Start(rate, "pcm_s16le" if args.s16 else "pcm_f32le", channels, args.stream)
+    # A microphone or a real-time replay cannot wait: it is live (the server drops its oldest audio if it falls
+    # behind). A file sent as fast as possible can: the server slows it down and loses nothing.
+    start = Start(rate, "pcm_s16le" if args.s16 else "pcm_f32le", channels, args.stream, live=args.mic or args.realtime)
     url = listen_url(args.url)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else None
     tls = {"ssl": ssl.create_default_context(cafile=args.cafile)} if args.cafile else {}  # else the system CAs

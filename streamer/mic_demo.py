@@ -291,7 +291,7 @@ async def run_remote(args: argparse.Namespace, captions: Captions, stop: asyncio
     url = listen_url(args.url)
     options = connect_options(url, args.token, args.cafile)
     check_microphone()
-    uplink = Uplink(Start(MIC_RATE_HZ, "pcm_f32le", stream=args.stream))
+    uplink = Uplink(Start(MIC_RATE_HZ, "pcm_f32le", stream=args.stream, live=True))  # a microphone cannot wait
     mic = MicrophoneSource(parse_device(args.device), uplink.add)
     await mic.start()
     captions.status(f"listening on {mic.device_name!r}; sending to {url}; Ctrl-C to stop")

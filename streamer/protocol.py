@@ -192,6 +192,7 @@ class Start:
     endpointing: dict[str, float] = field(default_factory=dict)
     version: int = PROTOCOL_VERSION
     resume: Resume | None = None
+    live: bool = False
     type: ClassVar[str] = "start"
 
     @property
@@ -260,6 +261,7 @@ class Ready:
     resume_window_s: float | None = None
     resumed: bool | None = None
     audio_s: float | None = None
+    live: bool = False
     type: ClassVar[str] = "ready"
 
     def to_json(self) -> str:
@@ -350,13 +352,16 @@ class End:
 
     ``segments``: how many finals were sent. ``audio_s``: seconds of audio the server received in this
     session (at the client's sample rate; a client compares it with what it sent). ``dropped_s``: seconds
-    of that audio the server dropped because it fell behind (also announced by ``audio_dropped``).
+    of that audio the server dropped because it fell behind (also announced by ``audio_dropped``; only a
+    live session drops). ``incomplete_bytes``: when the audio ended in the middle of a sample frame, the bytes
+    of that last incomplete frame, which could not be used (left out when 0).
     """
 
     stream: str
     segments: int
     audio_s: float | None = None
     dropped_s: float | None = None
+    incomplete_bytes: int | None = None
     type: ClassVar[str] = "end"
 
     def to_json(self) -> str:
@@ -455,7 +460,8 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
 
 
 def _parse_start(obj: dict[str, Any]) -> Start:
-    allowed = {"sample_rate", "encoding", "channels", "stream", "interim_results", "endpointing", "version", "resume"}
+    allowed = {"sample_rate", "encoding", "channels", "stream", "interim_results", "endpointing", "version", "resume",
+               "live"}
     _no_extra(obj, allowed, "start")
     version = _int(obj, "version", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
@@ -488,9 +494,12 @@ def _parse_start(obj: dict[str, Any]) -> Start:
     interim = obj.get("interim_results", True)
     if not isinstance(interim, bool):
         raise MessageError("bad_message", f"'interim_results' must be true or false, got {interim!r}")
+    live = obj.get("live", False)
+    if not isinstance(live, bool):
+        raise MessageError("bad_message", f"'live' must be true or false, got {live!r}")
     resume = _parse_resume(obj["resume"]) if obj.get("resume") is not None else None
     endpointing = _parse_endpointing(obj.get("endpointing", {}))
-    return Start(rate, encoding, channels, stream, interim, endpointing, version, resume)
+    return Start(rate, encoding, channels, stream, interim, endpointing, version, resume, live)
 
 
 def _parse_resume(value: Any) -> Resume:

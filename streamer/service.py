@@ -128,8 +128,11 @@ class Daemon:
         self.scheduler = Scheduler(
             recognizer, self.hub.publish, settings.engine.max_batch, settings.engine.max_wait_ms,
             max_channels=settings.server.max_sessions + 2, ring_capacity_s=settings.engine.ring_capacity_s,
-            on_step=on_step,
+            lag_warning_s=settings.engine.lag_warning_s, on_step=on_step,
         )
+        lags = self.scheduler.lags_s
+        metrics.stream_lag_seconds.source = lags
+        metrics.max_stream_lag_seconds.source = lambda: max(lags().values(), default=0.0)
         sdnotify.notify("STATUS=warming up")
         await asyncio.to_thread(self.scheduler.warm_up)
         info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.plan.att_context_size),
@@ -258,14 +261,14 @@ async def _replay(source: FileSourceSpec, scheduler: Any, endpoint: EndpointConf
     """Feed a file as stream ``source.name``; without real-time pacing, as fast as recognition goes."""
     from streamer.audio.filesrc import FileSource
 
-    channel = scheduler.open(source.name, endpoint)
-    high_water = int(scheduler.ring_capacity_s * channel.sample_rate_hz) // 2
+    channel = scheduler.open(source.name, endpoint, is_live=source.realtime)
     started = time.monotonic()
     async for block in FileSource(source.path, realtime=source.realtime):
-        channel.write(block)
-        scheduler.poke(channel)
-        while not source.realtime and channel.buffered_samples > high_water:
-            await scheduler.wait_round()  # never drop audio of a file
+        if source.realtime:
+            channel.write(block)
+            scheduler.poke(channel)
+        else:
+            await scheduler.write_waiting(channel, block)  # never drop audio of a file
     await scheduler.close(channel, "stop")
     logger.info("file %s recognized in %.1f s", source.path, time.monotonic() - started)
 

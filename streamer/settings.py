@@ -107,7 +107,12 @@ class EngineSettings(_Section):
 
     max_batch: int = Field(8, ge=1)
     max_wait_ms: float = Field(10.0, ge=0)
-    ring_capacity_s: float = Field(10.0, gt=0)
+    ring_capacity_s: float = Field(
+        10.0, gt=0, description="audio buffered per stream: a live stream further behind loses its oldest audio"
+    )
+    lag_warning_s: float = Field(
+        2.0, gt=0, description="a live stream this far behind real time gets warning falling_behind"
+    )
 
 
 class EndpointingSettings(_Section):

@@ -133,21 +133,40 @@ def test_s16le_scaling_and_stereo_mixdown() -> None:
 
 
 @pytest.mark.parametrize(
-    ("encoding", "channels", "size"),
-    [("pcm_s16le", 1, 3), ("pcm_s16le", 2, 2), ("pcm_s16le", 2, 6), ("pcm_f32le", 1, 6), ("pcm_f32le", 3, 8)],
+    ("encoding", "channels"), [("pcm_s16le", 1), ("pcm_s16le", 2), ("pcm_f32le", 1), ("pcm_f32le", 3)]
 )
-def test_partial_sample_frames_are_rejected_without_a_trace(encoding: str, channels: int, size: int) -> None:
-    """A frame that is not a whole number of sample frames raises and leaves the stream as it was."""
+def test_frames_may_end_anywhere_in_a_sample(encoding: str, channels: int) -> None:
+    """Audio is a byte stream: cut at random byte offsets (mid-sample, mid-frame), it converts exactly as whole."""
     rng = np.random.default_rng(1)
     samples = (0.2 * rng.standard_normal((4410, channels))).astype(np.float32)
     data = _pcm(samples, encoding)
     clean = PcmConverter(44100, encoding, channels)
-    expected = np.concatenate([clean.convert(data[: 4000 * channels]), clean.convert(data[4000 * channels :])])
+    expected = np.concatenate([clean.convert(data), clean.flush()])
+    cuts = np.sort(rng.choice(np.arange(1, len(data)), size=200, replace=False))
+    assert any(c % (channels * 2) for c in cuts)  # some cuts really fall inside a sample frame
     converter = PcmConverter(44100, encoding, channels)
-    first = converter.convert(data[: 4000 * channels])
-    with pytest.raises(AudioError, match=rf"{size} bytes is not a whole number of {encoding} samples"):
-        converter.convert(b"\x01" * size)
-    np.testing.assert_array_equal(np.concatenate([first, converter.convert(data[4000 * channels :])]), expected)
+    pieces = [converter.convert(data[a:b]) for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    assert converter.incomplete_bytes == 0
+    np.testing.assert_array_equal(np.concatenate([*pieces, converter.flush()]), expected)
+
+
+def test_an_incomplete_last_sample_frame_is_counted() -> None:
+    """The bytes of a sample frame that never completes are told (incomplete_bytes), not decoded."""
+    converter = PcmConverter(16000, "pcm_s16le", 2)
+    out = converter.convert(np.arange(10, dtype="<i2").tobytes() + b"\x01\x02\x03")  # 5 frames + 3 bytes
+    assert out.size == 5 and converter.incomplete_bytes == 3
+    assert converter.convert(b"\x04").size == 1 and converter.incomplete_bytes == 0  # the 4th byte completes it
+    converter.convert(b"\x05")
+    assert converter.drop_incomplete() == 1 and converter.incomplete_bytes == 0
+
+
+def test_float_samples_beyond_full_scale_are_clipped_and_counted() -> None:
+    """pcm_f32le of 1e20 (a client sending raw int16 values as floats, say) is clipped to [-1, 1]: never inf later."""
+    samples = np.array([0.5, 1e20, -3.0, 1.0, -1.0], dtype="<f4")
+    converter = PcmConverter(16000, "pcm_f32le", 1)
+    out = converter.convert(samples.tobytes())
+    np.testing.assert_array_equal(out, np.array([0.5, 1.0, -1.0, 1.0, -1.0], dtype=np.float32))
+    assert converter.clipped_samples == 2
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -151,7 +151,8 @@ async def test_page_captions_the_fake_microphone_and_a_viewer_sees_the_same(
 
     start = wire.sent_text[0]
     rate = await page.evaluate("speaker.rate")
-    assert start == {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": 1, "stream": STREAM}
+    assert start == {"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "channels": 1, "stream": STREAM,
+                     "live": True}
     assert 8000 <= rate <= 48000
     assert wire.sent_bytes and all(len(b) == 2 * round(rate * 0.05) for b in wire.sent_bytes[:-1])
     assert not any(b.startswith(b"RIFF") for b in wire.sent_bytes)

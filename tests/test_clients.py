@@ -160,7 +160,7 @@ async def test_ws_client_sends_samples_at_the_files_rate_never_its_header(
     assert out == "hello world\n"
     assert seen["text"] == [
         {"type": "start", "sample_rate": sent_rate, "encoding": encoding, "channels": channels, "stream": "desk",
-         "interim_results": True, "endpointing": {}, "version": 1},
+         "interim_results": True, "endpointing": {}, "version": 1, "live": False},  # a file can wait: not live
         {"type": "stop"},
     ]
     audio = bytes(seen["audio"])

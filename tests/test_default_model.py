@@ -131,6 +131,32 @@ async def test_the_daemon_captions_speech_with_the_default_model(wavs: list[Path
     check_wer(hyps, "the daemon over /v1/listen")
 
 
+@pytest.mark.parametrize("lead_s", [0.0, 0.28, 0.56, 0.84])
+async def test_a_pause_longer_than_the_silence_rule_ends_the_segment_whatever_the_chunk(
+    wavs: list[Path], serve_default: int, lead_s: float
+) -> None:
+    """At the daemon's default look-ahead (1.12 s chunks), two sentences 1.5 s apart are two finals with a 1.0 s
+    silence rule, wherever the pause falls against the chunk boundaries; no time lies beyond the audio sent."""
+    (a, rate), (b, _) = (sf.read(w, dtype="int16") for w in wavs[:2])
+    assert sf.info(wavs[1]).samplerate == rate
+    audio = np.concatenate([np.zeros(round(lead_s * rate), "int16"), a, np.zeros(round(1.5 * rate), "int16"), b])
+    async with connect(f"ws://127.0.0.1:{serve_default}/v1/listen") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le"}))
+        pcm = audio.tobytes()
+        for i in range(0, len(pcm), 3200):
+            await ws.send(pcm[i : i + 3200])
+        await ws.send(json.dumps({"type": "stop"}))
+        messages = []
+        async with asyncio.timeout(60 * TIMEOUT):
+            while (message := json.loads(await ws.recv()))["type"] != "end":
+                messages.append(message)
+    finals = [m for m in messages if m["type"] == "final"]
+    assert [f["reason"] for f in finals] == ["silence", "stop"], [(f["reason"], f["text"]) for f in finals]
+    end_s = len(audio) / rate
+    assert all(m["end"] <= end_s + 1e-3 for m in messages if m["type"] in ("partial", "final"))
+    assert finals[0]["end"] <= (lead_s + len(a) / rate) + 0.2 < 0.5 + finals[0]["end"] < finals[1]["start"]
+
+
 def sent_audio_gaps(spoken: Path, sent: np.ndarray, sent_rate: int) -> tuple[list[float], list[tuple[float, float]]]:
     """Is the microphone's speech all in the audio the page sent, in order? Compared in 50 ms windows.
 

@@ -201,8 +201,10 @@ def test_dropped_audio_moves_the_clock(model: AsrModel, speech: np.ndarray) -> N
     channel = Channel(rec, "s", EndpointConfig(max_segment_s=60), ring_capacity_s=0.5)
     dropped = channel.write(speech)  # 2.5 s into a 0.5 s ring
     assert dropped == speech.size - 8000
-    work = channel.take()
-    assert work.dropped == dropped and work.samples.size == 8000 and channel.dropped_samples == dropped
+    wanted = channel.samples_wanted
+    work = channel.take()  # one step's worth; the rest of the backlog waits in the ring
+    assert work.dropped == dropped and work.samples.size == wanted < 8000 and channel.dropped_samples == dropped
+    assert channel.buffered_samples == 8000 - wanted
     events = channel.absorb(work)
     channel.close("stop")
     events += run_channel(channel)
@@ -272,3 +274,59 @@ def test_streaming_on_cuda_equals_cpu(model: AsrModel, speech: np.ndarray, kind:
     gpu_model = copy.deepcopy(model).to_device("cuda")
     on_gpu = transcribe_streaming(gpu_model, speech, kind, (70, 1))  # type: ignore[arg-type]
     assert on_gpu.token_ids == on_cpu.token_ids and on_gpu.text == on_cpu.text
+
+
+# ---------------------------------------------------------------- endpoints and times inside a step
+
+
+def test_a_pause_inside_one_long_chunk_ends_the_segment(model: AsrModel) -> None:
+    """With 1.12 s steps (14 frames), a 1.1 s pause that straddles two step ends still ends the segment: the rules
+    run on every encoder frame of a step, and the words after the pause open the next segment."""
+    seg = segmenter(model, trailing_silence_after_speech_s=1.0)
+    assert [type(e) for e in seg.add(span([THE, S_], [1, 2]), frames_done=14)] == [Partial]  # 0.88 s of pause
+    events = seg.add(span([T_, HE], [17, 18]), frames_done=28)  # the next words 1.12 s after "the s" ended
+    final, partial = events
+    assert isinstance(final, Final) and final.reason == "silence" and final.text == "the s" and final.segment == 0
+    assert isinstance(partial, Partial) and partial.segment == 1 and partial.text == "the"
+    assert partial.start == 1.36  # frame 17
+
+
+def test_no_time_in_a_result_lies_beyond_the_audio_received(model: AsrModel) -> None:
+    """A token's predicted duration may run past the audio so far: partial and final ends stop at the audio's end."""
+    seg = segmenter(model)
+    (p,) = seg.add(span([THE], [6], [20]), frames_done=7, end_fed=7 * 1280)  # "the" predicted to last 1.6 s
+    assert p.end == 0.56 and p.start == 0.48
+    (final,) = seg.cut("finalize", 7, end_fed=7 * 1280)
+    assert final.end <= 0.56 and all(w.end <= 0.56 for w in final.words)
+
+
+def test_partial_text_is_decoded_incrementally_and_equals_the_whole(model: AsrModel) -> None:
+    """However the tokens come, each partial's text equals decoding all of the segment's tokens at once, while a step
+    decodes only the tokens since the last word start: work per step does not grow with the segment."""
+    tok = model.tokenizer
+    assert tok is not None
+    decoded: list[int] = []
+    real_decode = tok.decode
+
+    def counting_decode(ids, strip_special=False):  # type: ignore[no-untyped-def]
+        ids = list(ids)
+        decoded.append(len(ids))
+        return real_decode(ids, strip_special)
+
+    rng = np.random.default_rng(5)
+    seg = segmenter(model, max_segment_s=3600.0)
+    tok.decode = counting_decode  # type: ignore[method-assign]
+    try:
+        ids: list[int] = []
+        for frame in range(3000):
+            new = [int(t) for t in rng.integers(0, tok.vocab_size, size=rng.integers(0, 3))]
+            ids += new
+            decoded.clear()
+            events = seg.add(span(new, [frame] * len(new)), frames_done=frame + 1)
+            partials = [e for e in events if isinstance(e, Partial)]
+            if partials:
+                assert partials[-1].text == real_decode(ids, strip_special=True)
+                assert max(decoded) <= 150, f"a step decoded {max(decoded)} tokens after {len(ids)}"
+    finally:
+        del tok.decode
+    assert seg.segment == 0 and len(ids) > 2000

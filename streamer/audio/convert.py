@@ -2,8 +2,10 @@
 
 Channels are averaged, then soxr's streaming resampler (quality "HQ") changes the rate. The stream keeps
 its filter state between frames, so audio cut into frames anywhere resamples to exactly the samples of
-one pass over the whole (checked in the tests). A bad frame raises `AudioError` and changes nothing:
-the converter can take the next frame as if the bad one never came.
+one pass over the whole (checked in the tests). Client audio is a byte stream: a frame may end in the
+middle of a sample (or of a sample frame of several channels), and the bytes left over are carried to the
+next frame. A bad frame raises `AudioError` and changes nothing: the converter can take the next frame as
+if the bad one never came. Float samples outside [-1, 1] are clipped to it (and counted).
 """
 
 from __future__ import annotations
@@ -102,37 +104,57 @@ class PcmConverter:
         self._dtype = ENCODINGS[encoding]
         self.frame_bytes = self._dtype.itemsize * channels  # bytes per sample frame, all channels
         self._resampler = StreamResampler(sample_rate, target_rate)
+        self._carry = b""  # the start of an incomplete sample frame, completed by the next frame
+        self.clipped_samples = 0  # float samples outside [-1, 1], clipped
 
     def convert(self, frame: bytes | bytearray | memoryview) -> np.ndarray:
         """Decode a binary frame and resample it.
 
-        An empty frame gives an empty array and leaves the state alone. A rejected frame leaves no trace:
-        nothing of it is kept for the next one.
+        The frame may end mid-sample: those bytes wait for the next frame (see :attr:`incomplete_bytes`). An
+        empty frame gives an empty array and leaves the state alone. A rejected frame leaves no trace.
 
         Args:
-            frame: raw PCM, a whole number of sample frames (all channels of each sample).
+            frame: raw PCM bytes that continue the stream.
 
         Returns:
             (S,) float32 samples at the target rate; may be empty while the resampler fills.
 
         Raises:
-            AudioError: the byte count is not a multiple of the sample frame, or a float sample is NaN or infinite.
+            AudioError: a float sample is NaN or infinite (the frame is dropped whole).
         """
-        size = len(frame)
-        if size % self.frame_bytes:
-            raise AudioError(
-                f"audio frame of {size} bytes is not a whole number of {self.encoding} samples "
-                f"({self.frame_bytes} bytes each for {self.channels} channel(s)); the frame was dropped"
-            )
-        if size == 0:
+        data = self._carry + bytes(frame) if self._carry else frame
+        usable = len(data) - len(data) % self.frame_bytes
+        if usable == 0:
+            self._carry = bytes(data)
             return np.zeros(0, dtype=np.float32)
-        raw = np.frombuffer(frame, dtype=self._dtype)
-        if self._dtype.kind == "f" and not np.isfinite(raw).all():
-            bad = int(np.count_nonzero(~np.isfinite(raw)))
-            raise AudioError(f"audio frame holds {bad} NaN or infinite sample(s); the frame was dropped")
+        raw = np.frombuffer(data, dtype=self._dtype, count=usable // self._dtype.itemsize)
+        if self._dtype.kind == "f":
+            if not np.isfinite(raw).all():
+                bad = int(np.count_nonzero(~np.isfinite(raw)))
+                raise AudioError(f"audio frame holds {bad} NaN or infinite sample(s); the frame was dropped")
+            loud = int(np.count_nonzero(np.abs(raw) > 1.0))
+            if loud:
+                self.clipped_samples += loud
+                raw = np.clip(raw, -1.0, 1.0)
+        self._carry = bytes(data[usable:])
         mono = to_mono_float32(raw, self.channels)
         return self._resampler.process(mono)
 
+    @property
+    def incomplete_bytes(self) -> int:
+        """Bytes of an incomplete sample frame waiting for the rest of it in the next frame."""
+        return len(self._carry)
+
+    def drop_incomplete(self) -> int:
+        """Forget the bytes of an incomplete sample frame (a resumed client re-sends whole frames); returns them."""
+        n, self._carry = len(self._carry), b""
+        return n
+
     def flush(self) -> np.ndarray:
-        """Return the resampler's held-back tail at the end of the audio; the converter can then start anew."""
+        """Return the resampler's held-back tail at the end of the audio; the converter can then start anew.
+
+        An incomplete sample frame left over cannot be decoded: :attr:`incomplete_bytes` says how many bytes
+        it had (read it before flushing), and they are forgotten.
+        """
+        self._carry = b""
         return self._resampler.flush()

@@ -10,6 +10,13 @@ The event loop writes audio (:meth:`Channel.write`) and requests (:meth:`Channel
 Requests keep their place in the audio: a ``finalize`` covers exactly the audio written before it.
 To recognize that audio now, rather than when the next chunk fills, the channel pads silence up to
 the chunk boundary (the stream's clock does not count it).
+
+Backlog: each round takes only the audio the stream's next step needs (all of it up to the last request,
+when there is one), so audio received but not yet recognized waits in the ring, whose bound applies to it.
+A *live* channel (a microphone, a client that cannot wait) overwrites its oldest audio when the ring is
+full, and the loss is counted. A channel that is not live never loses audio: its writer checks
+:attr:`Channel.room_samples` and waits for rounds to make room (back-pressure), see
+``Scheduler.write_waiting``.
 """
 
 from __future__ import annotations
@@ -53,12 +60,15 @@ class Channel:
         recognizer: the shared recognizer.
         name: the stream name (also in every message).
         endpoint: this stream's endpointing rules.
-        ring_capacity_s: audio the ring holds before it drops the oldest.
+        ring_capacity_s: audio the ring holds (before a live channel drops the oldest).
+        is_live: True: drop the oldest audio when the ring is full; False: the writer waits for room.
     """
 
-    def __init__(self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float) -> None:
+    def __init__(
+        self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True
+    ) -> None:
         model = recognizer.model
-        self.recognizer, self.name, self.endpoint = recognizer, name, endpoint
+        self.recognizer, self.name, self.endpoint, self.is_live = recognizer, name, endpoint, is_live
         self.sample_rate_hz = model.config.features.sample_rate
         self._hop = model.config.features.hop_length
         self._reach = window_reach(model.config.features.win_length, model.config.features.n_fft)
@@ -69,6 +79,7 @@ class Channel:
         self.is_closing = False  # close() was called: no more audio is accepted
         self.is_queued = False  # in the scheduler's ready queue or in a running step
         self.dropped_samples = 0
+        self.is_lag_warned = False  # a falling_behind warning went out and the backlog has not shrunk since
         # inference side (read by the loop only between steps)
         self.stream = recognizer.create_stream(name)
         self.clock = Clock(self.sample_rate_hz)
@@ -81,10 +92,24 @@ class Channel:
     # ------------------------------------------------------------------ loop side
 
     def write(self, samples: np.ndarray) -> int:
-        """Buffer 16 kHz float32 samples; returns how many old samples the ring dropped to make room."""
+        """Buffer 16 kHz float32 samples; returns how many old samples the ring dropped to make room.
+
+        A channel that is not live must be given at most :attr:`room_samples` (it would drop otherwise).
+        """
         if self.is_closing or samples.size == 0:
             return 0
         return self._ring.write(samples)
+
+    @property
+    def room_samples(self) -> int:
+        """Samples the ring takes now without dropping any."""
+        return self._ring.capacity_samples - len(self._ring)
+
+    @property
+    def backlog_s(self) -> float:
+        """Seconds of received audio waiting for recognition (in the ring; at most one more chunk is in the
+        recognizer)."""
+        return len(self._ring) / self.sample_rate_hz
 
     def finalize(self) -> None:
         """End the current segment after the audio written so far."""
@@ -117,11 +142,19 @@ class Channel:
         return bool(self._requests) or self.has_backlog or 0 < self.samples_wanted <= len(self._ring)
 
     def take(self) -> Work:
-        """Everything buffered and requested so far, in order (loop side)."""
-        samples = self._ring.read_all()
-        end = self._ring.written_total
-        begin = end - samples.size
-        dropped, self._taken = begin - self._taken, end
+        """The audio the next step needs (all of it up to the last request, if any) and the requests (loop side).
+
+        The rest stays in the ring: a backlog is bounded there, and a round never feeds a stream more than
+        one step's worth, so every due channel gets its turn.
+        """
+        ring = self._ring
+        begin = ring.written_total - len(ring)  # ring position of the oldest waiting sample
+        dropped = begin - self._taken
+        want = 0 if self.has_backlog else self.samples_wanted
+        if self._requests:
+            want = max(want, self._requests[-1][0] - begin)
+        samples = ring.read(want)
+        self._taken = begin + samples.size
         self.dropped_samples += dropped
         requests = [(max(0, at - begin), what, reason) for at, what, reason in self._requests]
         self._requests.clear()
@@ -147,7 +180,7 @@ class Channel:
     def after_step(self, span: TokenSpan) -> list[Event]:
         """Events from one batched step's new tokens for this channel."""
         self.stream.tokens = TokenSpan()  # the segmenter keeps the segment's tokens; don't grow forever
-        return self.segmenter.add(span, self._frames_done())
+        return self.segmenter.add(span, self._frames_done(), end_fed=self._fed)
 
     def settle(self) -> None:
         """After the round: note what the loop needs to decide when to schedule this channel again."""
@@ -184,7 +217,7 @@ class Channel:
         self.stream.input_finished()
         out = self._step_alone()
         self.is_closed = True
-        return out + self.segmenter.cut(reason, self._frames_done())
+        return out + self.segmenter.cut(reason, self._frames_done(), end_fed=self._fed)
 
     def _frames_done(self) -> int:
         return int(self.stream.dec_state.frames_done[0])  # type: ignore[attr-defined]

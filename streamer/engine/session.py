@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel
+from streamer.asr.tokenizer import Tokenizer
 from streamer.engine.endpoint import Decision, EndpointConfig, decide
 from streamer.engine.recognizer import make_transcript
 from streamer.protocol import Final, Partial, WordTiming
@@ -74,6 +75,11 @@ class Clock:
 class Segmenter:
     """Cuts one stream's token sequence into segments; see the module docstring.
 
+    Endpoint rules are applied frame by frame inside each step's encoder frames, not only at the step's
+    end, so a pause ends its segment whatever the look-ahead (with 1.12 s chunks, a 1.5 s pause could
+    otherwise fall between two checks and join two utterances). No time in a result lies beyond the audio
+    received. A step's work does not grow with the segment: the partial's text is decoded incrementally.
+
     Args:
         model: the model (tokenizer, end-of-utterance ids, frame shift, TDT or not).
         stream: the stream name put in every message.
@@ -86,16 +92,21 @@ class Segmenter:
         self._eou = frozenset(model.config.eou_token_ids)
         self._frame_shift_s = model.config.frame_shift_s
         self._samples_per_frame = round(self._frame_shift_s * clock.sample_rate_hz)
+        self._frames_seen = 0  # encoder frames the rules have looked at
         self.segment = 0  # number of the next final
         self._reset(0)
 
     def _reset(self, start_frame: int) -> None:
-        self._tokens = TokenSpan()
+        self._tokens: list[tuple[int, int, int, float, float]] = []  # (id, frame, duration, confidence, logprob)
         self._start_frame = start_frame
         self._first_speech: int | None = None
         self._speech_end: int | None = None
         self._text = ""
         self._stable = ""
+        self._speech_ids: list[int] = []  # the segment's ids without end-of-utterance markers
+        self._split = 0  # the last index of _speech_ids where the text may be cut (a word start)
+        self._committed = 0  # _speech_ids[:_committed] are decoded in _committed_text (a cut point)
+        self._committed_text = ""
         self.clock.forget_before(start_frame * self._samples_per_frame)
 
     @property
@@ -103,26 +114,51 @@ class Segmenter:
         """True when the open segment holds at least one speech token."""
         return self._first_speech is not None
 
-    def add(self, span: TokenSpan, frames_done: int) -> list[Partial | Final]:
-        """Take one step's new tokens; ``frames_done`` is the stream's decoded encoder frames after it."""
+    def add(self, span: TokenSpan, frames_done: int, end_fed: int | None = None) -> list[Partial | Final]:
+        """Take one step's new tokens.
+
+        Args:
+            span: the step's tokens, in order.
+            frames_done: the stream's decoded encoder frames after the step.
+            end_fed: the fed sample up to which the stream has audio: no time in a result lies beyond it.
+        """
+        cap_s = None if end_fed is None else self.clock.seconds(end_fed)
         out: list[Partial | Final] = []
-        begin = 0
-        for i, token in enumerate(span.token_ids):
-            if token in self._eou:  # the model says the utterance ended here
-                self._append(span, begin, i + 1)
-                out += self.cut("eou", span.token_frames[i] + max(span.token_durations[i], 1))
-                begin = i + 1
-        self._append(span, begin, len(span))
-        decision = decide(
-            self.endpoint, self._frame_shift_s, frames_done, self._start_frame, self._first_speech, self._speech_end
-        )
-        if decision is Decision.DISCARD:
-            self._reset(frames_done)
-        elif decision is not Decision.CONTINUE:
-            out += self.cut(decision.value, frames_done)
-        elif (partial := self._partial()) is not None:
+        rows = list(zip(span.token_ids, span.token_frames, span.token_durations, span.token_confidences,
+                        span.token_logprobs, strict=True))
+        i = 0
+        for frame_end in range(self._frames_seen + 1, frames_done + 1):  # the rules after each decoded frame
+            while i < len(rows) and rows[i][1] < frame_end:
+                out += self._take(rows[i], cap_s)
+                i += 1
+            decision = decide(
+                self.endpoint, self._frame_shift_s, frame_end, self._start_frame, self._first_speech, self._speech_end
+            )
+            if decision is Decision.DISCARD:
+                self._reset(frame_end)
+            elif decision is not Decision.CONTINUE:
+                out += self._cut(decision.value, frame_end, cap_s)
+        for row in rows[i:]:
+            out += self._take(row, cap_s)
+        self._frames_seen = max(self._frames_seen, frames_done)
+        if (partial := self._partial(cap_s)) is not None:
             out.append(partial)
         return out
+
+    def _take(self, row: tuple[int, int, int, float, float], cap_s: float | None) -> list[Final]:
+        """Add one token to the open segment; an end-of-utterance token ends it."""
+        token, frame, duration = row[0], row[1], row[2]
+        self._tokens.append(row)
+        if token in self._eou:  # the model says the utterance ended here
+            return self._cut("eou", frame + max(duration, 1), cap_s)
+        if self._first_speech is None:
+            self._first_speech = frame
+        self._speech_end = max(self._speech_end or 0, frame + max(duration, 1))
+        tok = self.model.tokenizer
+        if tok is not None and 0 <= token < tok.vocab_size and _is_cut_point(tok, token):
+            self._split = len(self._speech_ids)
+        self._speech_ids.append(token)
+        return []
 
     def cut(self, reason: str, next_start_frame: int, end_fed: int | None = None) -> list[Final]:
         """End the open segment now: its final (none if nothing was recognized).
@@ -130,61 +166,62 @@ class Segmenter:
         Args:
             reason: what ended it (``Final.reason``).
             next_start_frame: the encoder frame the next segment starts at.
-            end_fed: the fed sample where the segment's audio ended, when padding followed it: no time in
-                the final lies past it (the last encoder frame may straddle the padding).
+            end_fed: the fed sample where the segment's audio ended (padding may follow it): no time in the
+                final lies past it (the last encoder frame may straddle the padding).
         """
-        cap_s = None if end_fed is None else self.clock.seconds(end_fed)
-        final = self._final(reason, cap_s) if len(self._tokens) else None
+        return self._cut(reason, next_start_frame, None if end_fed is None else self.clock.seconds(end_fed))
+
+    def _cut(self, reason: str, next_start_frame: int, cap_s: float | None) -> list[Final]:
+        final = self._final(reason, cap_s) if self._tokens else None
         self._reset(max(next_start_frame, self._start_frame))
+        self._frames_seen = max(self._frames_seen, self._start_frame)
         if final is None:
             return []
         self.segment += 1
         return [final]
 
-    def _append(self, span: TokenSpan, begin: int, end: int) -> None:
-        if begin >= end:
-            return
-        part = TokenSpan(*(values[begin:end] for values in (
-            span.token_ids, span.token_frames, span.token_durations, span.token_confidences, span.token_logprobs
-        )))
-        self._tokens = self._tokens + part
-        for token, frame, duration in zip(part.token_ids, part.token_frames, part.token_durations, strict=True):
-            if token in self._eou:
-                continue
-            if self._first_speech is None:
-                self._first_speech = frame
-            self._speech_end = max(self._speech_end or 0, frame + max(duration, 1))
+    def _span(self) -> TokenSpan:
+        if not self._tokens:
+            return TokenSpan()
+        ids, frames, durations, confidences, logprobs = zip(*self._tokens, strict=True)
+        return TokenSpan(ids, frames, durations, confidences, logprobs)
 
-    def _seconds(self, frame: int) -> float:
-        return self.clock.seconds(frame * self._samples_per_frame)
+    def _seconds(self, frame: int, cap_s: float | None = None) -> float:
+        t = self.clock.seconds(frame * self._samples_per_frame)
+        return t if cap_s is None else min(t, cap_s)
 
-    def _partial(self) -> Partial | None:
+    def _partial(self, cap_s: float | None) -> Partial | None:
         if self._first_speech is None or self._speech_end is None:
             return None
-        text = make_transcript(self.model, self._tokens).text
+        text = self._partial_text()
         if text == self._text or not text.strip():
             return None
         self._text = text
-        stable = self._stable_prefix(text)
+        stable = self._committed_text if text.startswith(self._committed_text) else os.path.commonprefix(
+            [text, self._committed_text])
         self._stable = stable if len(stable) >= len(self._stable) else self._stable
-        return Partial(self.stream, self.segment, text, self._stable, self._seconds(self._first_speech),
-                       self._seconds(self._speech_end))
+        start = self._seconds(self._first_speech, cap_s)
+        return Partial(self.stream, self.segment, text, self._stable, start, self._seconds(self._speech_end, cap_s))
 
-    def _stable_prefix(self, text: str) -> str:
-        """Text of the tokens before the last word start: later tokens can only extend the last word."""
+    def _partial_text(self) -> str:
+        """The open segment's text, decoding only the tokens since the last cut point that was decoded before.
+
+        Tokens before the last word start can only be followed by more words, so their text is final (the
+        stable prefix); it is kept, and a step decodes just the rest: work per step stays bounded however long
+        the segment grows (a client may ask for segments of an hour).
+        """
         tok = self.model.tokenizer
-        ids = [t for t in self._tokens.token_ids if t not in self._eou]
         if tok is None:
-            return os.path.commonprefix([text, " ".join(str(t) for t in ids[:-1])])
-        last_start = 0
-        for i, t in enumerate(ids):
-            if 0 <= t < tok.vocab_size and tok.is_word_start(t) and not tok.is_punctuation(t):
-                last_start = i
-        stable = tok.decode(ids[:last_start], strip_special=True)
-        return stable if text.startswith(stable) else os.path.commonprefix([text, stable])
+            return " ".join(str(t) for t in self._speech_ids)
+        if self._split > self._committed:
+            more = tok.decode(self._speech_ids[self._committed : self._split], strip_special=True)
+            self._committed_text = _join(self._committed_text, more)
+            self._committed = self._split
+        return _join(self._committed_text, tok.decode(self._speech_ids[self._committed :], strip_special=True))
 
     def _final(self, reason: str, cap_s: float | None) -> Final | None:
-        transcript = make_transcript(self.model, self._tokens)
+        span = self._span()
+        transcript = make_transcript(self.model, span)
         if not transcript.text.strip() or self._first_speech is None or self._speech_end is None:
             return None
         def at(encoder_s: float) -> float:
@@ -192,8 +229,7 @@ class Segmenter:
             return t if cap_s is None else min(t, cap_s)
 
         words = tuple(WordTiming(w.word, at(w.start_s), at(w.end_s), round(w.confidence, 4)) for w in transcript.words)
-        confidences = [c for t, c in zip(self._tokens.token_ids, self._tokens.token_confidences, strict=True)
-                       if t not in self._eou]
+        confidences = [c for t, c in zip(span.token_ids, span.token_confidences, strict=True) if t not in self._eou]
         return Final(
             stream=self.stream,
             segment=self.segment,
@@ -201,8 +237,20 @@ class Segmenter:
             start=words[0].start if words else at(self._first_speech * self._frame_shift_s),
             end=words[-1].end if words else at(self._speech_end * self._frame_shift_s),
             words=words,
-            token_ids=tuple(self._tokens.token_ids),
+            token_ids=tuple(span.token_ids),
             confidence=round(sum(confidences) / len(confidences), 4) if confidences else 0.0,
             eou=transcript.eou,
             reason=reason,
         )
+
+
+def _is_cut_point(tok: Tokenizer, token: int) -> bool:
+    """True for a token whose text starts a new word with a letter or digit: the text before it is final, and
+    decoding the two sides apart and joining them with one space gives the whole text."""
+    piece = tok.id_to_piece(token)
+    return tok.is_word_start(token) and len(piece) > 1 and piece[1].isalnum()
+
+
+def _join(left: str, right: str) -> str:
+    """The text of two token runs decoded apart, the right one starting at a cut point (see _is_cut_point)."""
+    return f"{left} {right}" if left and right else left or right

@@ -73,7 +73,10 @@ class ListenSession:
         self.channel: Channel | None = None
         self._converter: PcmConverter | None = None
         self.stream = ""
-        self.received_bytes = 0  # audio bytes accepted in this session (whole sample frames)
+        self.received_bytes = 0  # audio bytes accepted in this session (an incomplete last sample frame too)
+        self._write_lock = asyncio.Lock()  # one writer of the channel at a time, across a resume too
+        self._clipping_told = False
+        self._incomplete_bytes = 0  # bytes of an incomplete last sample frame, said in ``end``
         # the session's state a resume carries over (besides the channel, converter, stream and count above)
         self.start: Start | None = None
         self.results = ResultLog(cfg.max_pending_messages)
@@ -117,7 +120,7 @@ class ListenSession:
             if isinstance(message, str):
                 await self._on_text(message)
             else:
-                self._on_audio(message)
+                await self._on_audio(message)
 
     async def _on_text(self, text: str) -> None:
         if self.phase is not Phase.AWAITING_START and self.phase is not Phase.STREAMING:
@@ -164,7 +167,7 @@ class ListenSession:
             self._refuse_busy()
             return
         try:
-            channel = self.server.scheduler.open(name, endpoint)
+            channel = self.server.scheduler.open(name, endpoint, is_live=start.live)
         except ValueError as exc:  # every channel is taken (sessions + microphone + file)
             self._error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
             return
@@ -189,13 +192,14 @@ class ListenSession:
             extra = {"resume_token": self.resume_token, "resume_window_s": window_s, "resumed": resumed,
                      "audio_s": self._received_s()}
         return Ready(self.id, self.stream, info["model"], info["att_context_size"], self.start.sample_rate,
-                     info["chunk_s"], self.channel.endpoint.to_dict(), **extra)
+                     info["chunk_s"], self.channel.endpoint.to_dict(), live=self.channel.is_live, **extra)
 
     def _received_s(self) -> float:
-        """Seconds of audio received in the session, unrounded: times the sample rate it is a whole number."""
+        """Seconds of whole sample frames received in the session, unrounded: times the sample rate it is a
+        whole number."""
         if self._converter is None:
             return 0.0
-        return self.received_bytes / self._converter.frame_bytes / self._converter.sample_rate
+        return self.received_bytes // self._converter.frame_bytes / self._converter.sample_rate
 
     # ------------------------------------------------------------------ resume
 
@@ -249,6 +253,9 @@ class ListenSession:
             held.ws.transport.abort()
         self.id, self.channel, self._converter, self.stream = held.id, held.channel, held._converter, held.stream
         self.received_bytes, self.start, self.results = held.received_bytes, held.start, held.results
+        self._write_lock, self._clipping_told = held._write_lock, held._clipping_told
+        if self._converter is not None:  # the client re-sends whole sample frames from audio_s on
+            self.received_bytes -= self._converter.drop_incomplete()
         self.resume_token, self.spent_tokens = held.resume_token, held.spent_tokens
         held.phase, held.channel = Phase.MOVED, None
         held._released.set()
@@ -264,7 +271,9 @@ class ListenSession:
 
     # ------------------------------------------------------------------ audio, errors, the end
 
-    def _on_audio(self, frame: bytes) -> None:
+    async def _on_audio(self, frame: bytes) -> None:
+        """Convert a frame and write it to the channel; a session that can wait waits here for room, and while
+        it waits nothing more is read from the socket, so TCP slows the client down (back-pressure)."""
         if self.phase is not Phase.STREAMING and self.phase is not Phase.AWAITING_START:
             return
         if self.channel is None or self._converter is None:
@@ -274,14 +283,25 @@ class ListenSession:
             self.outbox.offer(WarningMessage("empty_frame", "an empty binary frame carries no audio; it was ignored",
                                       self.stream))
             return
+        converter, channel = self._converter, self.channel
+        clipped = converter.clipped_samples
         try:
-            samples = self._converter.convert(frame)
+            samples = converter.convert(frame)
         except AudioError as exc:
             self._error("bad_audio", str(exc))
             return
         self.received_bytes += len(frame)
-        self.channel.write(samples)
-        self.server.scheduler.poke(self.channel)
+        if converter.clipped_samples > clipped and not self._clipping_told:
+            self._clipping_told = True
+            self.outbox.offer(WarningMessage(
+                "audio_clipped", "pcm_f32le samples must lie in [-1, 1]; louder ones were clipped (said once per "
+                "session)", self.stream))
+        async with self._write_lock:
+            if channel.is_live:
+                channel.write(samples)
+                self.server.scheduler.poke(channel)
+            else:
+                await self.server.scheduler.write_waiting(channel, samples)
 
     def _error(self, code: str, message: str) -> None:
         logger.info("session %s: %s: %s", self.id, code, message)
@@ -312,7 +332,7 @@ class ListenSession:
         if self.channel is not None and self._converter is not None:
             dropped_s = self.channel.dropped_samples / self.channel.sample_rate_hz
             self.outbox.offer(End(self.stream, self.channel.segmenter.segment, round(self._received_s(), 3),
-                                  round(dropped_s, 3)))
+                                  round(dropped_s, 3), self._incomplete_bytes or None))
         self.outbox.close_after_queue(code, close_reason)
 
     async def _flush(self, reason: str, detach_first: bool) -> None:
@@ -322,6 +342,15 @@ class ListenSession:
         if detach_first:
             self.server.hub.set_source(self.stream, None)  # nobody to send to: finals go to the other sinks
         elif self._converter is not None and not channel.is_closing:
-            channel.write(self._converter.flush())
+            self._incomplete_bytes = self._converter.incomplete_bytes
+            if self._incomplete_bytes:
+                logger.info("session %s: the audio ended with an incomplete sample frame (%d bytes)", self.id,
+                            self._incomplete_bytes)
+            tail = self._converter.flush()
+            async with self._write_lock:
+                if channel.is_live:
+                    channel.write(tail)
+                else:
+                    await self.server.scheduler.write_waiting(channel, tail)
         await self.server.scheduler.close(channel, reason)
         self.server.hub.set_source(self.stream, None)

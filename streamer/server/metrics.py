@@ -1,8 +1,9 @@
 """Prometheus metrics in the text exposition format (version 0.0.4), written by hand.
 
 Every series the daemon exports is declared in :class:`Metrics`; ``GET /metrics`` returns
-:meth:`Metrics.render`. No labels carry user-chosen values (stream names), so the number of series
-is fixed. Values are updated on the event loop only.
+:meth:`Metrics.render`. One family carries stream names as a label (each live stream's lag); it has a
+series per open stream only, so it stays bounded by the session cap. Every other series is fixed.
+Values are updated on the event loop only.
 """
 
 from __future__ import annotations
@@ -58,6 +59,23 @@ class Gauge:
 
     def render(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_number(self.value())}"]
+
+
+class GaugeFamily:
+    """Gauges split by one label, all read from ``source`` at render time (series come and go with it)."""
+
+    def __init__(self, name: str, help_text: str, label: str, source: Callable[[], dict[str, float]] | None = None):
+        self.name, self.help, self.label, self.source = name, help_text, label, source
+
+    def values(self) -> dict[str, float]:
+        return dict(self.source()) if self.source is not None else {}
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge"]
+        for key, value in sorted(self.values().items()):
+            escaped = key.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            lines.append(f'{self.name}{{{self.label}="{escaped}"}} {_number(value)}')
+        return lines
 
 
 class Histogram:
@@ -132,6 +150,14 @@ class Metrics:
         self.auth_failures_total = Counter(
             "streamer_auth_failures_total", "Requests refused with HTTP 401: token missing or invalid.", "reason"
         )
+        self.stream_lag_seconds = GaugeFamily(
+            "streamer_stream_lag_seconds",
+            "Audio each live stream has received and not yet recognized (how far behind real time it is), seconds.",
+            "stream",
+        )
+        self.max_stream_lag_seconds = Gauge(
+            "streamer_max_stream_lag_seconds", "The largest streamer_stream_lag_seconds (0 with no live stream)."
+        )
         for reason in ("missing", "invalid"):  # both series exist from the start, for rate() alerts
             self.auth_failures_total.inc(0.0, label_value=reason)
         self._rtf_busy_s = 0.0
@@ -155,7 +181,8 @@ class Metrics:
         (self.finals_total if msg.type == "final" else self.partials_total).inc()
 
     def render(self) -> str:
-        series = [value for value in vars(self).values() if isinstance(value, Counter | Gauge | Histogram)]
+        kinds = Counter | Gauge | GaugeFamily | Histogram
+        series = [value for value in vars(self).values() if isinstance(value, kinds)]
         lines: list[str] = []
         for s in series:
             lines += s.render()
