@@ -18,13 +18,16 @@ Session on ``/v1/listen``
    id); two live sessions cannot share a name. ``interim_results: false`` turns partials off for this
    client only. ``endpointing`` overrides the server's rules for this session (see
    ``streamer.engine.endpoint``). ``resume`` continues a session whose connection dropped (see
-   "Resuming a session"). Unknown fields are errors.
+   "Resuming a session"). ``live`` (default false) says whether the source can wait (see "Flow
+   control"). Unknown fields are errors.
 2. The server answers :class:`Ready` (session id, stream, model, protocol version, att_context_size,
-   sample rate, the step period ``chunk_s`` and the effective endpointing rules; when the server keeps
+   sample rate, the step period ``chunk_s``, the effective endpointing rules and ``live``; when the server keeps
    sessions across reconnects, also ``resume_token``, ``resume_window_s``, ``resumed`` and ``audio_s``:
    see "Resuming a session" below).
-3. The client sends binary frames of audio in the declared encoding, of any length that holds whole
-   frames (a multiple of ``channels * bytes per sample``). Text messages in between: :class:`Finalize`
+3. The client sends binary frames of audio in the declared encoding, of any length: the audio is a byte
+   stream, and a frame may end in the middle of a sample (or of a sample frame of several channels), whose
+   remaining bytes come first in the next frame. Only audio that ends on an incomplete sample frame loses
+   those bytes (``end.incomplete_bytes`` says how many). Text messages in between: :class:`Finalize`
    (end the current segment now, keep listening), :class:`KeepAlive` (resets the idle timer),
    :class:`Stop` (no more audio: the server flushes the last segment, sends its final, then
    :class:`End` (with the seconds of audio received and dropped), and closes with 1000).
@@ -34,7 +37,26 @@ Session on ``/v1/listen``
    nothing was recognized has no partial and no final and takes no number.
 
 Times (``start``, ``end``, word times) are seconds on the stream's own clock: from its first sample,
-counting audio the server dropped and not counting silence it padded in to flush a segment.
+counting audio the server dropped and not counting silence it padded in to flush a segment. No time lies
+beyond the audio received so far (a partial's ``end`` is capped there, though its last token's predicted
+duration may reach further). Endpointing rules are checked on every encoder frame (80 ms), not only at the
+end of each model step, so a pause ends its segment whatever the look-ahead.
+
+Flow control
+============
+
+A client that can wait (the default: a file, a batch job, a replay) is never thinned: while its audio
+waits for recognition beyond ``engine.ring_capacity_s``, the server stops reading its socket, so TCP
+slows the sender down, and the whole file is recognized at the speed the box allows. Each scheduling
+round gives such a client one step, like every other stream, and live streams are served first, so a
+fast client cannot take the box from live ones. A live source (``"live": true``: a microphone, or any
+client paced at real time that must not fall behind) cannot wait: when the server falls more than
+``engine.lag_warning_s`` behind it, it gets warning ``falling_behind`` (``seconds``: how far behind;
+once, and again after it has caught up to half of that), and beyond ``engine.ring_capacity_s`` its
+oldest audio is dropped with warning ``audio_dropped`` (``seconds``: how much). ``ready.live`` says which
+rule applies; ``end.dropped_s`` is the account. ``/metrics`` has each live stream's lag
+(``streamer_stream_lag_seconds{stream=...}``). The caption page, ``streamer mic --url`` and
+``ws_client.py --mic/--realtime`` send ``"live": true``; ``ws_client.py FILE`` does not.
 
 Resuming a session
 ==================
@@ -97,7 +119,7 @@ and the session goes on (the client may, for example, send a corrected ``start``
 - ``no_start``: audio or ``finalize``/``stop`` before ``start``;
 - ``already_started``: a second ``start``;
 - ``unsupported_audio``: sample rate, encoding or channel count out of range;
-- ``bad_audio``: a frame that does not hold whole sample frames, or NaN/infinite floats;
+- ``bad_audio``: NaN or infinite float samples (the frame is dropped whole);
 - ``stream_in_use``: another live source (or a session held for a resume) already sends that stream name;
 - ``resume_failed``: the ``start`` could not resume the session it names (see above); a new session
   is started instead;
@@ -106,8 +128,10 @@ and the session goes on (the client may, for example, send a corrected ``start``
 - ``idle_timeout``: nothing received for ``server.idle_timeout_s`` (the open segment is flushed,
   ``end`` sent, then closed with 1008).
 
-A :class:`Warning` discards nothing the client sent: ``audio_dropped`` (the server fell behind and
-dropped ``seconds`` of the oldest audio), ``empty_frame`` (an empty binary frame was ignored),
+A :class:`Warning` discards nothing the client sent: ``audio_dropped`` (a live session: the server fell
+behind and dropped ``seconds`` of the oldest audio), ``falling_behind`` (a live session is ``seconds``
+behind real time), ``audio_clipped`` (``pcm_f32le`` samples beyond [-1, 1] were clipped to it; said once
+per session), ``empty_frame`` (an empty binary frame was ignored),
 ``results_lost`` (a resumed session could not replay every final from ``next_segment`` on: the server
 keeps the last ``server.max_pending_messages``).
 

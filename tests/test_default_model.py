@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,23 +112,27 @@ async def serve_default(tmp_path: Path) -> AsyncIterator[int]:
                 await proc.communicate()
 
 
+async def session_messages(port: int, pcm: bytes, rate: int) -> list[dict[str, Any]]:
+    """One /v1/listen session: s16le ``pcm`` sent in 100 ms frames, then ``stop``; every message before ``end``."""
+    async with connect(f"ws://127.0.0.1:{port}/v1/listen") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le"}))
+        for i in range(0, len(pcm), 3200):
+            await ws.send(pcm[i : i + 3200])
+        await ws.send(json.dumps({"type": "stop"}))
+        messages = []
+        async with asyncio.timeout(60 * TIMEOUT):
+            while (message := json.loads(await ws.recv()))["type"] != "end":
+                messages.append(message)
+    return messages
+
+
 async def test_the_daemon_captions_speech_with_the_default_model(wavs: list[Path], serve_default: int) -> None:
     """`streamer serve` with no --model: finals over /v1/listen carry the spoken words."""
     hyps = []
     for wav in wavs:  # one session per recording: `stop` ends the session
-        async with connect(f"ws://127.0.0.1:{serve_default}/v1/listen") as ws:
-            data, rate = sf.read(wav, dtype="int16")
-            await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le"}))
-            pcm = data.tobytes()
-            for i in range(0, len(pcm), 3200):
-                await ws.send(pcm[i : i + 3200])
-            await ws.send(json.dumps({"type": "stop"}))
-            text = []
-            async with asyncio.timeout(60 * TIMEOUT):
-                while (message := json.loads(await ws.recv()))["type"] != "end":
-                    if message["type"] == "final":
-                        text.append(message["text"])
-            hyps.append(" ".join(text))
+        data, rate = sf.read(wav, dtype="int16")
+        messages = await session_messages(serve_default, data.tobytes(), rate)
+        hyps.append(" ".join(m["text"] for m in messages if m["type"] == "final"))
     check_wer(hyps, "the daemon over /v1/listen")
 
 
@@ -140,16 +145,7 @@ async def test_a_pause_longer_than_the_silence_rule_ends_the_segment_whatever_th
     (a, rate), (b, _) = (sf.read(w, dtype="int16") for w in wavs[:2])
     assert sf.info(wavs[1]).samplerate == rate
     audio = np.concatenate([np.zeros(round(lead_s * rate), "int16"), a, np.zeros(round(1.5 * rate), "int16"), b])
-    async with connect(f"ws://127.0.0.1:{serve_default}/v1/listen") as ws:
-        await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le"}))
-        pcm = audio.tobytes()
-        for i in range(0, len(pcm), 3200):
-            await ws.send(pcm[i : i + 3200])
-        await ws.send(json.dumps({"type": "stop"}))
-        messages = []
-        async with asyncio.timeout(60 * TIMEOUT):
-            while (message := json.loads(await ws.recv()))["type"] != "end":
-                messages.append(message)
+    messages = await session_messages(serve_default, audio.tobytes(), rate)
     finals = [m for m in messages if m["type"] == "final"]
     assert [f["reason"] for f in finals] == ["silence", "stop"], [(f["reason"], f["text"]) for f in finals]
     end_s = len(audio) / rate

@@ -294,7 +294,7 @@ def test_a_pause_inside_one_long_chunk_ends_the_segment(model: AsrModel) -> None
 def test_no_time_in_a_result_lies_beyond_the_audio_received(model: AsrModel) -> None:
     """A token's predicted duration may run past the audio so far: partial and final ends stop at the audio's end."""
     seg = segmenter(model)
-    (p,) = seg.add(span([THE], [6], [20]), frames_done=7, end_fed=7 * 1280)  # "the" predicted to last 1.6 s
+    (p,) = seg.add(span([THE], [6], [20]), frames_done=7)  # "the" predicted to last 1.6 s
     assert p.end == 0.56 and p.start == 0.48
     (final,) = seg.cut("finalize", 7, end_fed=7 * 1280)
     assert final.end <= 0.56 and all(w.end <= 0.56 for w in final.words)

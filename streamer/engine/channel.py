@@ -180,7 +180,7 @@ class Channel:
     def after_step(self, span: TokenSpan) -> list[Event]:
         """Events from one batched step's new tokens for this channel."""
         self.stream.tokens = TokenSpan()  # the segmenter keeps the segment's tokens; don't grow forever
-        return self.segmenter.add(span, self._frames_done(), end_fed=self._fed)
+        return self.segmenter.add(span, self._frames_done())
 
     def settle(self) -> None:
         """After the round: note what the loop needs to decide when to schedule this channel again."""

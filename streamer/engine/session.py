@@ -114,15 +114,13 @@ class Segmenter:
         """True when the open segment holds at least one speech token."""
         return self._first_speech is not None
 
-    def add(self, span: TokenSpan, frames_done: int, end_fed: int | None = None) -> list[Partial | Final]:
-        """Take one step's new tokens.
+    def add(self, span: TokenSpan, frames_done: int) -> list[Partial | Final]:
+        """Take one step's new tokens; ``frames_done`` is the stream's decoded encoder frames after it.
 
-        Args:
-            span: the step's tokens, in order.
-            frames_done: the stream's decoded encoder frames after the step.
-            end_fed: the fed sample up to which the stream has audio: no time in a result lies beyond it.
+        No time in a result lies beyond the decoded frames (audio the recognizer has had, so audio received):
+        a token's predicted duration may reach further. The cap depends on the audio alone, not on when it came.
         """
-        cap_s = None if end_fed is None else self.clock.seconds(end_fed)
+        cap_s = self._seconds(frames_done)
         out: list[Partial | Final] = []
         rows = list(zip(span.token_ids, span.token_frames, span.token_durations, span.token_confidences,
                         span.token_logprobs, strict=True))
