@@ -432,3 +432,14 @@ async def test_several_tokens_in_one_request_get_400(start_daemon: Start) -> Non
     async with connect(ws_url(served, f"/v1/listen?token={TOKEN}")) as ws:
         await ws.send(start_msg(16000))
         assert (await recv(ws))["type"] == "ready"
+
+
+def test_the_unit_gives_room_for_every_default_cap() -> None:
+    """systemd/streamer.service sets LimitNOFILE= above the sockets the default caps allow plus 512 for the process."""
+    from streamer.settings import ServerSettings
+
+    unit = (Path(__file__).parents[1] / "systemd" / "streamer.service").read_text()
+    (line,) = [line for line in unit.splitlines() if line.startswith("LimitNOFILE=")]
+    s = ServerSettings()
+    sockets = s.max_sessions + s.max_subscribers + s.max_pending_connections + s.max_handshakes
+    assert int(line.split("=")[1]) >= sockets + 512
