@@ -24,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 
 from streamer.errors import ConfigError
 from streamer.settings import load_settings
+from tests.test_browser import Wire, browser, fake_mic_wav, wait_state  # noqa: F401  (headless Chromium)
 from tests.test_daemon import daemon  # noqa: F401  (`streamer serve` in a process)
 from tests.test_server import (  # noqa: F401  (fixtures)
     Start,
@@ -192,6 +193,28 @@ async def test_allowed_origins_star_and_a_proxy_name_in_allowed_hosts(
     assert (await asyncio.to_thread(upgrade_status)).startswith(b"HTTP/1.1 101 ")
     status, body = await refused(ws_url(proxied, "/v1/listen"), additional_headers={"Origin": EVIL})
     assert status == 403, body
+
+
+@pytest.mark.slow
+async def test_a_page_of_another_daemon_is_refused_until_its_origin_is_allowed(
+    start_daemon: Start, browser: Any  # noqa: F811
+) -> None:
+    """Real Chromium: daemon A's caption page pointed at daemon B (?server=) sends A's origin; B refuses it (403,
+    the page says to check allowed_origins) until B lists A's origin in server.allowed_origins."""
+    page_host = await start_daemon()
+    origin = f"http://127.0.0.1:{page_host.port}"
+    strict = await start_daemon()
+    welcoming = await start_daemon(server={"allowed_origins": [origin]})
+    for target, state in ((strict, "error"), (welcoming, "connected")):
+        page = await browser.new_page()
+        wire = Wire(page)
+        await page.goto(f"{origin}/?stream=hall&server=ws://127.0.0.1:{target.port}")
+        await wait_state(page, state, wire, seconds=15)
+        if state == "error":
+            assert "allowed_origins" in await page.locator("#conn").inner_text()
+        await page.close()
+    assert strict.metrics.connections_refused_total.value("origin") >= 1
+    assert welcoming.metrics.connections_refused_total.value("origin") == 0
 
 
 def test_policy_when_serving_the_network() -> None:
