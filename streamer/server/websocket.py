@@ -208,6 +208,9 @@ class WebSocketServer:
         if refusal is not None:
             return self._unauthorized(connection, path, refusal)
         if path in ("/v1/listen", "/v1/captions"):
+            if request.method != "GET":
+                return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} is a WebSocket endpoint: open it "
+                                          "with GET and 'Upgrade: websocket' (a WebSocket client)\n")
             if getattr(connection, "pipelined", False):
                 return connection.respond(HTTPStatus.BAD_REQUEST, "data came after the WebSocket handshake request "
                                           "before its answer; wait for the answer (101) before sending frames\n")
