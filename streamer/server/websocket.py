@@ -111,13 +111,13 @@ class WebSocketServer:
             # At DEBUG websockets logs every request line and header (tokens) and every frame.
             logging.getLogger("websockets").setLevel(logging.INFO)
             logger.debug("websockets' own debug log stays off while tokens are in use (it shows them)")
-        self._accept_errors.install(asyncio.get_running_loop())
         self._server = await serve(
             self._handle, s.host, s.port, process_request=self._process_request, max_size=s.max_frame_bytes,
             compression=None, ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
             close_timeout=s.close_timeout_s, ssl=self.ssl_context, open_timeout=s.start_timeout_s,
             create_connection=connection_factory(self.gate),
         )
+        self._accept_errors.install(asyncio.get_running_loop())
         policy = self.policy
         logger.debug("answering to host names %s%s", ", ".join(sorted(policy.host_names)),
                      " and any address" if policy.serves_network else "")
