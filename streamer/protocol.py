@@ -125,6 +125,7 @@ and the session goes on (the client may, for example, send a corrected ``start``
   is started instead;
 - ``server_busy``: the session cap is reached (then closed with 1013);
 - ``not_ready``: the server is starting or stopping (then closed with 1013);
+- ``start_timeout``: no ``start`` within ``server.start_timeout_s`` of connecting, keepalive or not (then 1008);
 - ``idle_timeout``: nothing received for ``server.idle_timeout_s`` (the open segment is flushed,
   ``end`` sent, then closed with 1008).
 

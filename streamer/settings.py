@@ -63,6 +63,18 @@ def token_problem(token: str) -> str | None:
     return None
 
 
+def origin_problem(origin: str) -> str | None:
+    """Why ``origin`` cannot be an entry of ``server.allowed_origins``, or None when it can."""
+    value = origin.strip().lower()
+    if value in ("*", "null"):
+        return None
+    scheme, sep, rest = value.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or any(c in rest.rstrip("/") for c in "/?#@ "):
+        return ("is no origin: give scheme://host[:port] as a browser sends it in the Origin header, e.g. "
+                "'https://captions.example.org' or 'http://localhost:3000' (no path), or '*' for any page")
+    return None
+
+
 class ServerSettings(_Section):
     """[server]: the WebSocket and HTTP port."""
 
@@ -70,6 +82,13 @@ class ServerSettings(_Section):
     port: int = Field(8765, ge=0, le=65535)
     max_sessions: int = Field(16, ge=1)
     max_subscribers: int = Field(64, ge=1)
+    max_pending_connections: int = Field(
+        64, ge=1, description="/v1/listen connections that have not sent 'start' yet, at most"
+    )
+    start_timeout_s: float = Field(
+        10.0, gt=0, description="time to finish the handshake, and again to send 'start'; keepalive does not extend it"
+    )
+    max_handshakes: int = Field(128, ge=1, description="connections still sending their HTTP request, at most")
     max_frame_bytes: int = Field(1 << 20, ge=1024)
     max_pending_messages: int = Field(100, ge=1)
     idle_timeout_s: float = Field(30.0, gt=0)
@@ -84,6 +103,12 @@ class ServerSettings(_Section):
     auth_token_file: str | None = Field(None, description="file with more tokens, one per line")
     tls_cert: str | None = Field(None, description="PEM certificate (chain) for wss:// and https://")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert, unencrypted")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser origins let in besides the daemon's own; '*': any page"
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="names in the Host header accepted besides the defaults; '*': any"
+    )
 
     @field_validator("auth_tokens")
     @classmethod
@@ -93,6 +118,31 @@ class ServerSettings(_Section):
             if problem:  # the message never repeats the token
                 raise ValueError(f"token {i + 1} {problem}")
         return tokens
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        out = []
+        for origin in origins:
+            problem = origin_problem(origin)
+            if problem:
+                raise ValueError(f"{origin!r} {problem}")
+            out.append(origin.strip().lower().rstrip("/"))
+        return out
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_are_names(cls, hosts: list[str]) -> list[str]:
+        out = []
+        for host in hosts:
+            name = host.strip().lower().rstrip(".")
+            if name.startswith("[") and name.endswith("]"):
+                name = name[1:-1]
+            if not name or not all(c.isalnum() or c in "-._:*" for c in name) or ("*" in name and name != "*"):
+                raise ValueError(f"{host!r} is no host name or address: give names like 'streamer.example.org' "
+                                 "or addresses like '192.168.1.5', without a port or scheme, or '*' for any")
+            out.append(name)
+        return out
 
     @model_validator(mode="after")
     def _tls_needs_both_files(self) -> ServerSettings:

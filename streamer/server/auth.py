@@ -1,7 +1,9 @@
 """Access tokens for the port: who may use ``/v1/listen``, ``/v1/captions`` and ``/metrics``.
 
 A request carries a token as ``Authorization: Bearer <token>`` or as ``?token=<token>`` in the URL
-(browsers cannot set headers on a WebSocket). Tokens come from ``server.auth_tokens`` and
+(browsers cannot set headers on a WebSocket), exactly once: a request that carries several (``?token=``
+twice, several ``Authorization`` headers, or both kinds) is refused as ambiguous, so that one request
+cannot try many guesses. Tokens come from ``server.auth_tokens`` and
 ``server.auth_token_file``; with none configured every request is let in, as before tokens existed.
 The comparison runs over every token with :func:`hmac.compare_digest`, so its time does not say
 which token came close.
@@ -33,6 +35,7 @@ class Refusal(enum.Enum):
 
     MISSING = "missing"
     INVALID = "invalid"
+    AMBIGUOUS = "ambiguous"  # more than one credential in one request (HTTP 400)
 
 
 def read_token_file(path: str) -> list[str]:
@@ -96,13 +99,16 @@ class TokenAuth:
         if not self._tokens or url.path not in PROTECTED_PATHS:
             return None
         offered = parse_qs(url.query, keep_blank_values=True).get("token", [])
-        for value in request.headers.get_all("Authorization"):
+        headers = request.headers.get_all("Authorization")
+        if len(offered) + len(headers) > 1:
+            return Refusal.AMBIGUOUS
+        for value in headers:
             scheme, _, credentials = value.strip().partition(" ")
             if scheme.lower() == "bearer":
                 offered.append(credentials.strip())
         if not offered:
             return Refusal.MISSING
-        return None if any(self._matches(token) for token in offered) else Refusal.INVALID
+        return None if self._matches(offered[0]) else Refusal.INVALID
 
     def _matches(self, offered: str) -> bool:
         given = offered.encode()

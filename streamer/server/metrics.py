@@ -148,7 +148,9 @@ class Metrics:
         self.mqtt_connected = Gauge("streamer_mqtt_connected", "1 while connected to the MQTT broker.")
         self.ready = Gauge("streamer_ready", "1 once the model is warm and the daemon accepts audio.")
         self.auth_failures_total = Counter(
-            "streamer_auth_failures_total", "Requests refused with HTTP 401: token missing or invalid.", "reason"
+            "streamer_auth_failures_total",
+            "Requests refused for their token: HTTP 401 (missing, invalid) or 400 (ambiguous: more than one).",
+            "reason",
         )
         self.stream_lag_seconds = GaugeFamily(
             "streamer_stream_lag_seconds",
@@ -158,8 +160,19 @@ class Metrics:
         self.max_stream_lag_seconds = Gauge(
             "streamer_max_stream_lag_seconds", "The largest streamer_stream_lag_seconds (0 with no live stream)."
         )
-        for reason in ("missing", "invalid"):  # both series exist from the start, for rate() alerts
+        for reason in ("missing", "invalid", "ambiguous"):  # every series exists from the start, for rate() alerts
             self.auth_failures_total.inc(0.0, label_value=reason)
+        self.connections_refused_total = Counter(
+            "streamer_connections_refused_total",
+            "Requests refused before any endpoint saw them: HTTP 403 for their Origin or Host, HTTP 431 for a "
+            "request head too large, or closed at once because server.max_handshakes were open.",
+            "reason",
+        )
+        for reason in ("origin", "host", "request_too_large", "handshakes"):
+            self.connections_refused_total.inc(0.0, label_value=reason)
+        self.accept_errors_total = Counter(
+            "streamer_accept_errors_total", "accept() calls that failed for want of file descriptors or memory."
+        )
         self._rtf_busy_s = 0.0
         self._rtf_audio_s = 0.0
 

@@ -4,6 +4,12 @@ The protocol is documented in :mod:`streamer.protocol`. One :class:`~streamer.se
 per ``/v1/listen`` connection carries a session (and may resume a held one); caption subscribers get an
 :class:`~streamer.server.hub.Outbox` each. A failure of one connection closes that connection only
 (1011); the server keeps running.
+
+Before any endpoint, every request's ``Host`` and ``Origin`` are checked (:mod:`streamer.server.origin`,
+HTTP 403), then its token (:mod:`streamer.server.auth`, 400 or 401); connections still sending their
+request are capped (:mod:`streamer.server.gate`). A ``/v1/listen`` connection takes a place under
+``server.max_sessions`` only once it has started a session; until then it counts under
+``server.max_pending_connections`` and has ``server.start_timeout_s`` to send ``start``.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from websockets.http11 import Request, Response
 from streamer.engine.endpoint import EndpointConfig
 from streamer.protocol import STREAM_NAME, Error, Resume
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
+from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
 from streamer.server.hub import Hub, Outbox
 from streamer.server.listen import ListenSession, Phase
 from streamer.server.metrics import CONTENT_TYPE, Metrics
+from streamer.server.origin import OriginPolicy
 from streamer.server.resume import tokens_match
 
 if TYPE_CHECKING:
@@ -33,6 +41,8 @@ if TYPE_CHECKING:
     from streamer.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+MAX_LOGGED_PEERS = 1024  # refusals are logged once per peer and reason; past this many peers the memory starts over
 
 PLACEHOLDER_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>streamer</title></head>
@@ -76,6 +86,10 @@ class WebSocketServer:
         self.sessions: set[ListenSession] = set()
         self.is_ready = False  # /readyz: model warm, sockets bound, not shutting down
         self._server: Server | None = None
+        self._policy: OriginPolicy | None = None
+        self._accept_errors = AcceptErrors(metrics)
+        self.gate = HandshakeGate(settings.max_handshakes, metrics, self._accept_errors)
+        self._logged_refusals: set[tuple[str, str]] = set()
         self._web_root = Path(settings.web_root) if settings.web_root else Path(__file__).parents[2] / "clients" / "web"
 
     @property
@@ -100,13 +114,26 @@ class WebSocketServer:
         self._server = await serve(
             self._handle, s.host, s.port, process_request=self._process_request, max_size=s.max_frame_bytes,
             compression=None, ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
-            close_timeout=s.close_timeout_s, ssl=self.ssl_context,
+            close_timeout=s.close_timeout_s, ssl=self.ssl_context, open_timeout=s.start_timeout_s,
+            create_connection=connection_factory(self.gate),
         )
+        self._accept_errors.install(asyncio.get_running_loop())
+        policy = self.policy
+        logger.debug("answering to host names %s%s", ", ".join(sorted(policy.host_names)),
+                     " and any address" if policy.serves_network else "")
         if self.auth.is_enabled:
             logger.info("access needs one of %d token(s) on /v1/listen, /v1/captions and /metrics",
                         self.auth.token_count)
         for warning in exposure_warnings(s.host, self.auth, self.ssl_context is not None):
             logger.warning("%s", warning)
+
+    @property
+    def policy(self) -> OriginPolicy:
+        """The Host and Origin rules (made once the port is known)."""
+        if self._policy is None:
+            s = self.settings
+            self._policy = OriginPolicy(s.host, self.port, s.allowed_hosts, s.allowed_origins)
+        return self._policy
 
     def find_resumable(self, resume: Resume) -> tuple[ListenSession | None, str | None]:
         """The live or held session that ``resume`` names and may take over, or None and why not."""
@@ -124,12 +151,17 @@ class WebSocketServer:
                       "passed")
 
     def _live_count(self) -> int:
-        """Connections that hold a place under max_sessions themselves (not held sessions, not leaving ones)."""
-        return sum(s.phase not in (Phase.HELD, Phase.MOVED) for s in self.sessions)
+        """Started sessions on a connection of their own (not held ones, not connections still awaiting start)."""
+        return sum(s.channel is not None and s.phase is not Phase.HELD for s in self.sessions)
+
+    def _pending_count(self) -> int:
+        """Connections that have not started (or resumed) a session yet."""
+        return sum(s.phase is Phase.AWAITING_START for s in self.sessions)
 
     def is_full_for_new_session(self) -> bool:
-        """True when a new session would exceed max_sessions, counting held ones (the asker is in ``sessions``)."""
-        return sum(s.phase is not Phase.MOVED for s in self.sessions) > self.settings.max_sessions
+        """True when a new session would exceed max_sessions: started sessions count, held ones too, while
+        connections that have not started one do not (the asker has not)."""
+        return sum(s.channel is not None for s in self.sessions) >= self.settings.max_sessions
 
     async def shutdown(self) -> None:
         """Stop accepting; flush every session's segment to every sink, send ``end``, close with 1001."""
@@ -143,6 +175,7 @@ class WebSocketServer:
         """Close caption subscribers (after their queued finals) and every connection left; wait for them."""
         if self._server is None:
             return
+        self._accept_errors.uninstall()
         for sub in self.hub.subscribers():
             sub.close_after_queue(1001, "server shutting down")
         self._server.close(close_connections=False)
@@ -161,14 +194,29 @@ class WebSocketServer:
     # ------------------------------------------------------------------ HTTP
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        response = self._answer(connection, request)
+        if response is not None and request.method == "HEAD":
+            response.body = b""  # the headers (Content-Length included) are those of the GET
+        return response
+
+    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        refused = self._refuse_host_or_origin(connection, request, path)
+        if refused is not None:
+            return refused
         refusal = self.auth.check(request)
         if refusal is not None:
             return self._unauthorized(connection, path, refusal)
         if path in ("/v1/listen", "/v1/captions"):
+            if request.method != "GET":
+                return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} is a WebSocket endpoint: open it "
+                                          "with GET and 'Upgrade: websocket' (a WebSocket client)\n")
+            if getattr(connection, "pipelined", False):
+                return connection.respond(HTTPStatus.BAD_REQUEST, "data came after the WebSocket handshake request "
+                                          "before its answer; wait for the answer (101) before sending frames\n")
             return None  # the WebSocket handshake goes on
         if request.method not in ("GET", "HEAD"):
-            return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is supported\n")
+            return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD are supported\n")
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -187,11 +235,43 @@ class WebSocketServer:
             return _with_type(connection.respond(HTTPStatus.OK, page), "text/html; charset=utf-8")
         return connection.respond(HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
 
+    def _refuse_host_or_origin(self, connection: ServerConnection, request: Request, path: str) -> Response | None:
+        """HTTP 403 for a Host that is not this server's or an Origin that may not use it; None when both pass."""
+        hosts = request.headers.get_all("Host")
+        body = self.policy.host_problem(hosts)
+        reason = "host"
+        if body is None:
+            origins = request.headers.get_all("Origin")
+            if len(origins) > 1:
+                body = "several Origin headers in one request; a browser sends one\n"
+            else:
+                body = self.policy.origin_problem(origins[0] if origins else None, hosts[0] if hosts else None)
+            reason = "origin"
+        if body is None:
+            return None
+        self.metrics.connections_refused_total.inc(label_value=reason)
+        self._log_once(connection, reason, f"refused {path}: {body.strip()}")
+        return connection.respond(HTTPStatus.FORBIDDEN, body)
+
+    def _log_once(self, connection: ServerConnection, reason: str, message: str) -> None:
+        """Log a refusal the first time this peer gets one for this reason (a page may retry every second)."""
+        peer = connection.remote_address[0] if connection.remote_address else "?"
+        if (peer, reason) in self._logged_refusals:
+            return
+        if len(self._logged_refusals) >= MAX_LOGGED_PEERS:
+            self._logged_refusals.clear()
+        self._logged_refusals.add((peer, reason))
+        logger.warning("%s (from %s; logged once per address)", message, peer)
+
     def _unauthorized(self, connection: ServerConnection, path: str, refusal: Refusal) -> Response:
-        """HTTP 401 before any upgrade; logged with the peer's address, never with what it sent."""
+        """HTTP 401 (400 for several tokens) before any upgrade; logged with the peer's address, never with what it
+        sent."""
         self.metrics.auth_failures_total.inc(label_value=refusal.value)
         peer = connection.remote_address[0] if connection.remote_address else "?"
         logger.warning("refused %s from %s: %s token", path, peer, refusal.value)
+        if refusal is Refusal.AMBIGUOUS:
+            return connection.respond(HTTPStatus.BAD_REQUEST, "more than one token in one request (several ?token= "
+                                      "values or Authorization headers, or both kinds): send exactly one\n")
         if refusal is Refusal.MISSING:
             body = "missing token: send 'Authorization: Bearer <token>' or add ?token=<token> to the URL\n"
             challenge = 'Bearer realm="streamer"'
@@ -218,10 +298,10 @@ class WebSocketServer:
             logger.exception("connection %s failed", ws.id)
             await ws.close(1011, "internal error")
 
-    async def _refuse(self, ws: ServerConnection, endpoint: str, cap: int, what: str) -> None:
+    async def _refuse(self, ws: ServerConnection, endpoint: str, cap: int, what: str, setting: str) -> None:
         self.metrics.sessions_refused_total.inc(label_value=endpoint)
         self.metrics.protocol_errors_total.inc(label_value="server_busy")
-        logger.warning("refused a %s connection: %d %s open (the maximum)", endpoint, cap, what)
+        logger.warning("refused a %s connection: %d %s open (the maximum, server.%s)", endpoint, cap, what, setting)
         await ws.send(Error("server_busy", f"the server has {cap} {what} open, its maximum; try again later").to_json())
         await ws.close(1013, "server busy")
 
@@ -234,14 +314,34 @@ class WebSocketServer:
         # Held sessions count against the cap too, but a connection may come in to resume one of them
         # (ListenSession refuses it a new session while the cap is reached).
         if self._live_count() >= self.settings.max_sessions:
-            await self._refuse(ws, "listen", self.settings.max_sessions, "sessions")
+            await self._refuse(ws, "listen", self.settings.max_sessions, "sessions", "max_sessions")
+            return
+        # A connection takes a place under max_sessions only with its start; until then it waits among these.
+        if self._pending_count() >= self.settings.max_pending_connections:
+            await self._refuse(ws, "listen", self.settings.max_pending_connections,
+                               "connections waiting for their 'start'", "max_pending_connections")
             return
         session = ListenSession(self, ws)
         self.sessions.add(session)
+        deadline = asyncio.create_task(self._start_deadline(session), name=f"ws-start-deadline-{ws.id}")
         try:
             await session.run()
         finally:
+            deadline.cancel()
             self.sessions.discard(session)
+
+    async def _start_deadline(self, session: ListenSession) -> None:
+        """End a connection that has not started a session within start_timeout_s (keepalive does not count)."""
+        timeout_s = self.settings.start_timeout_s
+        await asyncio.sleep(timeout_s)
+        if session.phase is not Phase.AWAITING_START:
+            return
+        message = (f"no 'start' within {timeout_s:g} s of connecting (server.start_timeout_s; keepalive does not "
+                   "extend it); open a new connection and send 'start' first")
+        logger.info("session %s: start_timeout: %s", session.id, message)
+        self.metrics.protocol_errors_total.inc(label_value="start_timeout")
+        session.outbox.offer(Error("start_timeout", message))
+        await session.end("start_timeout", 1008, "start timeout")
 
     async def _captions(self, ws: ServerConnection, stream: str) -> None:
         if not STREAM_NAME.fullmatch(stream):
@@ -251,7 +351,7 @@ class WebSocketServer:
             await ws.close(1008, "bad stream name")
             return
         if self.hub.subscriber_count >= self.settings.max_subscribers:
-            await self._refuse(ws, "captions", self.settings.max_subscribers, "subscriptions")
+            await self._refuse(ws, "captions", self.settings.max_subscribers, "subscriptions", "max_subscribers")
             return
         outbox = Outbox(ws, self.settings.max_pending_messages, self.settings.close_timeout_s,
                         on_slow=self.metrics.slow_consumers_total.inc)
