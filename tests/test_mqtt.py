@@ -140,11 +140,11 @@ async def test_partials_qos0_and_finals_qos1_with_json_payloads(mosquitto_broker
         sink.offer(partial("kitchen", 0, "turn on"))
         got = await receive(messages)
         assert (str(got.topic), got.qos) == ("asr/den/kitchen/partial", 0)
-        assert json.loads(got.payload) == partial("kitchen", 0, "turn on")
+        assert json.loads(got.payload) == {**partial("kitchen", 0, "turn on"), "run": sink.run_id}
         sink.offer(final("kitchen", 0))
         got = await receive(messages)
         assert (str(got.topic), got.qos, got.retain) == ("asr/den/kitchen/final", 1, False)
-        assert json.loads(got.payload) == final("kitchen", 0)
+        assert json.loads(got.payload) == {**final("kitchen", 0), "run": sink.run_id}
     assert messages.empty()
     assert (sink.published_finals, sink.published_partials, sink.outbox_depth) == (1, 1, 0)
 
@@ -218,13 +218,13 @@ async def test_finals_survive_a_broker_restart_in_order(mosquitto_factory: Calla
 async def test_outbox_is_bounded_drops_the_oldest_and_says_so(
     mosquitto_broker: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Past outbox_size the oldest finals go, counted and logged; the newest are delivered once connected."""
+    """Past outbox_size the oldest finals go, counted, and logged once for the outage; the newest are delivered."""
     sink = new_sink(mosquitto_broker, outbox_size=4)
     with caplog.at_level(logging.WARNING, logger="streamer.server.mqtt"):
         for segment in range(7):  # not running yet: as if the broker were away
             sink.offer(final("kitchen", segment))
     assert (sink.outbox_depth, sink.dropped_finals) == (4, 3)
-    assert sum("MQTT outbox full" in record.getMessage() for record in caplog.records) == 3
+    assert sum("MQTT outbox full" in record.getMessage() for record in caplog.records) == 1
     async with subscriber(mosquitto_broker, "streamer/den/+/final") as messages, running(sink):
         got = [json.loads((await receive(messages)).payload)["segment"] for _ in range(4)]
     assert got == [3, 4, 5, 6]
@@ -354,7 +354,7 @@ def test_mqtt_does_not_import_torch() -> None:
 
 
 async def test_payloads_are_the_websocket_messages_byte_for_byte(mosquitto_broker: Mosquitto) -> None:
-    """What the hub offers (protocol.to_dict) is published as exactly the bytes the WebSocket sends."""
+    """What the hub offers (protocol.to_dict) is published as exactly the bytes the WebSocket sends, plus "run"."""
     words = (WordTiming("caf\u00e9", 0.1, 0.4, 0.8),)
     messages_sent = [
         Partial("kitchen", 0, "caf\u00e9 au", "caf\u00e9", 0.0, 0.48),
@@ -366,4 +366,4 @@ async def test_payloads_are_the_websocket_messages_byte_for_byte(mosquitto_broke
         for message in messages_sent:
             sink.offer(to_dict(message))
             got = await receive(messages)
-            assert got.payload == message.to_json().encode()
+            assert got.payload == f'{message.to_json()[:-1]},"run":"{sink.run_id}"}}'.encode()
