@@ -249,6 +249,7 @@ def _make_mqtt(settings: Settings, metrics: Any) -> Any:
     metrics.mqtt_connected.source = lambda: int(sink.connected)
     metrics.mqtt_finals_published_total.source = lambda: sink.published_finals
     metrics.mqtt_finals_dropped_total.source = lambda: sink.dropped_finals
+    metrics.mqtt_finals_unsaved.source = lambda: sink.unsaved_finals
     metrics.mqtt_finals_recovered.set(sink.recovered_finals)
     return sink
 

@@ -142,6 +142,10 @@ class Metrics:
             "streamer_mqtt_finals_dropped_total",
             "Finals dropped, oldest first, because the MQTT outbox was full while the broker was unreachable.",
         )
+        self.mqtt_finals_unsaved = Gauge(
+            "streamer_mqtt_finals_unsaved",
+            "Finals for MQTT not yet committed to the journal on disk (a crash now would lose them).",
+        )
         self.mqtt_finals_recovered = Gauge(
             "streamer_mqtt_finals_recovered", "Finals found in the MQTT outbox journal at start (left by a crash)."
         )

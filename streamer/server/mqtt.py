@@ -179,7 +179,7 @@ class MqttSink:
         self._in_flight: set[int] = set()  # seqs being published
         self._partials: dict[str, tuple[str, str]] = {}  # stream -> (topic, payload), latest only
         self._next_seq = 0
-        self._journal = journal
+        self._journal, self._durable = journal, journal is not None
         self._writer = ThreadPoolExecutor(1, "mqtt-journal") if journal is not None else None
         self._to_save: list[_Final] = []
         self._to_delete: list[int] = []  # journal rows of finals acknowledged or dropped
@@ -216,6 +216,13 @@ class MqttSink:
     def outbox_depth(self) -> int:
         """Finals waiting for the broker's acknowledgement."""
         return len(self._outbox)
+
+    @property
+    def unsaved_finals(self) -> int:
+        """Finals not yet committed to the journal (all of them without one): what a crash now would lose."""
+        if not self._durable:
+            return len(self._outbox)
+        return sum(not final.saved for final in self._outbox.values())
 
     def offer(self, event: Mapping[str, Any]) -> None:
         """Queue an event for publishing. Called on the loop thread; never awaits, never blocks.
