@@ -19,11 +19,14 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 
+from streamer.asr.model import AsrModel
+from streamer.engine.recognizer import Recognizer
 from streamer.errors import ConfigError
 from streamer.server.journal import FILE_NAME, FinalJournal
 from streamer.server.mqtt import MqttSink
-from streamer.settings import StateSettings, state_directory
-from tests.fixtures_realpeers import TIMEOUT_FACTOR, Mosquitto
+from streamer.service import Daemon
+from streamer.settings import Settings, StateSettings, state_directory
+from tests.fixtures_realpeers import TIMEOUT_FACTOR, Mosquitto, free_port
 from tests.test_daemon import daemon  # noqa: F401  (the fixture: `streamer serve` as a subprocess)
 from tests.test_mqtt import final, receive, running, subscriber, until
 
@@ -164,6 +167,32 @@ async def test_journaled_finals_outlive_the_sink_and_are_delivered_first_exactly
         assert len(reopened) == 0  # acknowledged finals were deleted
     finally:
         reopened.close()
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+@pytest.mark.broker
+async def test_metrics_count_the_finals_dropped_while_the_broker_is_away(
+    tiny_nemo: Path, speech_wav: Path, tmp_path: Path
+) -> None:
+    """/metrics of the running daemon: streamer_mqtt_finals_dropped_total counts each final the full outbox dropped."""
+    settings = Settings(server={"port": 0, "close_timeout_s": 2.0}, state={"dir": str(tmp_path)},
+                        mqtt={"enabled": True, "host": "127.0.0.1", "port": free_port(), "outbox_size": 1})
+    served = Daemon(settings, Recognizer(AsrModel.load(str(tiny_nemo)), (70, 1)))
+    await served.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(served.run(stop))
+    try:
+        data, rate = sf.read(speech_wav, dtype="int16")
+        await speak_finals(served.port, "desk", data.tobytes(), rate, 3)
+        assert await metric(served.port, "streamer_mqtt_finals_dropped_total") == 2
+        assert await metric(served.port, "streamer_mqtt_outbox_depth") == 1
+        assert await metric(served.port, "streamer_mqtt_connected") == 0
+    finally:
+        stop.set()
+        async with asyncio.timeout(30 * TIMEOUT_FACTOR):
+            assert await task == 0
 
 
 # ---------------------------------------------------------------- the real daemon, killed with -9

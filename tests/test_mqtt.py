@@ -369,3 +369,52 @@ async def test_payloads_are_the_websocket_messages_byte_for_byte(mosquitto_broke
             sink.offer(to_dict(message))
             got = await receive(messages)
             assert got.payload == f'{message.to_json()[:-1]},"run":"{sink.run_id}"}}'.encode()
+
+
+async def test_a_resend_after_reconnect_keeps_the_order(mosquitto_factory: Callable[..., Mosquitto]) -> None:
+    """The broker restarts while many finals are in flight: the sink resends from the oldest unacknowledged one,
+    so the listener gets every final, and never one before an older one it has not had (at the break some may
+    come twice: delivery is at least once)."""
+    broker = mosquitto_factory(persistent=True)
+    received: list[int] = []
+
+    async def persistent_subscriber() -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(broker.host, broker.port, identifier="listener", clean_session=False) as c:
+                    await c.subscribe("streamer/den/+/final", qos=1)
+                    async for message in c.messages:
+                        received.append(json.loads(message.payload)["segment"])
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.05)
+
+    async def produce(sink: MqttSink) -> None:
+        for segment in range(300):
+            sink.offer(final("kitchen", segment))
+            await asyncio.sleep(0.002)
+
+    listener = asyncio.create_task(persistent_subscriber())
+    sink = new_sink(broker, max_inflight=20)
+    try:
+        async with running(sink):
+            await until(lambda: sink.connected, "the sink connects")
+            async with asyncio.timeout(WAIT_S):
+                while not received:  # the listener has subscribed
+                    sink.offer(final("kitchen", -1))
+                    await asyncio.sleep(0.05)
+            producer = asyncio.create_task(produce(sink))
+            await until(lambda: len(received) >= 30, "the first finals arrive")
+            await asyncio.to_thread(broker.restart)
+            await producer
+            await until(lambda: 299 in received and sink.outbox_depth == 0, "every final arrives", 4 * WAIT_S)
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    got = [segment for segment in received if segment >= 0]
+    assert sorted(set(got)) == list(range(300))
+    highest = -1
+    for segment in got:
+        assert segment <= highest + 1, f"final {segment} came before final {highest + 1}: {got}"
+        highest = max(highest, segment)
+    assert sink.dropped_finals == 0 and sink.connections == 2
