@@ -198,13 +198,19 @@ async def test_metrics_count_the_finals_dropped_while_the_broker_is_away(
 # ---------------------------------------------------------------- the real daemon, killed with -9
 
 
-async def speak_finals(port: int, stream: str, pcm: bytes, rate: int, count: int) -> list[dict[str, Any]]:
-    """``count`` finals on /v1/listen: speech, then finalize, each time; returns them as the client got them."""
+async def speak_finals(
+    port: int, stream: str, pcm: bytes, rate: int, count: int, ready: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """``count`` finals on /v1/listen: speech, then finalize, each time; returns them as the client got them.
+    The session's ``ready`` is appended to ``ready`` when given."""
     finals: list[dict[str, Any]] = []
     async with connect(f"ws://127.0.0.1:{port}/v1/listen") as ws:
         await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "stream": stream,
                                   "endpointing": {"max_segment_s": 60}}))
-        assert (await recv_json(ws))["type"] == "ready"
+        message = await recv_json(ws)
+        assert message["type"] == "ready", message
+        if ready is not None:
+            ready.append(message)
         while len(finals) < count:
             for i in range(0, len(pcm), 8820):
                 await ws.send(pcm[i : i + 8820])
@@ -265,7 +271,8 @@ async def test_finals_queued_for_an_absent_broker_survive_kill_9(
     tmp_path: Path,
 ) -> None:
     """Finals made while the broker is down survive SIGKILL; after a restart each reaches the broker once, in order,
-    first, with the old run's id; the new run's finals follow with a new id (segment numbers start again at 0)."""
+    first, with the old run's id; the new run's finals follow with a new id (segment numbers start again at 0).
+    The session itself died with the process: resuming it gets resume_failed and a new session."""
     broker = mosquitto_factory()
     broker.stop()  # its port stays free: nothing listens while the first daemon runs
     state = tmp_path / "state"
@@ -275,7 +282,8 @@ async def test_finals_queued_for_an_absent_broker_survive_kill_9(
     pcm = data.tobytes()
 
     first = await daemon(*settings)
-    before = await speak_finals(first.port, "desk", pcm, rate, 3)
+    readies: list[dict[str, Any]] = []
+    before = await speak_finals(first.port, "desk", pcm, rate, 3, readies)
     assert [f["segment"] for f in before] == [0, 1, 2]
     async with asyncio.timeout(WAIT_S):
         while await metric(first.port, "streamer_mqtt_outbox_depth") != 3 or \
@@ -291,6 +299,12 @@ async def test_finals_queued_for_an_absent_broker_survive_kill_9(
     async with collector(broker, "streamer/crashbox/+/final") as received:
         second = await daemon(*settings)
         assert await metric(second.port, "streamer_mqtt_finals_recovered") == 3
+        async with connect(f"ws://127.0.0.1:{second.port}/v1/listen") as ws:  # the session died with the process
+            resume = {"session": readies[0]["session"], "token": readies[0]["resume_token"], "next_segment": 3}
+            await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "resume": resume}))
+            refused, ready = await recv_json(ws), await recv_json(ws)
+            assert (refused["type"], refused["code"]) == ("error", "resume_failed"), refused
+            assert (ready["type"], ready["resumed"]) == ("ready", False), ready
         after = await speak_finals(second.port, "desk", pcm, rate, 1)
         await until(lambda: len(received) >= 4, "the recovered finals and the new one arrive", 30 * TIMEOUT_FACTOR)
         code, stderr = await second.stop()
