@@ -155,7 +155,24 @@ subscribers get the flushed finals, then close 1001.
 
 Each ``final`` and ``partial`` is also published to MQTT when enabled:
 ``<prefix>/<device>/<stream>/partial`` (QoS 0) and ``<prefix>/<device>/<stream>/final`` (QoS 1), with
-the same JSON, plus a retained ``<prefix>/<device>/status`` of ``online``/``offline``.
+the same JSON plus one last field ``run``, plus a retained ``<prefix>/<device>/status`` of
+``online``/``offline``. ``run`` is a new id at every start of the daemon (its UTC start time and random
+digits, e.g. ``"20250314T091502Z-3fa9c1"``; compare it for equality only). Segment numbers start again
+at 0 after a restart, so a subscriber tells results apart by ``(run, segment)`` on a stream's topic.
+
+Finals reach the broker at least once and in order per stream. With a state directory (``state.dir``,
+by default systemd's ``StateDirectory=``) every final is committed to an SQLite journal on disk before
+it is published and deleted once the broker acknowledged it: finals made while the broker is away
+survive a crash, ``kill -9`` or a power cut, and are delivered first after the next start, with their
+original payload (and so their old ``run``). A final whose acknowledgement was lost with the connection
+or the process is sent again (a subscriber may see it twice: same ``run`` and ``segment``). While the
+broker is connected no final is dropped; while it is away at most ``mqtt.outbox_size`` are kept, and
+beyond that the oldest are dropped (counted in ``streamer_mqtt_finals_dropped_total``).
+
+What a crash (``kill -9``, power loss) still loses: the open segment of every stream (its audio and
+partials: it never becomes a final), a ``/v1/listen`` session and its resume state (a client that
+reconnects with its ``resume`` gets ``resume_failed`` and a new session whose segments start at 0), and
+the finals kept for a replay to that client (they were published to MQTT, and reach the broker there).
 """
 
 from __future__ import annotations

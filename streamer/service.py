@@ -24,7 +24,7 @@ from streamer.engine.endpoint import EndpointConfig
 from streamer.errors import ConfigError, StreamerError
 from streamer.protocol import STREAM_NAME
 from streamer.server import sdnotify
-from streamer.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, parse_set
+from streamer.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, parse_set, state_directory
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class Daemon:
         """Load and warm up the model, build the parts, bind the port (not yet ready).
 
         Raises:
-            ConfigError: the token file or a TLS file does not load (checked before the model loads).
+            ConfigError: the token file or a TLS file does not load, or the MQTT journal cannot be opened
+                (checked before the model loads).
         """
         from streamer.engine.scheduler import Scheduler, StepStats
         from streamer.server.auth import TokenAuth
@@ -114,12 +115,12 @@ class Daemon:
         settings = self.settings
         auth = TokenAuth.from_settings(settings.server)
         ssl_context = server_ssl_context(settings.server.tls_cert, settings.server.tls_key)
+        self.metrics = metrics = Metrics()
+        self.mqtt = _make_mqtt(settings, metrics)  # opens the finals journal: fail before the model loads
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
             self.recognizer = await asyncio.to_thread(_load_recognizer, settings)
         recognizer = self.recognizer
-        self.metrics = metrics = Metrics()
-        self.mqtt = _make_mqtt(settings, metrics)
         self.hub = Hub(self.mqtt, on_event=metrics.count_result)
 
         def on_step(stats: StepStats) -> None:
@@ -226,19 +227,33 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
 
 
 def _make_mqtt(settings: Settings, metrics: Any) -> Any:
+    """The MQTT sink, with its journal in the state directory unless ``state.dir`` is ``""``.
+
+    Raises:
+        ConfigError: the journal cannot be opened (an unwritable directory, another daemon holds it).
+    """
     if not settings.mqtt.enabled:
         return None
+    from streamer.server.journal import FinalJournal
     from streamer.server.mqtt import MqttSink
 
+    directory = state_directory(settings.state)
+    journal = FinalJournal.open(directory) if directory is not None else None
     m = settings.mqtt
     sink = MqttSink(
         m.host, m.port, prefix=m.prefix, device=m.device_id, tls=m.tls, tls_ca_file=m.ca_file,
         tls_cert_file=m.cert_file, tls_key_file=m.key_file, username=m.username,
         password=m.password.get_secret_value() if m.password else None, outbox_size=m.outbox_size,
-        keepalive_s=m.keepalive_s,
+        max_inflight=m.max_inflight, keepalive_s=m.keepalive_s, journal=journal,
     )
+    logger.info("MQTT run id %s; finals journal: %s", sink.run_id,
+                journal.path if journal is not None else "none (state.dir is empty: finals live in memory only)")
     metrics.mqtt_outbox_depth.source = lambda: sink.outbox_depth
     metrics.mqtt_connected.source = lambda: int(sink.connected)
+    metrics.mqtt_finals_published_total.source = lambda: sink.published_finals
+    metrics.mqtt_finals_dropped_total.source = lambda: sink.dropped_finals
+    metrics.mqtt_finals_unsaved.source = lambda: sink.unsaved_finals
+    metrics.mqtt_finals_recovered.set(sink.recovered_finals)
     return sink
 
 

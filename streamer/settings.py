@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -187,8 +188,33 @@ class MqttSettings(_Section):
     password: SecretStr | None = None
     prefix: str = "streamer"
     device_id: str | None = None
-    outbox_size: int = Field(1000, ge=1)
+    outbox_size: int = Field(1000, ge=1, description="finals held while the broker is unreachable")
+    max_inflight: int = Field(20, ge=1, le=1000, description="finals published and not yet acknowledged at once")
     keepalive_s: int = Field(30, ge=1)
+
+
+class StateSettings(_Section):
+    """[state]: where the daemon keeps what must survive a restart (the MQTT outbox journal)."""
+
+    dir: str | None = Field(
+        None, description='None: $STATE_DIRECTORY, else $XDG_STATE_HOME/streamer or ~/.local/state/streamer; "": off'
+    )
+
+
+def state_directory(state: StateSettings, environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The state directory ``state.dir`` names; None when it is ``""`` (durability off).
+
+    Unset: the first of systemd's ``$STATE_DIRECTORY`` (``StateDirectory=`` in the unit), else
+    ``$XDG_STATE_HOME/streamer``, else ``~/.local/state/streamer``.
+    """
+    if state.dir is not None:
+        return Path(state.dir).expanduser() if state.dir.strip() else None
+    systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
+    xdg = environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+    return base / "streamer"
 
 
 class MicSettings(_Section):
@@ -213,6 +239,7 @@ class Settings(BaseSettings):
     endpointing: EndpointingSettings = EndpointingSettings()
     mqtt: MqttSettings = MqttSettings()
     mic: MicSettings = MicSettings()
+    state: StateSettings = StateSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import torch
 torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# No daemon started by a test (in-process or as a subprocess, which inherits this) keeps an MQTT journal in
+# the real ~/.local/state/streamer; tests of the journal set state.dir to their tmp_path.
+os.environ.setdefault("STREAMER_STATE__DIR", "")
 
 # Real peers: a mosquitto broker on a free loopback port, the virtual PulseAudio microphone.
 pytest_plugins = ["tests.fixtures_realpeers"]

@@ -484,7 +484,8 @@ async def test_client_vanishing_mid_utterance_is_finalized_to_subscribers_and_mq
             async with asyncio.timeout(10 * TIMEOUT):
                 async for message in mqtt.messages:
                     if str(message.topic) in wanted:
-                        assert json.loads(message.payload) == wanted.pop(str(message.topic))
+                        got = json.loads(message.payload)
+                        assert got == {**wanted.pop(str(message.topic)), "run": daemon.mqtt.run_id}
                         if not wanted:
                             break
     finally:
@@ -563,7 +564,7 @@ async def test_broker_restart_mid_stream_loses_no_final(
         with contextlib.suppress(asyncio.CancelledError):
             await listening
     assert [f["segment"] for f in finals] == list(range(6))
-    assert received == published
+    assert received == [{**f, "run": sink.run_id} for f in published]  # MQTT payloads add the daemon's run id
     assert sink.dropped_finals == 0
 
 
@@ -971,7 +972,7 @@ async def test_shutdown_flushes_to_mqtt_and_publishes_offline(
                     if seen[-1] == ("streamer/box/status", "offline"):
                         break
         finals = [json.loads(p) for t, p in seen if t == "streamer/box/tv/final"]
-        assert finals == [final] and final["reason"] == "shutdown"
+        assert finals == [{**final, "run": daemon.mqtt.run_id}] and final["reason"] == "shutdown"
         async with asyncio.timeout(20 * TIMEOUT):
             assert await task == 0
     finally:

@@ -24,21 +24,28 @@ def _number(value: float) -> str:
 
 
 class Counter:
-    """A monotonically increasing value, optionally split by one label with a fixed set of values."""
+    """A monotonically increasing value, optionally split by one label with a fixed set of values.
+
+    An unlabelled counter may instead read its value from ``source`` at render time (a count kept elsewhere).
+    """
 
     def __init__(self, name: str, help_text: str, label: str | None = None) -> None:
         self.name, self.help, self.label = name, help_text, label
         self._values: dict[str, float] = {} if label else {"": 0.0}
+        self.source: Callable[[], float] | None = None
 
     def inc(self, amount: float = 1.0, label_value: str = "") -> None:
         self._values[label_value] = self._values.get(label_value, 0.0) + amount
 
     def value(self, label_value: str = "") -> float:
+        if self.source is not None and not self.label:
+            return float(self.source())
         return self._values.get(label_value, 0.0)
 
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        for key, value in sorted(self._values.items()):
+        values = {"": self.value()} if self.source is not None and not self.label else self._values
+        for key, value in sorted(values.items()):
             labels = f'{{{self.label}="{key}"}}' if self.label else ""
             lines.append(f"{self.name}{labels} {_number(value)}")
         return lines
@@ -146,6 +153,20 @@ class Metrics:
         )
         self.mqtt_outbox_depth = Gauge("streamer_mqtt_outbox_depth", "Finals waiting for the MQTT broker.")
         self.mqtt_connected = Gauge("streamer_mqtt_connected", "1 while connected to the MQTT broker.")
+        self.mqtt_finals_published_total = Counter(
+            "streamer_mqtt_finals_published_total", "Finals the MQTT broker acknowledged (PUBACK)."
+        )
+        self.mqtt_finals_dropped_total = Counter(
+            "streamer_mqtt_finals_dropped_total",
+            "Finals dropped, oldest first, because the MQTT outbox was full while the broker was unreachable.",
+        )
+        self.mqtt_finals_unsaved = Gauge(
+            "streamer_mqtt_finals_unsaved",
+            "Finals for MQTT not yet committed to the journal on disk (a crash now would lose them).",
+        )
+        self.mqtt_finals_recovered = Gauge(
+            "streamer_mqtt_finals_recovered", "Finals found in the MQTT outbox journal at start (left by a crash)."
+        )
         self.ready = Gauge("streamer_ready", "1 once the model is warm and the daemon accepts audio.")
         self.auth_failures_total = Counter(
             "streamer_auth_failures_total",

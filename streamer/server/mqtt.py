@@ -1,20 +1,29 @@
-"""Publish partials and finals to an MQTT broker, keeping finals through broker outages.
+"""Publish partials and finals to an MQTT broker, keeping finals through broker outages and restarts.
 
-Topics (``architecture.md`` §5), payloads the same JSON as on the WebSocket:
+Topics (``architecture.md`` §5), payloads the WebSocket's JSON plus a last field ``run``:
 
 - ``<prefix>/<device>/status``: retained ``online`` while connected; ``offline`` on `MqttSink.close`, and
   as the last will when the connection dies without a goodbye.
 - ``<prefix>/<device>/<stream>/partial``, QoS 0: the latest partial per stream wins; older ones are
   replaced, never queued.
-- ``<prefix>/<device>/<stream>/final``, QoS 1: kept in a bounded outbox, in order, until the broker
-  acknowledged them (PUBACK). Overflow policy: when the outbox is full the *oldest* final is dropped,
-  counted in `MqttSink.dropped_finals` and logged. Delivery is at least once: a final whose PUBACK was
-  lost with the connection is sent again after reconnecting.
+- ``<prefix>/<device>/<stream>/final``, QoS 1: kept in an outbox, in order, until the broker acknowledged
+  them (PUBACK). Up to ``max_inflight`` finals are in flight at once, so the outbox drains at the
+  broker's pace. With a `FinalJournal` (the state directory), each final is committed to disk before the
+  client sees it and deleted after its PUBACK; finals left by a crash are delivered first after the next
+  start, with the payload (and ``run``) they were made with. Delivery is at least once: a final whose
+  PUBACK was lost with the connection (or with the process) is sent again.
+
+``run`` is a new id at every start of the daemon (`new_run_id`): segment numbers start again at 0 after a
+restart, so ``(run, segment)`` names a result uniquely on a stream's topics.
+
+Overflow: the bound ``outbox_size`` applies only while the broker is not connected; then the *oldest*
+final is dropped, counted in `MqttSink.dropped_finals` (``streamer_mqtt_finals_dropped_total``) and
+logged once per outage. While connected nothing is dropped.
 
 aiomqtt 2.x has no automatic reconnection; `MqttSink.run` reconnects with capped exponential backoff
 and jitter. Each attempt uses a new `aiomqtt.Client` rather than re-entering the old one: paho keeps
 unacknowledged QoS 1 messages inside the client and resends them on reconnect, which would duplicate
-every final the outbox sends again.
+every final the outbox sends again (and could reorder them).
 """
 
 from __future__ import annotations
@@ -23,16 +32,20 @@ import asyncio
 import json
 import logging
 import random
+import secrets
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiomqtt
 
 from streamer.errors import ConfigError
+from streamer.server.journal import FinalJournal
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +86,20 @@ def make_tls_context(
     return context
 
 
-@dataclass(frozen=True, slots=True)
+
+def new_run_id() -> str:
+    """A fresh id for this start of the daemon: its UTC start time (sortable) and 24 random bits, e.g.
+    ``20250314T091502Z-3fa9c1``. Compare runs for equality; the time is only a hint (clocks jump)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+@dataclass(slots=True, eq=False)
 class _Final:
-    seq: int
+    seq: int  # order of offer, this process; finals from the journal come first
     topic: str
     payload: str
+    saved: bool  # committed to the journal (or there is none): it may be handed to the client
+    row: int | None = None  # its journal row, once committed
 
 
 class MqttSink:
@@ -94,13 +116,17 @@ class MqttSink:
         tls_key_file: see `make_tls_context`.
         username: broker user name, if it requires one.
         password: its password.
-        outbox_size: most finals held while the broker is away; the oldest is dropped beyond that.
+        outbox_size: most finals held while the broker is not connected; the oldest is dropped beyond that.
+        max_inflight: most finals published and not yet acknowledged at once.
         keepalive_s: MQTT keepalive; a silently dead connection is noticed after about 1.5 times this.
         client_id: MQTT client identifier; random when None. Two clients with one id evict each other.
         publish_timeout_s: how long one publish may wait for the broker before the connection is abandoned.
         reconnect_min_s: first delay after a lost connection; it doubles per failed attempt.
         reconnect_max_s: the longest delay between attempts.
         encode: turns an event into its payload; the default gives the WebSocket's bytes.
+        journal: the durable queue of finals (its queued finals are delivered first); None keeps finals in
+            memory only. The sink owns it from here on and closes it in `close`.
+        run_id: the ``run`` field of every payload; None makes a new one (`new_run_id`).
     """
 
     def __init__(
@@ -117,15 +143,20 @@ class MqttSink:
         username: str | None = None,
         password: str | None = None,
         outbox_size: int = 1000,
+        max_inflight: int = 20,
         keepalive_s: int = 30,
         client_id: str | None = None,
         publish_timeout_s: float = 10.0,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         encode: Callable[[Mapping[str, Any]], str] = compact_json,
+        journal: FinalJournal | None = None,
+        run_id: str | None = None,
     ) -> None:
         if outbox_size < 1:
             raise ConfigError(f"mqtt outbox_size must be at least 1, got {outbox_size}")
+        if max_inflight < 1:
+            raise ConfigError(f"mqtt max_inflight must be at least 1, got {max_inflight}")
         if any(char in prefix for char in "+#\0") or not prefix.strip("/"):
             raise ConfigError(f"mqtt prefix {prefix!r} must be non-empty, without '+', '#' or NUL")
         self.host, self.port = host, port
@@ -140,12 +171,21 @@ class MqttSink:
         self._keepalive_s, self._client_id = keepalive_s, client_id
         self._publish_timeout_s = publish_timeout_s
         self._reconnect_min_s, self._reconnect_max_s = reconnect_min_s, reconnect_max_s
-        self.outbox_size = outbox_size
+        self.outbox_size, self.max_inflight = outbox_size, max_inflight
+        self.run_id = run_id or new_run_id()
         self._encode = encode
-        self._outbox: deque[_Final] = deque()
+        self._outbox: dict[int, _Final] = {}  # seq -> every final not yet acknowledged, saved or not, in order
+        self._unsent: deque[_Final] = deque()  # this connection's finals still to publish (dropped ones skipped)
+        self._in_flight: set[int] = set()  # seqs being published
         self._partials: dict[str, tuple[str, str]] = {}  # stream -> (topic, payload), latest only
-        self._in_flight: _Final | None = None
         self._next_seq = 0
+        self._journal, self._durable = journal, journal is not None
+        self._writer = ThreadPoolExecutor(1, "mqtt-journal") if journal is not None else None
+        self._to_save: list[_Final] = []
+        self._to_delete: list[int] = []  # journal rows of finals acknowledged or dropped
+        self._writing: asyncio.Future[list[int]] | None = None
+        self._journal_failed = False
+        self._save = asyncio.Event()
         self._wake = asyncio.Event()
         self._closing = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
@@ -153,13 +193,36 @@ class MqttSink:
         self.published_finals = 0
         self.published_partials = 0
         self.dropped_finals = 0
+        self._dropped_in_outage = 0
         self.connections = 0  # successful connections, the first included
         self.last_error: str | None = None
+        self.recovered_finals = self._recover()
+
+    def _recover(self) -> int:
+        """Queue the finals a previous run left in the journal, ahead of any new one."""
+        if self._journal is None:
+            return 0
+        rows = self._journal.rows()
+        for row in rows:
+            self._outbox[self._next_seq] = final = _Final(self._next_seq, row.topic, row.payload, True, row.row)
+            self._unsent.append(final)
+            self._next_seq += 1
+        if rows:
+            logger.info("MQTT: %d final(s) from before the restart wait in %s; they are delivered first",
+                        len(rows), self._journal.path)
+        return len(rows)
 
     @property
     def outbox_depth(self) -> int:
         """Finals waiting for the broker's acknowledgement."""
         return len(self._outbox)
+
+    @property
+    def unsaved_finals(self) -> int:
+        """Finals not yet committed to the journal (all of them without one): what a crash now would lose."""
+        if not self._durable:
+            return len(self._outbox)
+        return sum(not final.saved for final in self._outbox.values())
 
     def offer(self, event: Mapping[str, Any]) -> None:
         """Queue an event for publishing. Called on the loop thread; never awaits, never blocks.
@@ -172,42 +235,117 @@ class MqttSink:
             return
         stream = topic_level(str(event.get("stream") or "default"))
         topic = f"{self.base_topic}/{stream}/{kind}"
-        payload = self._encode(event)
+        payload = self._encode({**event, "run": self.run_id})
         if kind == "partial":
             self._partials[stream] = (topic, payload)
         else:
             self._partials.pop(stream, None)
-            self._outbox.append(_Final(self._next_seq, topic, payload))
+            final = _Final(self._next_seq, topic, payload, saved=self._journal is None)
             self._next_seq += 1
-            if len(self._outbox) > self.outbox_size:
+            self._outbox[final.seq] = final
+            self._unsent.append(final)
+            if self._journal is not None:
+                self._to_save.append(final)
+                self._save.set()
+            while not self.connected and len(self._outbox) > self.outbox_size:
                 self._drop_oldest_final()
         self._wake.set()
 
     def _drop_oldest_final(self) -> None:
-        """Outbox overflow: drop the oldest final that is not being published right now."""
-        index = 1 if self._outbox[0] is self._in_flight else 0
-        dropped = self._outbox[index]
-        del self._outbox[index]
+        """The broker is away and the outbox full: drop the oldest final that is not being published."""
+        seq = next(s for s in self._outbox if s not in self._in_flight)
+        dropped = self._outbox.pop(seq)
+        if dropped.row is not None:
+            self._forget(dropped.row)
+        self._sendable()  # forget it in this connection's send order too, which would otherwise grow
         self.dropped_finals += 1
-        logger.warning(
-            "MQTT outbox full (%d finals, broker %s:%d %s): dropped the oldest final, for %s; %d dropped so far",
-            self.outbox_size,
-            self.host,
-            self.port,
-            "connected" if self.connected else "unreachable",
-            dropped.topic,
-            self.dropped_finals,
+        self._dropped_in_outage += 1
+        if self._dropped_in_outage == 1:
+            logger.warning(
+                "MQTT outbox full (%d finals) and broker %s:%d unreachable: dropping the oldest final for each "
+                "new one until it is back (counted in streamer_mqtt_finals_dropped_total); first dropped: %s. "
+                "Raise mqtt.outbox_size to hold more",
+                self.outbox_size, self.host, self.port, dropped.topic,
+            )  # fmt: skip
+
+    def _forget(self, row: int) -> None:
+        """Delete a journal row (acknowledged or dropped) with the next write."""
+        self._to_delete.append(row)
+        self._save.set()
+
+    # ------------------------------------------------------------ the journal, on its own thread
+
+    async def _keep_journal(self) -> None:
+        """Commit offered finals (and delete acknowledged ones) batch by batch, for as long as `run` runs."""
+        while True:
+            await self._save.wait()
+            self._save.clear()
+            await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        """One transaction on the writer thread: what was offered and acknowledged since the last one."""
+        if self._journal is None or self._writer is None or not (self._to_save or self._to_delete):
+            return
+        batch, self._to_save = self._to_save, []
+        deletes, self._to_delete = self._to_delete, []
+        pairs = [(final.topic, final.payload) for final in batch]
+        writing = self._writing = asyncio.get_running_loop().run_in_executor(
+            self._writer, self._journal.apply, pairs, deletes
         )
+        # Book the result whoever waits for it: a cancelled caller must not leave finals unsendable.
+        writing.add_done_callback(lambda done: self._saved(batch, deletes, done))
+        await asyncio.shield(writing)
+
+    def _saved(self, batch: list[_Final], deletes: list[int], done: asyncio.Future[list[int]]) -> None:
+        """The writer thread finished a batch: its finals may now be published."""
+        error = None if done.cancelled() else done.exception()
+        if error is None and not done.cancelled():
+            if self._journal_failed:
+                logger.warning("MQTT outbox journal writes again")
+                self._journal_failed = False
+            for final, row in zip(batch, done.result(), strict=True):
+                final.saved, final.row = True, row
+                if final.seq not in self._outbox:  # dropped while being written
+                    self._forget(row)
+        else:
+            if not self._journal_failed:
+                logger.error("cannot write the MQTT outbox journal %s (%s): finals are kept in memory only "
+                             "until it works again", self._journal.path if self._journal else "?", error)
+                self._journal_failed = True
+            for final in batch:
+                final.saved = True  # publish them anyway: the broker is the next best place
+            self._to_delete = deletes + self._to_delete
+        self._wake.set()
+
+    async def _flush_journal(self) -> None:
+        """Wait for the write in progress, then commit everything still pending."""
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing})
+        await self._write_batch()
+
+    # ------------------------------------------------------------ the connection
 
     async def run(self) -> None:
         """Publish until `close`; on a lost or refused connection, reconnect with backoff.
 
         One task at a time. Returns after `close`. Cancelling publishes ``offline`` (waiting at most a
-        second) and disconnects; finals still in the outbox stay there.
+        second) and disconnects; finals still in the outbox stay there (and in the journal).
         """
         if self._run_task is not None and not self._run_task.done():
             raise RuntimeError("MqttSink.run is already running")
         self._run_task = me = asyncio.current_task()
+        journal = asyncio.create_task(self._keep_journal(), name="mqtt-journal")
+        try:
+            await self._connect_until_closed(me)
+        finally:
+            journal.cancel()
+            await asyncio.gather(journal, return_exceptions=True)
+            await self._flush_journal()
+        if self._outbox:
+            kept = f"kept in {self._journal.path} for the next start" if self._journal else "lost"
+            logger.warning("MQTT sink stopped with %d final(s) undelivered: %s", len(self._outbox), kept)
+
+    async def _connect_until_closed(self, me: asyncio.Task[Any] | None) -> None:
         attempt = 0
         while not self._closing.is_set():
             connections = self.connections
@@ -239,8 +377,6 @@ class MqttSink:
                     await self._closing.wait()
             except TimeoutError:
                 pass
-        if self._outbox:
-            logger.warning("MQTT sink stopped with %d final(s) undelivered", len(self._outbox))
 
     def _new_client(self) -> aiomqtt.Client:
         """A fresh client for one connection attempt; the will marks this device offline if we vanish."""
@@ -254,6 +390,7 @@ class MqttSink:
             keepalive=self._keepalive_s,
             timeout=self._publish_timeout_s,
             tls_context=self._tls_context,
+            max_inflight_messages=self.max_inflight,
             logger=logging.getLogger(f"{__name__}.paho"),
         )
 
@@ -264,12 +401,17 @@ class MqttSink:
             self.connected, self.last_error = True, None
             self.connections += 1
             logger.info(
-                "MQTT connected to %s:%d as %s; %d final(s) to deliver",
+                "MQTT connected to %s:%d as %s (run %s); %d final(s) to deliver",
                 self.host,
                 self.port,
                 self.status_topic,
+                self.run_id,
                 len(self._outbox),
             )
+            if self._dropped_in_outage:
+                logger.warning("MQTT broker back: %d final(s) were dropped while it was away (outbox_size %d)",
+                               self._dropped_in_outage, self.outbox_size)
+                self._dropped_in_outage = 0
             pump = asyncio.create_task(self._pump(client), name="mqtt-pump")
             watch = asyncio.create_task(self._watch(client), name="mqtt-watch")
             try:
@@ -297,49 +439,92 @@ class MqttSink:
             pass
 
     async def _pump(self, client: aiomqtt.Client) -> None:
-        """Publish finals in order, then the latest partials; return once all is sent after `close`."""
-        while True:
-            self._wake.clear()
-            while self._outbox:
-                final = self._in_flight = self._outbox[0]
+        """Publish finals in order, up to ``max_inflight`` at once, and the latest partials once no final
+        waits; return once all is acknowledged after `close`. A failed publish ends the connection."""
+        self._unsent = deque(self._outbox.values())  # a new connection starts again from the oldest unacknowledged
+        publishing: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                self._wake.clear()
+                self._launch(client, publishing)
+                while self._partials and not self._sendable():
+                    stream = next(iter(self._partials))
+                    topic, payload = self._partials.pop(stream)
+                    await client.publish(topic, payload, qos=0)
+                    self.published_partials += 1
+                if self._closing.is_set() and not self._outbox and not self._partials:
+                    return
+                if self._sendable() and len(publishing) < self.max_inflight:
+                    continue  # offered while we were publishing partials
+                wake = asyncio.ensure_future(self._wake.wait())
                 try:
-                    await client.publish(final.topic, final.payload, qos=1)
+                    done, _ = await asyncio.wait({*publishing, wake}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    self._in_flight = None
-                if self._outbox and self._outbox[0] is final:
-                    self._outbox.popleft()
-                self.published_finals += 1
-            while self._partials:
-                stream = next(iter(self._partials))
-                topic, payload = self._partials.pop(stream)
-                await client.publish(topic, payload, qos=0)
-                self.published_partials += 1
-            if self._outbox or self._partials:  # offered while we were publishing
-                continue
-            if self._closing.is_set():
-                return
-            await self._wake.wait()
+                    wake.cancel()
+                for task in done - {wake}:
+                    publishing.discard(task)
+                    task.result()  # an MqttError ends this connection
+        finally:
+            for task in publishing:
+                task.cancel()
+            await asyncio.gather(*publishing, return_exceptions=True)
+
+    def _sendable(self) -> bool:
+        """Whether the next final of this connection may be published now (committed, not dropped)."""
+        while self._unsent and self._unsent[0].seq not in self._outbox:
+            self._unsent.popleft()  # dropped
+        return bool(self._unsent) and self._unsent[0].saved
+
+    def _launch(self, client: aiomqtt.Client, publishing: set[asyncio.Task[None]]) -> None:
+        """Start publishing the next finals, in order, while the window has room."""
+        while len(publishing) < self.max_inflight and self._sendable():
+            final = self._unsent.popleft()
+            self._in_flight.add(final.seq)
+            # Tasks take their first step in the order they were created, and that step hands the message to
+            # paho (which numbers and sends it) before any await: the broker receives the finals in order.
+            publishing.add(asyncio.create_task(self._publish_final(client, final), name="mqtt-final"))
+
+    async def _publish_final(self, client: aiomqtt.Client, final: _Final) -> None:
+        try:
+            await client.publish(final.topic, final.payload, qos=1)
+        finally:
+            self._in_flight.discard(final.seq)
+        if self._outbox.pop(final.seq, None) is not None:
+            self.published_finals += 1
+            if final.row is not None:
+                self._forget(final.row)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what can be delivered within ``timeout_s``, publish ``offline`` and disconnect; `run` returns.
 
         Past ``timeout_s`` the run task is cancelled, which still says ``offline`` (about a second more).
-        Safe to call when `run` never started or already ended; do not call it twice at once.
+        Whatever is undelivered stays in the journal. Safe to call when `run` never started or already ended;
+        do not call it twice at once.
         """
         self._closing.set()
         self._wake.set()
         task = self._run_task
-        if task is None or task.done() or task is asyncio.current_task():
-            return
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.shield(task)
-        except TimeoutError:
-            logger.warning(
-                "MQTT close: %d final(s) not delivered within %.1f s; giving up", len(self._outbox), timeout_s
-            )
-            task.cancel()
+        if task is not None and not task.done() and task is not asyncio.current_task():
             try:
-                await task
-            except asyncio.CancelledError:
-                pass
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                logger.warning(
+                    "MQTT close: %d final(s) not delivered within %.1f s; giving up", len(self._outbox), timeout_s
+                )
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        await self._close_journal()
+
+    async def _close_journal(self) -> None:
+        """Commit what is pending and close the journal (its undelivered finals wait for the next start)."""
+        if self._journal is None or self._writer is None:
+            return
+        await self._flush_journal()
+        journal, writer = self._journal, self._writer
+        self._journal = None
+        await asyncio.get_running_loop().run_in_executor(writer, journal.close)
+        writer.shutdown()

@@ -6,6 +6,10 @@ session's last finals, because a final written to a socket that then broke may n
 the session is held (no connection), it keeps warnings too and remembers the latest partial. When a new
 connection resumes the session, :meth:`ResultLog.attach` replays what the client asks for, in order.
 Everything runs on the event loop.
+
+The log lives in memory only, as does the session it belongs to (recognizer state, open segment): a crash
+or ``kill -9`` ends every session, and a client resuming after the restart gets ``resume_failed`` and a
+new session. Its finals were also offered to MQTT, whose journal keeps them across the crash.
 """
 
 from __future__ import annotations
