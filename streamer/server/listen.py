@@ -22,6 +22,7 @@ from websockets.frames import CloseCode
 from streamer.audio.convert import PcmConverter
 from streamer.errors import AudioError, ConfigError
 from streamer.protocol import (
+    ClientMessage,
     End,
     Error,
     Finalize,
@@ -120,13 +121,24 @@ class ListenSession:
                 self._on_audio(message)
 
     async def _on_text(self, text: str) -> None:
+        """Handle one text message. Whatever fails is answered with an error and the session goes on: a
+        refused message with its code, a bug (any other exception) with ``internal_error``, logged with its
+        traceback; neither reaches the connection handler (which would close with 1011)."""
         if self.phase is not Phase.AWAITING_START and self.phase is not Phase.STREAMING:
             return
+        what = "text message"
         try:
             msg = parse_client_message(text)
+            what = f"{msg.type!r} message"
+            await self._dispatch(msg)
         except MessageError as exc:
             self._error(exc.code, str(exc))
-            return
+        except Exception:
+            logger.exception("session %s: handling a %s failed", self.id, what)
+            self._error("internal_error", f"the server failed to handle this {what} (a bug, logged as session "
+                        f"{self.id}); the message was discarded and the session goes on")
+
+    async def _dispatch(self, msg: ClientMessage) -> None:
         if isinstance(msg, Start):
             self._on_start(msg)
         elif isinstance(msg, KeepAlive):
