@@ -115,9 +115,10 @@ any of these, with close 1009), each refused with ``bad_message`` and a reason n
 
 - at most ``MAX_TEXT_BYTES`` (64 KiB) of UTF-8;
 - arrays and objects nested at most ``MAX_JSON_DEPTH`` (16) deep (counted before the text is parsed);
-- integers of at most ``MAX_INT_DIGITS`` (32) digits; numbers of at most ``MAX_NUMBER_CHARS`` (64)
-  characters whose value is finite (``1e400`` is refused); no ``NaN``, ``Infinity`` or ``-Infinity``,
-  which are not JSON;
+- integers of at most ``MAX_INT_DIGITS`` (32) digits; other numbers of at most ``MAX_NUMBER_CHARS`` (64)
+  characters whose value is a finite float (``1e400`` is refused); ``NaN``, ``Infinity`` and
+  ``-Infinity`` are not JSON, and every field refuses them by name (e.g. "endpointing.max_segment_s must
+  be a number of seconds, got nan");
 - strings (and keys) of Unicode scalar values: a lone surrogate escape such as ``"\\ud800"`` is refused;
 - ``resume.session`` and ``resume.token``: at most ``MAX_ID_CHARS`` (256) characters, no control
   characters.
@@ -444,7 +445,7 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
 
     Raises:
         MessageError: ``bad_json`` when it is not JSON (or, as bytes, not UTF-8); ``bad_message`` when it
-            breaks a limit (size, depth, digits, a number JSON cannot carry, a lone surrogate, a control
+            breaks a limit (size, depth, digits, a number out of range, a lone surrogate, a control
             character in an id), is not an object, has an unknown ``type``, lacks a field, has an unknown
             field or a value of the wrong type; ``unsupported_audio`` when ``start`` declares a format the
             server does not take. No other exception escapes.
@@ -503,7 +504,7 @@ def _load_client_object(text: str | bytes) -> dict[str, Any]:
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise MessageError("bad_json", f"text message is not UTF-8: {exc}") from exc
+            raise MessageError("bad_json", f"text message is not valid JSON: not UTF-8 ({exc})") from exc
     _check_size(len(text))  # a character is at least one byte: a long text is refused without encoding it
     _check_size(len(text.encode("utf-8", "surrogatepass")))
     depth = _json_depth(text)
@@ -512,7 +513,7 @@ def _load_client_object(text: str | bytes) -> dict[str, Any]:
             "bad_message", f"arrays and objects nested {depth} deep; the limit is {MAX_JSON_DEPTH}"
         )
     try:
-        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)  # NaN: see _parse_float
     except (ValueError, RecursionError) as exc:  # RecursionError cannot happen within the depth limit
         raise MessageError("bad_json", f"text message is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
@@ -561,6 +562,8 @@ def _parse_int(literal: str) -> int:
 
 
 def _parse_float(literal: str) -> float:
+    """A JSON number with a fraction or exponent, finite. (``NaN``, ``Infinity`` and ``-Infinity``, which are
+    not JSON, parse to floats as before: every field that takes a number refuses a non-finite one by name.)"""
     if len(literal) > MAX_NUMBER_CHARS:
         raise MessageError(
             "bad_message", f"a number of {len(literal)} characters is over the limit of {MAX_NUMBER_CHARS}"
@@ -569,13 +572,6 @@ def _parse_float(literal: str) -> float:
     if not math.isfinite(value):
         raise MessageError("bad_message", f"the number {literal} is out of range (it is not a finite float)")
     return value
-
-
-def _parse_constant(literal: str) -> Any:
-    raise MessageError(
-        "bad_message", f"{literal} is not a number in JSON; send a finite number (a sample rate, a count or a "
-        "number of seconds)"
-    )
 
 
 def _check_strings(value: Any) -> None:
