@@ -286,6 +286,13 @@ def make_cases(seed: int, count: int) -> list[list[Action]]:
     return [mutator.case() for _ in range(count)]
 
 
+def is_stop(text: str) -> bool:
+    try:
+        return isinstance(parse_client_message(text), Stop)
+    except MessageError:
+        return False
+
+
 def strict_loads(text: str | bytes) -> Any:
     """``json.loads`` as a browser's ``JSON.parse`` reads it: NaN, Infinity and -Infinity are errors."""
 
@@ -362,9 +369,13 @@ class FuzzClient:
                 self._reader = asyncio.create_task(self._read(self.ws, where))
             try:
                 await self.ws.send(payload)
-                return
             except ConnectionClosed:
-                await self._close()  # the server closed (after stop, or a frame too big): a new connection
+                await self._close()  # the server closed (a frame too big): a new connection
+                continue
+            if isinstance(payload, str) and is_stop(payload):  # as a client does: nothing more on this connection
+                await self._sync("probe-stop", where)  # the close, or (no session to stop) the probe's answer
+                await self._close()
+            return
         raise AssertionError(f"a fresh connection closed at once; {where}")
 
     async def _sync(self, tag: str, where: str) -> None:
