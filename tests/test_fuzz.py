@@ -287,9 +287,10 @@ def make_cases(seed: int, count: int) -> list[list[Action]]:
 
 
 def is_stop(text: str) -> bool:
+    """True when the server reads ``text`` as ``stop`` (the client's own check: it must not fail)."""
     try:
         return isinstance(parse_client_message(text), Stop)
-    except MessageError:
+    except Exception:  # the parser's own failures are test_fuzz_parser_raises_only_message_error's business
         return False
 
 
@@ -322,7 +323,7 @@ def test_fuzz_parser_raises_only_message_error() -> None:
                 assert exc.code in codes and str(exc), where
                 seen[exc.code] += 1
                 continue
-            except Exception as exc:  # noqa: BLE001  (the point: name what escaped, and where)
+            except Exception as exc:  # the point: name what escaped, and where
                 pytest.fail(f"{type(exc).__name__} escaped the parser ({exc}); {where}")
             assert isinstance(msg, Start | Finalize | Stop | KeepAlive), where
             assert parse_client_message(msg.to_json()) == msg, where

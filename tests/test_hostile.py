@@ -285,3 +285,25 @@ def test_lone_surrogates_in_server_text_become_replacement_characters() -> None:
     """A server message whose text holds a lone surrogate is still UTF-8 (a WebSocket text frame must be)."""
     text = Error("bad_message", "x\ud800y", "s").to_json()
     assert text.encode("utf-8") and strict_loads(text)["message"] == "x\ufffdy"
+
+
+async def test_float32_channels_near_the_maximum_do_not_fail_the_mixdown(
+    start_daemon: Start, pcm: tuple[bytes, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two pcm_f32le channels of 3e38 (finite; their float32 sum is not): the mono mix neither fails nor logs an
+    error (the fuzz test found this), and every message is strict JSON up to end and 1000."""
+    daemon = await start_daemon()
+    data, rate = pcm
+    speech = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+    stereo = np.repeat(speech, 2).astype("<f4")
+    async with connect(url(daemon, "/v1/listen")) as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_f32le", "channels": 2}))
+        assert (await recv(ws))["type"] == "ready"
+        await ws.send(np.full(640, 3e38, "<f4").tobytes())
+        await send_audio(ws, stereo.tobytes(), frame_bytes=8820)
+        await ws.send(json.dumps({"type": "stop"}))
+        texts = [text async for text in ws]
+        code = ws.close_code
+    messages = [strict_loads(t) for t in texts]
+    assert code == 1000 and messages[-1]["type"] == "end", messages[-3:]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
