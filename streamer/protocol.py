@@ -156,6 +156,7 @@ the same JSON, plus a retained ``<prefix>/<device>/status`` of ``online``/``offl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -530,10 +531,12 @@ def _check_size(size: int) -> None:
         )
 
 
-# A complete JSON string (escapes included) and the brackets outside strings; DOTALL so an escaped line
-# break cannot end a string early.
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string from its opening quote: escapes included, up to its closing quote or, unterminated, to the end
+# of the text. It cannot fail to match once a quote is found (``\\.?`` takes even a trailing backslash), so a
+# search never starts again inside a string: linear in the text, whatever the quotes and backslashes.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.?[^"\\]*)*(?:"|$)', re.DOTALL)
 _BRACKETS = re.compile(r"[\[\]{}]")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def _json_depth(text: str) -> int:
@@ -541,15 +544,10 @@ def _json_depth(text: str) -> int:
 
     Linear in the text; for text that is not JSON the count is approximate, and the parser refuses it.
     """
-    outside = _JSON_STRING.sub("", text).split('"', 1)[0]  # what follows an unterminated string is inside it
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(outside):
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:  # nearly every message: no need to look closer
+        return 0
+    outside = _JSON_STRING.sub("", text)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, _BRACKETS.findall(outside))), default=0)
 
 
 def _parse_int(literal: str) -> int:

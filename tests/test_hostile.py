@@ -211,6 +211,8 @@ async def test_absurd_float_audio_gives_only_strict_json(start_daemon: Start, pc
         ('{"type": "keepalive", "x": "' + "[{" * 1000 + '"}', "bad_message", "unknown field 'x'"),  # in a string
         ('{"type": "keepalive", "x": "\\"' + "[" * 100 + '"}', "bad_message", "unknown field 'x'"),  # after \"
         ('{"type": "keepalive", "x": "' + "[" * 100, "bad_json", "Unterminated string"),
+        ('{"type": "keepalive", "x": "\\\\", "y": ' + "[" * 17 + "]" * 17 + "}", "bad_message", "nested 18 deep"),
+        ('{"type": "keepalive", "x": "' + '\\"[' * 20_000, "bad_json", "Unterminated string"),  # linear scan
         ('{"type": "keepalive", "x": "' + "a" * MAX_TEXT_BYTES + '"}', "bad_message", "over the limit of 65536"),
         ('{"type": "keepalive", "x": "' + "é" * (MAX_TEXT_BYTES // 2) + '"}', "bad_message", "bytes is over"),
         (b'{"type": "keepalive", "x": "' + b"a" * MAX_TEXT_BYTES + b'"}', "bad_message", "over the limit"),
