@@ -133,7 +133,9 @@ keeps the last ``server.max_pending_messages``).
 
 Close codes: 1000 after ``end``; 1001 when the server shuts down (every open segment is flushed and
 ``end`` sent first); 1008 idle timeout or a client too slow to read its results; 1009 a frame larger
-than ``server.max_frame_bytes``; 1011 an internal error; 1013 session cap reached or not ready.
+than ``server.max_frame_bytes``; 1011 an internal error outside the handling of a text message (a
+failure while handling one is error ``internal_error`` instead, and the session goes on); 1013 session cap
+reached or not ready.
 
 Captions on ``/v1/captions?stream=NAME``
 ========================================
@@ -589,7 +591,7 @@ def _check_strings(value: Any) -> None:
             _check_strings(item)
 
 
-def _show(value: Any, max_chars: int = 60) -> str:
+def _show(value: Any, max_chars: int = 100) -> str:
     """``repr(value)`` cut to ``max_chars`` (an error message never echoes a whole hostile input)."""
     text = repr(value)
     return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
