@@ -113,9 +113,10 @@ Errors and limits
 An :class:`Error` names the offending input by ``code``; the offending message or frame is discarded
 and the session goes on (the client may, for example, send a corrected ``start``). Codes:
 
-- ``bad_json``: a text message that is not JSON;
+- ``bad_json``: a text message that is not JSON (or not UTF-8);
 - ``bad_message``: not an object, an unknown ``type``, a missing, unknown or ill-typed field; anything
-  sent on ``/v1/captions`` (see there);
+  sent on ``/v1/captions`` (see there); a text message over one of the limits below (checked before or
+  while the JSON is parsed; the reason names the limit);
 - ``no_start``: audio or ``finalize``/``stop`` before ``start``;
 - ``already_started``: a second ``start``;
 - ``unsupported_audio``: sample rate, encoding or channel count out of range;
@@ -127,7 +128,26 @@ and the session goes on (the client may, for example, send a corrected ``start``
 - ``not_ready``: the server is starting or stopping (then closed with 1013);
 - ``start_timeout``: no ``start`` within ``server.start_timeout_s`` of connecting, keepalive or not (then 1008);
 - ``idle_timeout``: nothing received for ``server.idle_timeout_s`` (the open segment is flushed,
-  ``end`` sent, then closed with 1008).
+  ``end`` sent, then closed with 1008);
+- ``internal_error``: the server failed while handling this message (a bug: it is logged with a
+  traceback and counted in ``streamer_protocol_errors_total``); the message is discarded and the
+  session goes on.
+
+Limits on a client's text message (a frame larger than ``server.max_frame_bytes`` is refused before
+any of these, with close 1009), each refused with ``bad_message`` and a reason naming it:
+
+- at most ``MAX_TEXT_BYTES`` (64 KiB) of UTF-8;
+- arrays and objects nested at most ``MAX_JSON_DEPTH`` (16) deep (counted before the text is parsed);
+- integers of at most ``MAX_INT_DIGITS`` (32) digits; other numbers of at most ``MAX_NUMBER_CHARS`` (64)
+  characters whose value is a finite float (``1e400`` is refused); ``NaN``, ``Infinity`` and
+  ``-Infinity`` are not JSON, and every field refuses them by name (e.g. "endpointing.max_segment_s must
+  be a number of seconds, got nan");
+- strings (and keys) of Unicode scalar values: a lone surrogate escape such as ``"\\ud800"`` is refused;
+- ``resume.session`` and ``resume.token``: at most ``MAX_ID_CHARS`` (256) characters, no control
+  characters.
+
+Every number the server writes is valid JSON: a value it cannot state as a finite number (a
+``confidence`` computed from absurd input, say) is sent as ``null``, and the cause is logged once.
 
 A :class:`Warning` discards nothing the client sent: ``audio_dropped`` (a live session: the server fell
 behind and dropped ``seconds`` of the oldest audio), ``falling_behind`` (a live session is ``seconds``
@@ -138,7 +158,9 @@ keeps the last ``server.max_pending_messages``).
 
 Close codes: 1000 after ``end``; 1001 when the server shuts down (every open segment is flushed and
 ``end`` sent first); 1008 idle timeout or a client too slow to read its results; 1009 a frame larger
-than ``server.max_frame_bytes``; 1011 an internal error; 1013 session cap reached or not ready.
+than ``server.max_frame_bytes``; 1011 an internal error outside the handling of a text message (a
+failure while handling one is error ``internal_error`` instead, and the session goes on); 1013 session cap
+reached or not ready.
 
 Captions on ``/v1/captions?stream=NAME``
 ========================================
@@ -178,7 +200,9 @@ the finals kept for a replay to that client (they were published to MQTT, and re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import math
 import re
 from collections import deque
@@ -187,6 +211,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from streamer.errors import ProtocolError
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 ENCODINGS = ("pcm_s16le", "pcm_f32le")
@@ -199,6 +225,13 @@ STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ENDPOINT_KEYS = ("trailing_silence_after_speech_s", "silence_without_speech_s", "max_segment_s")
 MAX_ENDPOINT_S = 3600.0
 RESUME_BUFFER_S = 30.0  # audio a live client keeps to re-send after a reconnect (the server says where it got to)
+# Limits on a client's text message (see "Errors and limits"): checked before and while it is parsed, so a
+# hostile document never reaches the recursive parser or the big-integer conversion.
+MAX_TEXT_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 16
+MAX_INT_DIGITS = 32
+MAX_NUMBER_CHARS = 64
+MAX_ID_CHARS = 256  # resume.session and resume.token (the server's are 12 and 43 characters)
 
 
 class MessageError(ProtocolError):
@@ -415,29 +448,59 @@ Message = ClientMessage | ServerMessage
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    """The JSON object of a message (``type`` first), e.g. an MQTT payload."""
-    body = asdict(msg)
-    for key in [k for k, v in body.items() if v is None]:
-        del body[key]
+    """The JSON object of a message (``type`` first), e.g. an MQTT payload.
+
+    Always valid JSON and valid UTF-8 once dumped: a non-finite float becomes None (``null``; the first
+    one of each field is logged) and a lone surrogate in a string becomes U+FFFD.
+    """
+    body = {key: _json_safe(value, f"{msg.type}.{key}") for key, value in asdict(msg).items() if value is not None}
     return {"type": msg.type, **body}
 
 
 def _dumps(msg: Message) -> str:
-    return json.dumps(to_dict(msg), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(to_dict(msg), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
+_reported_fields: set[str] = set()  # fields whose non-finite value was logged already (once each)
+
+
+def _json_safe(value: Any, where: str) -> Any:
+    """``value`` with what JSON cannot carry replaced: non-finite floats by None, lone surrogates by U+FFFD."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        if where not in _reported_fields:
+            _reported_fields.add(where)
+            logger.warning("%s was %r, which JSON cannot carry; sent as null (the input was probably absurd; "
+                           "logged once per field)", where, value)
+        return None
+    if isinstance(value, str):
+        if value.isascii() or _SURROGATE.search(value) is None:
+            return value
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_json_safe(k, where): _json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, where) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------- parsing
 
 
 def parse_client_message(text: str | bytes) -> ClientMessage:
-    """Parse one text message from a client.
+    """Parse one text message from a client, within the limits of "Errors and limits".
 
     Raises:
-        MessageError: ``bad_json`` when it is not JSON; ``bad_message`` when it is not an object, has
-            an unknown ``type``, lacks a field, has an unknown field or a value of the wrong type;
-            ``unsupported_audio`` when ``start`` declares a format the server does not take.
+        MessageError: ``bad_json`` when it is not JSON (or, as bytes, not UTF-8); ``bad_message`` when it
+            breaks a limit (size, depth, digits, a number out of range, a lone surrogate, a control
+            character in an id), is not an object, has an unknown ``type``, lacks a field, has an unknown
+            field or a value of the wrong type; ``unsupported_audio`` when ``start`` declares a format the
+            server does not take. No other exception escapes.
     """
-    obj = _load_object(text)
+    obj = _load_client_object(text)
     kind = obj.get("type")
     if kind == "start":
         return _parse_start(obj)
@@ -448,7 +511,7 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     known = ", ".join(("start", "finalize", "stop", "keepalive"))
     if kind is None:
         raise MessageError("bad_message", f"message has no 'type'; expected one of: {known}")
-    raise MessageError("bad_message", f"unknown message type {kind!r}; expected one of: {known}")
+    raise MessageError("bad_message", f"unknown message type {_show(kind)}; expected one of: {known}")
 
 
 def parse_server_message(text: str | bytes) -> ServerMessage:
@@ -474,21 +537,119 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
 
 
 def _load_object(text: str | bytes) -> dict[str, Any]:
+    """A server message's object (a client trusts its server: no limits beyond what the parser has)."""
     try:
         obj = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise MessageError("bad_json", f"text message is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise MessageError("bad_message", f"a message must be a JSON object, got {type(obj).__name__}")
     return obj
 
 
+def _load_client_object(text: str | bytes) -> dict[str, Any]:
+    """A client message's object, parsed only after the size and depth limits held, with number hooks."""
+    if isinstance(text, bytes | bytearray):
+        _check_size(len(text))
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MessageError("bad_json", f"text message is not valid JSON: not UTF-8 ({exc})") from exc
+    _check_size(len(text))  # a character is at least one byte: a long text is refused without encoding it
+    _check_size(len(text.encode("utf-8", "surrogatepass")))
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise MessageError(
+            "bad_message", f"arrays and objects nested {depth} deep; the limit is {MAX_JSON_DEPTH}"
+        )
+    try:
+        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)  # NaN: see _parse_float
+    except (ValueError, RecursionError) as exc:  # RecursionError cannot happen within the depth limit
+        raise MessageError("bad_json", f"text message is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MessageError("bad_message", f"a message must be a JSON object, got {type(obj).__name__}")
+    _check_strings(obj)
+    return obj
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_TEXT_BYTES:
+        raise MessageError(
+            "bad_message", f"text message of at least {size} bytes is over the limit of {MAX_TEXT_BYTES} bytes; "
+            "send audio as binary frames and keep control messages small"
+        )
+
+
+# A JSON string from its opening quote: escapes included, up to its closing quote or, unterminated, to the end
+# of the text. It cannot fail to match once a quote is found (``\\.?`` takes even a trailing backslash), so a
+# search never starts again inside a string: linear in the text, whatever the quotes and backslashes.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.?[^"\\]*)*(?:"|$)', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _json_depth(text: str) -> int:
+    """How deep arrays and objects nest in ``text``, without parsing it (brackets inside strings ignored).
+
+    Linear in the text; for text that is not JSON the count is approximate, and the parser refuses it.
+    """
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:  # nearly every message: no need to look closer
+        return 0
+    outside = _JSON_STRING.sub("", text)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, _BRACKETS.findall(outside))), default=0)
+
+
+def _parse_int(literal: str) -> int:
+    digits = len(literal) - literal.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise MessageError(
+            "bad_message", f"an integer of {digits} digits is over the limit of {MAX_INT_DIGITS} digits"
+        )
+    return int(literal)
+
+
+def _parse_float(literal: str) -> float:
+    """A JSON number with a fraction or exponent, finite. (``NaN``, ``Infinity`` and ``-Infinity``, which are
+    not JSON, parse to floats as before: every field that takes a number refuses a non-finite one by name.)"""
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise MessageError(
+            "bad_message", f"a number of {len(literal)} characters is over the limit of {MAX_NUMBER_CHARS}"
+        )
+    value = float(literal)
+    if not math.isfinite(value):
+        raise MessageError("bad_message", f"the number {literal} is out of range (it is not a finite float)")
+    return value
+
+
+def _check_strings(value: Any) -> None:
+    """Refuse a string or key that is not made of Unicode scalar values (a lone surrogate escape)."""
+    if isinstance(value, str):
+        if not value.isascii() and _SURROGATE.search(value) is not None:
+            raise MessageError(
+                "bad_message", f"the string {_show(value)} holds a lone surrogate (not a Unicode character); "
+                "send valid UTF-8 text"
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
+
+
+def _show(value: Any, max_chars: int = 100) -> str:
+    """``repr(value)`` cut to ``max_chars`` (an error message never echoes a whole hostile input)."""
+    text = repr(value)
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+
+
 def _no_extra(obj: dict[str, Any], allowed: set[str], kind: str) -> None:
     extra = sorted(set(obj) - allowed - {"type"})
     if extra:
         raise MessageError(
-            "bad_message", f"unknown field {extra[0]!r} in {kind!r}" + (f"; allowed: {', '.join(sorted(allowed))}"
-                                                                        if allowed else "")
+            "bad_message", f"unknown field {_show(extra[0])} in {kind!r}" + (f"; allowed: {', '.join(sorted(allowed))}"
+                                                                             if allowed else "")
         )
 
 
@@ -497,7 +658,7 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
     if value is None:
         raise MessageError("bad_message", f"'start' needs {key!r}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MessageError("bad_message", f"{key!r} must be an integer, got {value!r}")
+        raise MessageError("bad_message", f"{key!r} must be an integer, got {_show(value)}")
     return value
 
 
@@ -519,26 +680,26 @@ def _parse_start(obj: dict[str, Any]) -> Start:
         raise MessageError("bad_message", "'start' needs 'encoding' (pcm_s16le or pcm_f32le)")
     if encoding not in ENCODINGS:
         raise MessageError(
-            "unsupported_audio", f"encoding {encoding!r} is not supported; use one of: {', '.join(ENCODINGS)}"
+            "unsupported_audio", f"encoding {_show(encoding)} is not supported; use one of: {', '.join(ENCODINGS)}"
         )
     channels = _int(obj, "channels", 1)
     if not 1 <= channels <= MAX_CHANNELS:
         raise MessageError("unsupported_audio", f"channels must be 1-{MAX_CHANNELS}, got {channels}")
     stream = obj.get("stream")
     if stream is not None and not isinstance(stream, str):  # 7 is not "7": the rule below would read as satisfied
-        raise MessageError("bad_message", f"'stream' must be a string, got {stream!r}")
+        raise MessageError("bad_message", f"'stream' must be a string, got {_show(stream)}")
     if stream is not None and not STREAM_NAME.fullmatch(stream):
         raise MessageError(
             "bad_message",
-            f"stream name {stream!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
+            f"stream name {_show(stream)} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit",
         )
     interim = obj.get("interim_results", True)
     if not isinstance(interim, bool):
-        raise MessageError("bad_message", f"'interim_results' must be true or false, got {interim!r}")
+        raise MessageError("bad_message", f"'interim_results' must be true or false, got {_show(interim)}")
     live = obj.get("live", False)
     if not isinstance(live, bool):
-        raise MessageError("bad_message", f"'live' must be true or false, got {live!r}")
+        raise MessageError("bad_message", f"'live' must be true or false, got {_show(live)}")
     resume = _parse_resume(obj["resume"]) if obj.get("resume") is not None else None
     endpointing = _parse_endpointing(obj.get("endpointing", {}))
     return Start(rate, encoding, channels, stream, interim, endpointing, version, resume, live)
@@ -546,28 +707,34 @@ def _parse_start(obj: dict[str, Any]) -> Start:
 
 def _parse_resume(value: Any) -> Resume:
     if not isinstance(value, dict):
-        raise MessageError("bad_message", f"'resume' must be an object, got {value!r}")
+        raise MessageError("bad_message", f"'resume' must be an object, got {_show(value)}")
     _no_extra(value, {"session", "token", "next_segment"}, "resume")
     for key in ("session", "token"):
         if not isinstance(value.get(key), str) or not value[key]:
             raise MessageError("bad_message", f"'resume' needs {key!r}, a string from the session's 'ready'")
+        if len(value[key]) > MAX_ID_CHARS:
+            raise MessageError("bad_message", f"'resume.{key}' has {len(value[key])} characters, over the limit of "
+                               f"{MAX_ID_CHARS}; send the one from the session's 'ready'")
+        if _CONTROL.search(value[key]) is not None:
+            raise MessageError("bad_message", f"'resume.{key}' {_show(value[key])} holds a control character; send "
+                               "the one from the session's 'ready'")
     next_segment = value.get("next_segment", 0)
     if isinstance(next_segment, bool) or not isinstance(next_segment, int) or next_segment < 0:
-        raise MessageError("bad_message", f"'resume.next_segment' must be an integer >= 0, got {next_segment!r}")
+        raise MessageError("bad_message", f"'resume.next_segment' must be an integer >= 0, got {_show(next_segment)}")
     return Resume(value["session"], value["token"], next_segment)
 
 
 def _parse_endpointing(value: Any) -> dict[str, float]:
     if not isinstance(value, dict):
-        raise MessageError("bad_message", f"'endpointing' must be an object, got {value!r}")
+        raise MessageError("bad_message", f"'endpointing' must be an object, got {_show(value)}")
     out: dict[str, float] = {}
     for key, seconds in value.items():
         if key not in ENDPOINT_KEYS:
             raise MessageError(
-                "bad_message", f"unknown endpointing rule {key!r}; known: {', '.join(ENDPOINT_KEYS)}"
+                "bad_message", f"unknown endpointing rule {_show(key)}; known: {', '.join(ENDPOINT_KEYS)}"
             )
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-            raise MessageError("bad_message", f"endpointing.{key} must be a number of seconds, got {seconds!r}")
+            raise MessageError("bad_message", f"endpointing.{key} must be a number of seconds, got {_show(seconds)}")
         if not 0 < seconds <= MAX_ENDPOINT_S:
             raise MessageError("bad_message", f"endpointing.{key} must be in (0, {MAX_ENDPOINT_S:g}] s, got {seconds}")
         out[key] = float(seconds)

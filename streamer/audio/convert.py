@@ -74,7 +74,8 @@ def to_mono_float32(block: np.ndarray, channels: int) -> np.ndarray:
         frames *= np.float32(2.0 ** -(8 * block.dtype.itemsize - 1))  # int16: 1 / 32768
     if channels == 1:
         return frames.reshape(-1)
-    return frames.reshape(-1, channels).mean(axis=1, dtype=np.float32)  # (S, channels) -> (S,)
+    # (S, channels) -> (S,), summed in float64: float32 channels near its maximum overflow a float32 sum
+    return frames.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
 class PcmConverter:

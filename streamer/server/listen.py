@@ -22,6 +22,7 @@ from websockets.frames import CloseCode
 from streamer.audio.convert import PcmConverter
 from streamer.errors import AudioError, ConfigError
 from streamer.protocol import (
+    ClientMessage,
     End,
     Error,
     Finalize,
@@ -123,13 +124,24 @@ class ListenSession:
                 await self._on_audio(message)
 
     async def _on_text(self, text: str) -> None:
+        """Handle one text message. Whatever fails is answered with an error and the session goes on: a
+        refused message with its code, a bug (any other exception) with ``internal_error``, logged with its
+        traceback; neither reaches the connection handler (which would close with 1011)."""
         if self.phase is not Phase.AWAITING_START and self.phase is not Phase.STREAMING:
             return
+        what = "text message"
         try:
             msg = parse_client_message(text)
+            what = f"{msg.type!r} message"
+            await self._dispatch(msg)
         except MessageError as exc:
             self._error(exc.code, str(exc))
-            return
+        except Exception:
+            logger.exception("session %s: handling a %s failed", self.id, what)
+            self._error("internal_error", f"the server failed to handle this {what} (a bug, logged as session "
+                        f"{self.id}); the message was discarded and the session goes on")
+
+    async def _dispatch(self, msg: ClientMessage) -> None:
         if isinstance(msg, Start):
             self._on_start(msg)
         elif isinstance(msg, KeepAlive):
@@ -289,6 +301,11 @@ class ListenSession:
             samples = converter.convert(frame)
         except AudioError as exc:
             self._error("bad_audio", str(exc))
+            return
+        except Exception:  # a bug: said and logged like one in a text message, never a 1011 for the session
+            logger.exception("session %s: converting an audio frame of %d bytes failed", self.id, len(frame))
+            self._error("internal_error", f"the server failed to convert this audio frame (a bug, logged as session "
+                        f"{self.id}); the frame was discarded and the session goes on")
             return
         self.received_bytes += len(frame)
         if converter.clipped_samples > clipped and not self._clipping_told:
