@@ -161,11 +161,6 @@ class AcceptErrors:
         self._loop, self._previous = loop, loop.get_exception_handler()
         loop.set_exception_handler(self._handle)
 
-    def uninstall(self) -> None:
-        if self._loop is not None and self._loop.get_exception_handler() == self._handle:
-            self._loop.set_exception_handler(self._previous)
-        self._loop = None
-
     def accepted(self) -> None:
         """A connection was accepted: ends an episode that has been quiet for a while."""
         if self._episode_failures and self._loop is not None and \
@@ -175,6 +170,12 @@ class AcceptErrors:
             self._episode_failures = 0
 
     def _handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, ValueError) and "_start_serving" in repr(context.get("handle")):
+            # asyncio retries accept() a second after running out of descriptors; when the port was closed in
+            # between (a shutdown during an episode), that retry finds fd -1. Nothing is wrong: nothing to accept.
+            logger.debug("a pending accept() retry found the listening socket closed: %s", exc)
+            return
         if context.get("message") != ACCEPT_FAILED:
             if self._previous is not None:
                 self._previous(loop, context)

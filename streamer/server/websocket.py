@@ -175,7 +175,8 @@ class WebSocketServer:
         """Close caption subscribers (after their queued finals) and every connection left; wait for them."""
         if self._server is None:
             return
-        self._accept_errors.uninstall()
+        # The accept-error handler stays installed: asyncio's accept() retries may still fire after the port is
+        # closed, and they must not end up as tracebacks (see AcceptErrors._handle).
         for sub in self.hub.subscribers():
             sub.close_after_queue(1001, "server shutting down")
         self._server.close(close_connections=False)
