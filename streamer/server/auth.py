@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import enum
 import hmac
-import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from streamer.errors import ConfigError
+from streamer.server.origin import is_loopback
 from streamer.settings import token_problem
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class TokenAuth:
 
 def exposure_warnings(host: str, auth: TokenAuth, has_tls: bool) -> list[str]:
     """What to warn about at startup when ``host`` serves more than this machine."""
-    if _is_loopback(host):
+    if is_loopback(host):
         return []
     if not auth.is_enabled:
         return [f"listening on {host or 'every address'} without tokens: anyone who can reach the port can stream "
@@ -129,12 +129,3 @@ def exposure_warnings(host: str, auth: TokenAuth, has_tls: bool) -> list[str]:
         return ["tokens travel in clear text without TLS: set server.tls_cert and server.tls_key, "
                 "or put a TLS reverse proxy in front"]
     return []
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name (or "" for every address): it may resolve to anything
-        return False
