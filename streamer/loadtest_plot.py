@@ -123,8 +123,9 @@ def raster(xs: list[float], ys: dict[str, list[float | None]], threshold: float 
             for dx in range(-2, 3):
                 for dy in range(-2, 3):
                     put(px + dx, py + dy, color)
-        line((WIDTH - MARGIN_X - 60, MARGIN_Y + 14 * n + 5), (WIDTH - MARGIN_X - 45, MARGIN_Y + 14 * n + 5), color)
-        text(WIDTH - MARGIN_X - 40, MARGIN_Y + 14 * n, name, color)
+        key_x = MARGIN_X + 60 + 70 * n  # the legend: one row above the plot
+        line((key_x, 15), (key_x + 15, 15), color)
+        text(key_x + 20, 10, name, color)
     return WIDTH, HEIGHT, pixels
 
 
