@@ -160,6 +160,7 @@ class LoadClient:
         self.stats = ClientStats()
         self.expect_cut = False  # set by the soak just before it cuts this client's connection
         self.is_connected = False
+        self.has_open_segment = False  # the latest result was a partial: a segment with text is open
         self.trailing_silence_s = 0.0
         self._captured = asyncio.Event()
         self._is_source_done = False
@@ -255,11 +256,13 @@ class LoadClient:
     def _on_message(self, msg: Any, session: str) -> bool:
         now = asyncio.get_running_loop().time()
         if isinstance(msg, Partial):
+            self.has_open_segment = True
             lag = self._lag_s(msg.end, now)
             if lag is not None:
                 self.stats.partial_lag_ms.append(lag * 1000)
                 self.stats.partial_at.append(now)
         elif isinstance(msg, Final):
+            self.has_open_segment = False
             self.session.on_final(msg)
             self.stats.finals[session].append(msg.segment)
             self.stats.final_keys.append((msg.stream, msg.segment, msg.start, msg.end))
@@ -326,30 +329,29 @@ def make_clients(url: str, n: int, tracks: list[bytes], duration_s: float, block
 
 
 async def run_clients(clients: list[LoadClient], probe: Any, progress: str) -> dict[str, Any]:
-    """Run the clients to their end; print a progress line each second; return CPU and RSS figures."""
+    """Run the clients to their end; print a progress line each second; return the server's CPU (% of one core
+    while the audio streamed) and peak RSS (MiB), None where ``probe`` (if any) cannot tell."""
     loop = asyncio.get_running_loop()
     began = loop.time()
-    cpu0 = probe.cpu_s() if probe else None
-    rss_peak = 0.0
+    cpu0, _ = await asyncio.to_thread(probe.sample) if probe else (None, None)
+    rss_peak: float | None = None
     tasks = [asyncio.create_task(c.run()) for c in clients]
     streaming_s = max(c.start_delay_s for c in clients) + clients[0].duration_s
     cpu_percent = None
     pending = set(tasks)
-    while pending:
+    while pending:  # ends when every client has (each has its own deadline)
         _, pending = await asyncio.wait(pending, timeout=1.0)
         elapsed = loop.time() - began
-        rss = probe.rss_mb() if probe else None
-        rss_peak = max(rss_peak, rss or 0.0)
-        if cpu0 is not None and cpu_percent is None and elapsed >= streaming_s:
-            cpu1 = probe.cpu_s()
-            cpu_percent = None if cpu1 is None else round(100 * (cpu1 - cpu0) / elapsed)
-        lags = [x for c in clients for x in c.stats.partial_lag_ms[-50:]]
-        p95 = percentile(lags, 0.95)
+        cpu, rss = await asyncio.to_thread(probe.sample) if probe else (None, None)
+        rss_peak = rss if rss_peak is None or (rss is not None and rss > rss_peak) else rss_peak
+        if cpu0 is not None and cpu is not None and cpu_percent is None and (elapsed >= streaming_s or not pending):
+            cpu_percent = round(100 * (cpu - cpu0) / elapsed)
+        p95 = percentile([x for c in clients for x in c.stats.partial_lag_ms[-50:]], 0.95)
         print(f"\r{progress} {min(elapsed, streaming_s):5.0f}/{streaming_s:.0f} s, {len(pending)} clients running, "
-              f"recent lag p95 {'-' if p95 is None else f'{p95:.0f}'} ms, rss {rss or 0:.0f} MB   ",
-              end="", file=sys.stderr, flush=True)
+              f"recent lag p95 {'-' if p95 is None else f'{p95:.0f}'} ms, "
+              f"rss {'n/a' if rss is None else f'{rss:.0f}'} MB   ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr, flush=True)
-    return {"cpu_percent": cpu_percent, "rss_mb": round(rss_peak) if probe else None}
+    return {"cpu_percent": cpu_percent, "rss_mb": None if rss_peak is None else round(rss_peak)}
 
 
 def summarize(n: int, clients: list[LoadClient], server: dict[str, Any],
@@ -409,7 +411,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 @dataclass
 class Target:
-    """The daemon under test: its ``/v1/listen`` URL, HTTP base, a /proc probe if local, the process if ours."""
+    """The daemon under test: its ``/v1/listen`` URL, HTTP base, a CPU and RSS probe if any, the process if ours."""
 
     listen_url: str
     http_base: str
@@ -418,13 +420,17 @@ class Target:
 
 
 async def open_target(args: argparse.Namespace, workdir: Path, extra_sets: list[str], max_streams: int) -> Target:
-    from streamer.loadtest_peers import DaemonProcess, ProcessProbe
+    from streamer.loadtest_peers import DaemonProcess, MetricsProbe, ProcessProbe, read_metrics
     from streamer.protocol import listen_url
 
     if args.url:
         url = listen_url(args.url)
         http_base = "http" + url[2:].removesuffix("/v1/listen")
-        return Target(url, http_base, ProcessProbe(args.pid) if args.pid else None)
+        if args.pid:
+            return Target(url, http_base, ProcessProbe(args.pid))
+        metrics = await asyncio.to_thread(read_metrics, http_base, args.token)
+        return Target(url, http_base, MetricsProbe(http_base, args.token) if "process_cpu_seconds_total" in metrics
+                      else None)
     serve_args = ["--set", f"server.max_sessions={max_streams + 4}", *extra_sets]
     if args.model:
         serve_args += ["--model", args.model]

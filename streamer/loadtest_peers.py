@@ -72,6 +72,10 @@ class ProcessProbe:
         self.pid = pid
         self._ticks_per_s = os.sysconf("SC_CLK_TCK")
 
+    def sample(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far and RSS in MiB (None where unknown); blocking, brief."""
+        return self.cpu_s(), self.rss_mb()
+
     def cpu_s(self) -> float | None:
         """User plus system CPU seconds so far; None when the process is gone."""
         try:
@@ -91,6 +95,19 @@ class ProcessProbe:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return None
+
+
+class MetricsProbe:
+    """CPU time and resident memory of a remote daemon from the standard ``process_*`` series of its /metrics."""
+
+    def __init__(self, http_base: str, token: str | None) -> None:
+        self.http_base, self.token = http_base, token
+
+    def sample(self) -> tuple[float | None, float | None]:
+        """CPU seconds so far and RSS in MiB (None where the daemon does not say); blocking (an HTTP GET)."""
+        metrics = read_metrics(self.http_base, self.token)
+        rss = metrics.get("process_resident_memory_bytes")
+        return metrics.get("process_cpu_seconds_total"), None if rss is None else rss / 2**20
 
 
 class DaemonProcess:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import random
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class Intervals:
             lags += client.stats.partial_lag_ms[self._seen[i]:]
             self._seen[i] = len(client.stats.partial_lag_ms)
         p95 = percentile(lags, 0.95)
-        rss = self.probe.rss_mb() if self.probe else None
+        _, rss = await asyncio.to_thread(self.probe.sample) if self.probe else (None, None)
         row = {"t_s": round(asyncio.get_running_loop().time() - self._began), "rss_mb": None if rss is None else
                round(rss, 1), "lag_p95_ms": None if p95 is None else round(p95), "partials": len(lags),
                "resumes": sum(c.stats.resumes for c in self.clients)}
@@ -135,9 +136,10 @@ async def _soak(args: argparse.Namespace, clients: list[LoadClient], relays: lis
     intervals = Intervals(clients, target.probe)
     drops = 0
 
-    async def drop() -> None:
+    async def drop() -> None:  # mid-segment where possible: the hardest case for a resume
         nonlocal drops
         connected = [i for i, c in enumerate(clients) if c.is_connected]
+        connected = [i for i in connected if clients[i].has_open_segment] or connected
         if connected:
             i = rng.choice(connected)
             clients[i].expect_cut = True
@@ -203,6 +205,7 @@ def _report(args: argparse.Namespace, n: int, duration_s: float, soak: dict[str,
                    else round(100 * (rss_end - rss_start) / rss_start, 1)},
         "lag_p95_ms": {"first": lags[0] if lags else None, "last": lags[-1] if lags else None},
         "finals": finals, "dropped_s": dropped_s, "unbuffered_s": unbuffered_s,
+        "warnings": dict(sum((c.stats.warnings for c in clients), Counter())),
         "faults": {"client_drops": soak["client_drops"], "resumes": sum(c.stats.resumes for c in clients),
                    "broker_restarts": broker.restarts if broker is not None else 0},
         "errors": errors, "lost": lost,

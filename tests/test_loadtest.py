@@ -84,3 +84,15 @@ def test_finals_are_counted_once_per_session_and_gaps_are_missing() -> None:
     assert spread([5.0, 1.0, 3.0]) == {"p50": 3, "p95": 5, "max": 5} and spread([])["p95"] is None
     rows = [{"streams": 1, "passed": True}, {"streams": 2, "passed": False}, {"streams": 4, "passed": True}]
     assert capacity(rows) == 4 and capacity(rows[1:2]) is None
+
+
+@needs_espeak
+def test_the_soak_fails_when_a_dropped_session_cannot_be_resumed(tmp_path: Path) -> None:
+    """With resume off (server.resume_window_s=0) a cut mid-segment loses that segment's final for the client
+    (the daemon flushes it as 'disconnect' to the other sinks): the soak says so and exits 1."""
+    code, report = run(tmp_path, "--soak", "--no-mqtt", "--streams", "2", "--duration-s", "12", "--interval-s", "6",
+                       "--client-drop-every-s", "3", "--set", "server.resume_window_s=0")
+    assert report["faults"]["client_drops"] >= 1 and report["faults"]["resumes"] == 0
+    assert report["finals"]["produced"] > report["finals"]["clients"]
+    assert report["lost"] >= 1 and report["ok"] is False and code == 1
+    assert "mqtt" not in report["finals"]
