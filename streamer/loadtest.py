@@ -120,9 +120,9 @@ def make_tracks(clips: list[np.ndarray], count: int, rng: random.Random, gap_s: 
 class ClientStats:
     """What one client saw. Lags in ms; ``*_at`` are loop times of arrival (for per-interval figures)."""
 
-    partial_lag_ms: array = field(default_factory=lambda: array("d"))
-    partial_at: array = field(default_factory=lambda: array("d"))
-    final_extra_ms: array = field(default_factory=lambda: array("d"))
+    partial_lag_ms: array[float] = field(default_factory=lambda: array("d"))
+    partial_at: array[float] = field(default_factory=lambda: array("d"))
+    final_extra_ms: array[float] = field(default_factory=lambda: array("d"))
     finals: dict[str, list[int]] = field(default_factory=dict)  # session id -> segment numbers in arrival order
     final_keys: list[tuple[str, int, float, float]] = field(default_factory=list)  # (stream, segment, start, end)
     ends: list[End] = field(default_factory=list)
@@ -251,6 +251,7 @@ class LoadClient:
                     return True
         finally:
             sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)  # a send that failed with the connection
         return False
 
     def _on_message(self, msg: Any, session: str) -> bool:
@@ -276,6 +277,10 @@ class LoadClient:
         elif isinstance(msg, Error):
             self.stats.errors.append(f"{self.name}: error {msg.code}: {msg.message}")
         elif isinstance(msg, End):
+            sent_s = self.session.session_audio_s
+            if msg.audio_s is not None and abs(msg.audio_s - sent_s) > 0.002:  # 'end' rounds to 1 ms
+                self.stats.errors.append(f"{self.name}: the client sent {sent_s:.3f} s of audio in the session, "
+                                         f"the server received {msg.audio_s:.3f} s")
             self.session.on_end()
             self.stats.ends.append(msg)
             return True
@@ -473,9 +478,11 @@ async def run_load(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.sleep(1.0)  # let the daemon settle between runs
     finally:
         code = await asyncio.to_thread(target.process.stop) if target.process else None
+    tracebacks = target.process.log_lines(is_traceback=True) if target.process else []
     return {"mode": "load", "url": target.listen_url if args.url else None, "model": args.model,
             "att_context_size": args.att_context_size, "frame_ms": args.frame_ms, "thresholds": thresholds,
-            "runs": rows, "capacity": capacity(rows), "daemon_exit_status": code}
+            "runs": rows, "capacity": capacity(rows), "daemon_exit_status": code,
+            "daemon_tracebacks": tracebacks}
 
 
 def connect_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -548,6 +555,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             report = asyncio.run(run_load(args, workdir))
             print(table(report["runs"]))
             print(capacity_line(report))
+            for line in report["daemon_tracebacks"]:
+                print(f"daemon log: traceback: {line}")
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         if args.plot:

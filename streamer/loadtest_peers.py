@@ -166,12 +166,15 @@ class DaemonProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    def tracebacks(self) -> list[str]:
-        """The last line of each Python traceback in the daemon's log (the exception), in order."""
+    def log_lines(self, is_traceback: bool) -> list[str]:
+        """The exception line of each Python traceback in the daemon's log (``is_traceback``), or the lines it
+        logged at ERROR or CRITICAL level."""
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
         out = []
         for i, line in enumerate(lines):
-            if line.startswith("Traceback (most recent call last)"):
+            if not is_traceback and (" ERROR " in line or " CRITICAL " in line):
+                out.append(line)
+            elif is_traceback and line.startswith("Traceback (most recent call last)"):
                 rest = [x for x in lines[i + 1:] if x and not x.startswith((" ", "\t", "Traceback"))]
                 out.append(rest[0] if rest else line)
         return out

@@ -180,7 +180,7 @@ def _report(args: argparse.Namespace, n: int, duration_s: float, soak: dict[str,
     delivered = sum(c[0] for c in checks)
     errors = [e for c in clients for e in c.stats.errors]
     if target.process is not None:
-        errors += [f"daemon log: traceback: {line}" for line in target.process.tracebacks()]
+        errors += [f"daemon log: traceback: {line}" for line in target.process.log_lines(is_traceback=True)]
         if code != 0:
             errors.append(f"daemon exited with {code} on SIGTERM")
     finals: dict[str, Any] = {
@@ -209,6 +209,7 @@ def _report(args: argparse.Namespace, n: int, duration_s: float, soak: dict[str,
         "faults": {"client_drops": soak["client_drops"], "resumes": sum(c.stats.resumes for c in clients),
                    "broker_restarts": broker.restarts if broker is not None else 0},
         "errors": errors, "lost": lost,
+        "daemon_log_errors": target.process.log_lines(is_traceback=False) if target.process else [],
         "ok": lost == 0 and not errors and dropped_s == 0 and unbuffered_s == 0 and produced is not None,
     }
 
@@ -228,6 +229,8 @@ def print_soak(report: dict[str, Any]) -> None:
           f"duplicated, {f['clients_missing']} missing){mqtt}")
     print(f"faults: {faults['client_drops']} client drops, {faults['resumes']} resumes, "
           f"{faults['broker_restarts']} broker restarts; audio dropped {report['dropped_s']} s")
+    for line in report["daemon_log_errors"]:
+        print(f"daemon log (not counted as an error): {line}")
     for error in report["errors"]:
         print(f"error: {error}")
     print("soak: ok, nothing lost" if report["ok"] else f"soak: FAILED ({report['lost']} finals lost, "

@@ -40,6 +40,7 @@ def test_loadtest_reports_lag_latency_drops_cpu_rss_and_capacity_per_n(tmp_path:
     code, report = run(tmp_path, "--streams", "1,2", "--duration-s", "6", "--plot", str(plot))
     out = capsys.readouterr().out
     assert code == 0 and report["mode"] == "load" and report["daemon_exit_status"] == 0
+    assert report["daemon_tracebacks"] == []
     assert [r["streams"] for r in report["runs"]] == [1, 2]
     for row in report["runs"]:
         lag = row["lag_ms"]
