@@ -510,33 +510,50 @@ def add_loadtest_parser(sub: argparse._SubParsersAction) -> None:
         "latency of finals beyond the silence rule, audio dropped, server CPU and RSS, and the capacity. "
         "--soak runs one N for long with MQTT, broker restarts and client drops, and exits 1 if anything "
         "was lost or went wrong.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_target_args(p)
+    add_load_args(p)
+    add_soak_args(p.add_argument_group("soak"))
+    p.set_defaults(func=cmd_loadtest)
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="a running daemon (ws://HOST:PORT); default: start one with the flags below")
     p.add_argument("--pid", type=int, help="with --url: the daemon's process id, for its CPU and RSS")
     p.add_argument("--token", help="access token, when the daemon has tokens")
     p.add_argument("--model", help="model of the daemon it starts (default: the bundled model)")
     p.add_argument("--att-context-size", metavar="L,R", help="look-ahead of the daemon it starts, e.g. 70,1")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="setting passed to streamer serve")
-    p.add_argument("--start-timeout-s", type=float, default=180.0, help="wait this long for the daemon to be ready")
+    p.add_argument("--start-timeout-s", type=float, default=180.0,
+                   help="wait this long for the daemon to be ready (default: 180)")
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", help="numbers of concurrent streams (default: 1,2,4,8; with --soak: 16)")
     p.add_argument("--duration-s", type=float, help="audio per client per N (default: 60; with --soak: 3600)")
     p.add_argument("--audio", nargs="+", metavar="PATH", help="speech files or folders (default: espeak-ng)")
-    p.add_argument("--frame-ms", type=float, default=40.0, help="audio per binary frame a client sends")
-    p.add_argument("--seed", type=int, default=0, help="seed for the speech order, pauses and start offsets")
-    p.add_argument("--max-lag-p95-ms", type=float, default=300.0, help="capacity: partials' p95 lag at most")
-    p.add_argument("--max-final-p95-ms", type=float, default=500.0, help="capacity: finals' p95 extra latency")
+    p.add_argument("--frame-ms", type=float, default=40.0, help="audio per binary frame a client sends (default: 40)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the speech order, pauses and start offsets (default: 0)")
+    p.add_argument("--max-lag-p95-ms", type=float, default=300.0,
+                   help="capacity: partials' p95 lag at most (default: 300)")
+    p.add_argument("--max-final-p95-ms", type=float, default=500.0,
+                   help="capacity: finals' p95 latency beyond the silence rule at most (default: 500)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="plot lag percentiles against N")
+    p.add_argument("--plot", metavar="FILE.png", help="plot lag percentiles against N (soak: p95 per interval)")
     p.add_argument("--workdir", help="folder for speech, logs and the broker (default: a temporary one)")
-    soak = p.add_argument_group("soak")
-    soak.add_argument("--soak", action="store_true", help="one N for long, with MQTT and injected faults")
-    soak.add_argument("--broker-restart-every-s", type=float, default=300.0, help="0: never")
-    soak.add_argument("--broker-downtime-s", type=float, default=2.0, help="how long the broker stays down")
-    soak.add_argument("--client-drop-every-s", type=float, default=120.0, help="cut a random client's TCP; 0: never")
-    soak.add_argument("--interval-s", type=float, default=60.0, help="report RSS and lag every this long")
-    soak.add_argument("--no-mqtt", action="store_true", help="soak without MQTT (no broker to start or restart)")
-    p.set_defaults(func=cmd_loadtest)
+
+
+def add_soak_args(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--soak", action="store_true", help="one N for long, with MQTT and injected faults")
+    p.add_argument("--broker-restart-every-s", type=float, default=300.0,
+                   help="restart the broker this often; 0: never (default: 300)")
+    p.add_argument("--broker-downtime-s", type=float, default=2.0,
+                   help="how long the broker stays down (default: 2)")
+    p.add_argument("--client-drop-every-s", type=float, default=120.0,
+                   help="cut a random client's TCP connection this often; 0: never (default: 120)")
+    p.add_argument("--interval-s", type=float, default=60.0, help="report RSS and lag this often (default: 60)")
+    p.add_argument("--no-mqtt", action="store_true", help="soak without MQTT (no broker to start or restart)")
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:

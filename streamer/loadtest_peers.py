@@ -233,11 +233,11 @@ class Broker:
 
 
 class Relay:
-    """A TCP relay from a loopback port to ``target_port``; :meth:`cut` aborts every relayed connection on
+    """A TCP relay from a loopback port to ``target_host:target_port``; :meth:`cut` aborts every relayed connection on
     both sides, so neither end gets a WebSocket close frame (as when a network link dies)."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port, self.port = target_port, 0
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target_host, self.target_port, self.port = target_host, target_port, 0
         self.cuts = 0
         self._transports: list[asyncio.BaseTransport] = []
         self._server: asyncio.Server | None = None
@@ -260,7 +260,7 @@ class Relay:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target_port)
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             writer.transport.abort()
             return

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from streamer.errors import ConfigError
 from streamer.loadtest import (
@@ -100,14 +101,16 @@ async def run_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             async with asyncio.timeout(10):
                 await tally.subscribed.wait()
         target = await open_target(args, workdir, [x for s in sets for x in ("--set", s)], n)
-        port = int(target.listen_url.split(":")[2].split("/")[0])
+        address = urlsplit(target.listen_url)
+        if address.scheme != "ws" or address.hostname is None or address.port is None:
+            raise ConfigError(f"--soak relays plain ws://HOST:PORT connections; got {target.listen_url}")
         before = await asyncio.to_thread(read_metrics, target.http_base, args.token)
         clients = []
         for i in range(n):
-            relay = Relay(port)
+            relay = Relay(address.hostname, address.port)
             await relay.start()
             relays.append(relay)
-            url = target.listen_url.replace(f":{port}/", f":{relay.port}/")
+            url = f"ws://127.0.0.1:{relay.port}{address.path}"
             clients.append(LoadClient(f"soak-{i}", tracks[i % len(tracks)], url, duration_s, rng.uniform(0, 1),
                                       args.frame_ms / 1000, connect_options(args)))
         report = await _soak(args, clients, relays, broker, target, duration_s, rng)
@@ -122,7 +125,11 @@ async def run_soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if broker is not None:
             await asyncio.to_thread(broker.stop)
     if tally is not None:
-        await tally_task
+        try:
+            async with asyncio.timeout(15):  # it notices ``stop`` within a reconnect attempt
+                await tally_task
+        except TimeoutError:
+            tally.errors.append("MQTT: the subscriber did not stop within 15 s")
     produced = None
     if "streamer_finals_total" in after:
         produced = round(after["streamer_finals_total"] - before.get("streamer_finals_total", 0.0))
