@@ -23,16 +23,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from streamer.errors import ConfigError
-from streamer.loadtest import (
-    LoadClient,
-    check_finals,
-    connect_options,
-    load_tracks,
-    open_target,
-    parse_streams,
-    percentile,
-    run_clients,
-)
+from streamer.loadtest import connect_options, open_target, parse_streams, percentile, run_clients
+from streamer.loadtest_client import LoadClient, check_finals
+from streamer.loadtest_speech import load_tracks
 
 MQTT_PREFIX, MQTT_DEVICE = "streamer", "loadtest"
 MQTT_SETTLE_S = 30.0  # after the clients end, how long to wait for the outbox to reach the subscriber

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from streamer.cli import main
-from streamer.loadtest import ClientStats, capacity, check_finals, spread
+from streamer.loadtest import capacity, spread
+from streamer.loadtest_client import ClientStats, check_finals
 from streamer.protocol import End
 
 pytestmark = pytest.mark.slow
