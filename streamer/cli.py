@@ -28,6 +28,7 @@ examples:
   streamer transcribe talk.mp3 --format srt > talk.srt   subtitles from the word times
   streamer transcribe x.wav --model nvidia/stt_en_fastconformer_hybrid_large_streaming_multi --decoder ctc
   streamer bench                                        latency and real-time factor table
+  streamer loadtest --streams 1,2,4,8 --att-context-size 70,1   live streams this box holds
 
 --model takes a .nemo file, a Hugging Face model directory (config.json + model.safetensors),
 a name from models/registry.toml, or a Hugging Face id (downloaded once, then cached).
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_transcribe)
 
     from streamer.bench import add_bench_parser
+    from streamer.loadtest import add_loadtest_parser
     from streamer.mic_demo import add_mic_parser
     from streamer.service import add_serve_parser
     from streamer.settings import add_config_parser
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mic_parser(sub)
     add_config_parser(sub)
     add_bench_parser(sub)
+    add_loadtest_parser(sub)
     from streamer.training.cli import add_training_parsers
 
     add_training_parsers(sub)
