@@ -170,8 +170,12 @@ async def test_latest_partial_wins_and_a_final_supersedes_it(mosquitto_broker: M
         assert messages.empty()  # the superseded partial was never sent
 
 
-async def test_finals_survive_a_broker_restart_in_order(mosquitto_factory: Callable[..., Mosquitto]) -> None:
-    """Finals offered while the broker is down wait in the outbox and arrive after reconnecting: none lost, in order."""
+async def test_finals_survive_a_broker_restart_in_order(
+    mosquitto_factory: Callable[..., Mosquitto], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finals offered while the broker is down wait in the outbox and arrive after reconnecting: none lost, in order.
+    The lost connection is a warning in the log, not an ERROR (paho calls it one; nothing went wrong)."""
+    caplog.set_level(logging.INFO, logger="streamer.server.mqtt")
     broker = mosquitto_factory(persistent=True)  # the subscriber's session (and its queue) survives the restart
     received: list[int] = []
     clients: list[aiomqtt.Client] = []
@@ -215,6 +219,19 @@ async def test_finals_survive_a_broker_restart_in_order(mosquitto_factory: Calla
             await listener
     assert received == list(range(15)), received
     assert (sink.published_finals, sink.dropped_finals) == (15, 0)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_paho_reporting_a_reset_connection_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A broker killed mid-connection makes paho log "failed to receive on socket: ... reset by peer" at ERROR
+    (seen on every broker restart in the soak); the sink reconnects and loses nothing, so the daemon logs it as a
+    warning. Other paho errors stay errors."""
+    paho = logging.getLogger("streamer.server.mqtt.paho")  # the logger MqttSink hands aiomqtt
+    with caplog.at_level(logging.INFO, logger="streamer.server.mqtt.paho"):
+        paho.error("failed to receive on socket: %s", ConnectionResetError(104, "Connection reset by peer"))
+        paho.error("some other failure")
+    assert [(r.levelname, r.getMessage()[:26]) for r in caplog.records] == [
+        ("WARNING", "failed to receive on socke"), ("ERROR", "some other failure")]
 
 
 async def test_outbox_is_bounded_drops_the_oldest_and_says_so(

@@ -54,6 +54,20 @@ OFFLINE: Final = "offline"
 _UNSAFE_IN_TOPIC_LEVEL: Final = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
 
 
+class _LostConnectionIsAWarning(logging.Filter):
+    """paho logs a broker that went away ("failed to receive on socket: ... reset by peer") as ERROR, but the sink
+    reconnects and loses nothing (it logs the outage itself): keep it at WARNING, so ERROR means a real fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith("failed to receive on socket"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_PAHO_LOGGER = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOGGER.addFilter(_LostConnectionIsAWarning())
+
+
 def topic_level(name: str) -> str:
     """``name`` made safe as one topic level: ``/``, ``+``, ``#`` and NUL become ``_``; empty becomes ``_``."""
     return name.translate(_UNSAFE_IN_TOPIC_LEVEL) or "_"
@@ -391,7 +405,7 @@ class MqttSink:
             timeout=self._publish_timeout_s,
             tls_context=self._tls_context,
             max_inflight_messages=self.max_inflight,
-            logger=logging.getLogger(f"{__name__}.paho"),
+            logger=_PAHO_LOGGER,
         )
 
     async def _session(self, client: aiomqtt.Client) -> None:
