@@ -222,6 +222,59 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def save_large_model(path: str, tokens_per_s: float = 4.0) -> str:
+    """Write the benchmark's 114M configuration as a ``.nemo`` that every command loads (``--model PATH``).
+
+    Random weights, a 1024-piece BPE tokenizer trained on WordNet's English glosses (the Debian package that
+    setup.sh installs), and the joint biased (:func:`calibrate_emission`) so greedy decoding emits about
+    ``tokens_per_s`` labels per second on an espeak-ng probe: a model shaped like NVIDIA's large streaming
+    FastConformer, for ``streamer loadtest`` and sizing, whose words are meaningless. The encoder costs what
+    the real one costs; the decoder's pace does not carry over: random logits hardly depend on the audio, so
+    on other speech it emits anywhere from a few labels a minute to many per second. Returns a one-line
+    description.
+    """
+    import io
+    import itertools
+    import subprocess
+    import tempfile
+
+    import sentencepiece as spm
+    import torch
+
+    from streamer.asr.config import EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
+    from streamer.asr.model import AsrModel
+    from streamer.asr.tokenizer import Tokenizer
+    from streamer.audio.io import load_audio
+    from streamer.training.sources import read_source
+
+    sentences = [s.lower() for s in itertools.islice(read_source("wordnet"), 60_000)]
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=out, vocab_size=LARGE_DECODER["vocab_size"],
+        model_type="bpe", character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2,
+    )
+    tokenizer = Tokenizer.from_bytes(out.getvalue())
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        features=FeatureConfig(n_mels=LARGE_STREAMING["feat_in"]),
+        encoder=EncoderConfig(**LARGE_STREAMING),
+        transducer=TransducerConfig(**LARGE_DECODER),
+    )
+    model = AsrModel(cfg, tokenizer).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = f"{tmp}/probe.wav"
+        subprocess.run(["espeak-ng", "-w", wav, " ".join(sentences[:40:4])], check=True)
+        audio = torch.from_numpy(load_audio(wav))[None]
+    with torch.inference_mode():
+        feats, lens = model.preprocessor(audio, torch.tensor([audio.size(1)]))
+        enc, enc_len = model.encoder(feats, lens, (70, 1))  # what streaming at [70,1] computes
+    with torch.no_grad():
+        reached = calibrate_emission(model.greedy_decoder("tdt"), enc, enc_len, tokens_per_s * cfg.frame_shift_s)
+    model.save(path)
+    return (f"{path}: {model.num_parameters / 1e6:.1f}M parameters, random weights, {tokenizer.vocab_size}-piece "
+            f"tokenizer, {reached / cfg.frame_shift_s:.1f} labels/s on espeak-ng speech")
+
+
 def add_bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
@@ -249,11 +302,19 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--nemo-python", default=os.environ.get("STREAMER_NEMO_PYTHON"),
                    help="python of a venv with nemo_toolkit[asr]==3.0.0 (env STREAMER_NEMO_PYTHON)")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--save-model", metavar="PATH.nemo",
+                   help="instead of measuring, write this 114M configuration as a .nemo with random weights, "
+                        "a 1024-piece tokenizer and the decoder paced by --tokens-per-s, for `streamer loadtest "
+                        "--model PATH.nemo` (sizing a box for NVIDIA's large streaming model)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
+
+    if args.save_model:
+        print(save_large_model(args.save_model, args.tokens_per_s or 4.0))
+        return 0
 
     from streamer.cli import parse_context
 
