@@ -16,6 +16,7 @@ files into the sdist, so a wheel built from the sdist has them too.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from setuptools import setup
@@ -52,6 +53,8 @@ class BuildPyWithBundle(build_py):
         super().run()
         if self.editable_mode:
             return
+        # A build/ left by an earlier `pip install .` would otherwise keep files since removed from the repository.
+        shutil.rmtree(Path(self.build_lib) / BUNDLE_DIR, ignore_errors=True)
         for source, target in self._bundle_mapping().items():
             self.mkpath(str(Path(target).parent))
             self.copy_file(source, target, preserve_mode=False)
