@@ -500,7 +500,7 @@ def load_checkpoint(
     Args:
         spec: what ``--model`` says. Existing paths win over names; ``owner/name[@revision]`` that is
             neither a path nor a registry entry is downloaded from the Hugging Face Hub (and cached).
-        registry: the registry file (default: ``models/registry.toml`` in the checkout).
+        registry: the registry file (default: :func:`streamer.resources.default_registry`).
         offline: never use the network (default: ``$HF_HUB_OFFLINE``); cached files still work.
 
     Raises:

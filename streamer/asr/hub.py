@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from streamer.errors import CheckpointError
+from streamer.resources import default_registry
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "models" / "registry.toml"
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+))?$")
 # Files of a transformers-format repository; the first two groups need one match each.
 _HF_REQUIRED = (("config.json",), ("model.safetensors", "model.safetensors.index.json"))
@@ -58,7 +58,7 @@ def read_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Regis
     Raises:
         CheckpointError: the file is not valid TOML or an entry has neither a path nor a repo.
     """
-    path = Path(path) if path is not None else DEFAULT_REGISTRY
+    path = Path(path) if path is not None else default_registry()
     if not path.is_file():
         return {}
     try:

@@ -28,6 +28,7 @@ from websockets.http11 import Request, Response
 
 from streamer.engine.endpoint import EndpointConfig
 from streamer.protocol import STREAM_NAME, Error, Resume
+from streamer.resources import web_root
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
 from streamer.server.hub import Hub, Outbox
@@ -90,7 +91,7 @@ class WebSocketServer:
         self._accept_errors = AcceptErrors(metrics)
         self.gate = HandshakeGate(settings.max_handshakes, metrics, self._accept_errors)
         self._logged_refusals: set[tuple[str, str]] = set()
-        self._web_root = Path(settings.web_root) if settings.web_root else Path(__file__).parents[2] / "clients" / "web"
+        self._web_root = Path(settings.web_root) if settings.web_root else web_root()
 
     @property
     def port(self) -> int:
