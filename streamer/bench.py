@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from streamer.config_args import add_settings_args, parse_context
+from streamer.config_args import DefaultsHelpFormatter, add_settings_args, parse_context
 from streamer.config_args import settings_from_args as load_settings_from_args
 from streamer.errors import ConfigError
 
@@ -237,7 +237,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "(17 layers, d_model 512, 8 heads, random weights): per-chunk latency p50/p95 and real-time "
         "factor (audio seconds per compute second, all streams together), with NeMo 3.0.0 side by "
         "side when it can be imported here or with --nemo-python.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_bench_args(p)
     p.set_defaults(func=cmd_bench)

@@ -61,3 +61,13 @@ def settings_from_args(args: argparse.Namespace, flags: Mapping[str, Key] = MODE
         if value is not None:
             overrides.setdefault(section, {})[key] = value
     return load_settings(getattr(args, "config", None), overrides)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's ``(default: X)`` after each help text, left out where there is no default (None): such
+    flags fall back to a setting, and their help says which."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)

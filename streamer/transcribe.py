@@ -11,7 +11,15 @@ import argparse
 import json
 import os
 
-from streamer.config_args import DEFAULT_MODEL, MODEL_FLAGS, Key, add_settings_args, parse_context, settings_from_args
+from streamer.config_args import (
+    DEFAULT_MODEL,
+    MODEL_FLAGS,
+    DefaultsHelpFormatter,
+    Key,
+    add_settings_args,
+    parse_context,
+    settings_from_args,
+)
 from streamer.engine.factory import load_model
 from streamer.errors import ConfigError, StreamerError
 
@@ -27,7 +35,7 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
         "streaming mode runs it chunk by chunk with caches, exactly as the daemon does, and gives "
         "the same result as offline mode with the same --att-context-size. The model flags override "
         "the [model] settings (--config, STREAMER_MODEL__<KEY>, --set), as for streamer serve.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     t.add_argument("files", nargs="+", metavar="FILE", help="audio files")
     t.add_argument(

@@ -104,3 +104,21 @@ def test_eval_reads_the_model_from_the_environment(
     monkeypatch.setenv("STREAMER_MODEL__SPEC", str(tmp_path / "env.nemo"))
     assert main(["eval", "--manifest", str(manifest), "--results", str(tmp_path / "r.csv")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"model file not found: {tmp_path / 'env.nemo'}")
+
+
+def test_bench_measures_the_look_ahead_and_threads_of_the_settings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`streamer bench` without --att-context-sizes or --threads measures model.att_context_size on model.threads."""
+    monkeypatch.setenv("STREAMER_MODEL__THREADS", "1")
+    argv = ["bench", "--set", "model.att_context_size=[70,0]", "--streams", "1", "--steps", "1", "--warmup", "0",
+            "--dtypes", "float32", "--no-decoder", "--nemo", "off", "--format", "json"]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)  # bench sets them for the whole process
+    (row,) = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (row["att_context_size"], row["threads"], row["streams"]) == ("70,0", 1, 1)
