@@ -342,7 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problem = results_file_problem(args.results)
     if problem:
         raise SystemExit(f"streamer eval: {problem}")
-    model, name = load_eval_model(settings.model_copy(update={"threads": None}))
+    model, name = load_eval_model(settings)
     manifests = {m.stem: m for m in args.manifest}
     if args.corpus:
         for split in filter(None, args.splits.split(",")):
