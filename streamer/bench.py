@@ -269,13 +269,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_contexts(text: str | None, setting: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """``--att-context-sizes`` ("70,1;70,13"); without it the one of ``model.att_context_size``, else the defaults.
+    """``--att-context-sizes`` ("70,1;70,13"); without it ``model.att_context_size`` when set, else the defaults.
 
     Raises:
         ConfigError: a look-ahead is not LEFT,RIGHT.
     """
     if text is None and setting is not None:
-        return [tuple(setting)]  # type: ignore[list-item]
+        return [setting]
     try:
         return [parse_context(c) for c in (text or DEFAULT_CONTEXTS).split(";") if c]
     except argparse.ArgumentTypeError as exc:
