@@ -19,6 +19,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+from streamer.config_args import DefaultsHelpFormatter, add_settings_args, parse_context
+from streamer.config_args import settings_from_args as load_settings_from_args
+from streamer.errors import ConfigError
+
+DEFAULT_CONTEXTS = "70,1;70,13"
+
 LARGE_STREAMING = dict(
     feat_in=80, n_layers=17, d_model=512, n_heads=8, ff_expansion_factor=4, subsampling_factor=8,
     subsampling_conv_channels=256, causal_downsampling=True, conv_kernel_size=9,
@@ -275,7 +281,8 @@ def save_large_model(path: str, tokens_per_s: float = 4.0) -> str:
             f"tokenizer, {reached / cfg.frame_shift_s:.1f} labels/s on espeak-ng speech")
 
 
-def add_bench_parser(sub) -> None:
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``streamer bench``."""
     p = sub.add_parser(
         "bench",
         help="measure per-chunk latency and real-time factor (prints a table)",
@@ -283,13 +290,22 @@ def add_bench_parser(sub) -> None:
         "(17 layers, d_model 512, 8 heads, random weights): per-chunk latency p50/p95 and real-time "
         "factor (audio seconds per compute second, all streams together), with NeMo 3.0.0 side by "
         "side when it can be imported here or with --nemo-python.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--att-context-sizes", default="70,1;70,13", help="look-aheads to measure, ';'-separated")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``streamer bench`` (and of ``python -m streamer.bench``)."""
+    p.add_argument("--att-context-sizes", default=None,
+                   help="look-aheads to measure, ';'-separated (default: model.att_context_size when set, "
+                   f"else {DEFAULT_CONTEXTS})")
     p.add_argument("--streams", default="1,8,32", help="batch sizes (concurrent streams)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: model.threads when set, else all cores)")
     p.add_argument("--dtypes", default="float32,int8",
                    help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations)")
     p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
@@ -306,7 +322,21 @@ def add_bench_parser(sub) -> None:
                    help="instead of measuring, write this 114M configuration as a .nemo with random weights, "
                         "a 1024-piece tokenizer and the decoder paced by --tokens-per-s, for `streamer loadtest "
                         "--model PATH.nemo` (sizing a box for NVIDIA's large streaming model)")
-    p.set_defaults(func=cmd_bench)
+    add_settings_args(p)
+
+
+def parse_contexts(text: str | None, setting: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """``--att-context-sizes`` ("70,1;70,13"); without it ``model.att_context_size`` when set, else the defaults.
+
+    Raises:
+        ConfigError: a look-ahead is not LEFT,RIGHT.
+    """
+    if text is None and setting is not None:
+        return [setting]
+    try:
+        return [parse_context(c) for c in (text or DEFAULT_CONTEXTS).split(";") if c]
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"--att-context-sizes: {exc}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -315,12 +345,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.save_model:
         print(save_large_model(args.save_model, args.tokens_per_s or 4.0))
         return 0
-
-    from streamer.cli import parse_context
-
-    threads = args.threads or os.cpu_count() or 1
+    model = load_settings_from_args(args, {}).model  # bench builds its own random-weight model
+    threads = args.threads or model.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    contexts = [parse_context(c) for c in args.att_context_sizes.split(";") if c]
+    contexts = parse_contexts(args.att_context_sizes, model.att_context_size)
     streams_list = [int(s) for s in args.streams.split(",") if s]
     use_nemo = args.nemo == "auto" and (nemo_importable() or bool(args.nemo_python))
     rows: list[Row] = []
@@ -376,6 +404,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--nemo-worker":
         _nemo_worker(sys.argv[2:])
     else:
-        from streamer.cli import main
-
-        sys.exit(main(["bench", *sys.argv[1:]]))
+        parser = argparse.ArgumentParser(prog="python -m streamer.bench", description="the same as streamer bench")
+        add_bench_args(parser)
+        sys.exit(cmd_bench(parser.parse_args()))

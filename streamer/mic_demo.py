@@ -32,6 +32,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from streamer.config_args import MODEL_FLAGS, Key, add_settings_args, parse_context, settings_from_args
+from streamer.engine.factory import load_recognizer
 from streamer.errors import AudioError, ConfigError, StreamerError
 from streamer.protocol import (
     RESUME_BUFFER_S,
@@ -57,12 +59,15 @@ NO_MICROPHONE = (
     "may this user open /dev/snd?)"
 )
 DIM, NORMAL = "\x1b[2m", "\x1b[0m"
+MIC_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "torch_device": ("model", "device")}  # --device is the microphone
 
 EPILOG = """\
 examples:
   streamer mic                                  captions from the default microphone, default model
   streamer mic --list-devices                   what can be captured from
   streamer mic --device 2 --model path/to/model.nemo
+  STREAMER_MODEL__ATT_CONTEXT_SIZE='[70,1]' streamer mic    the look-ahead from the environment
+  streamer mic --config /etc/streamer/streamer.toml   the daemon's [model] settings, here
   streamer mic --url ws://127.0.0.1:8765        recognize on a running daemon instead (no torch here)
   streamer mic --url wss://box:8765 --token T --cafile cert.pem
 """
@@ -172,9 +177,10 @@ async def run_local(args: argparse.Namespace, captions: Captions, stop: asyncio.
     from streamer.engine.endpoint import EndpointConfig
     from streamer.engine.scheduler import Scheduler
 
+    model = settings_from_args(args, MIC_FLAGS).model  # a bad setting fails before the microphone opens
     check_microphone()
-    captions.status(f"loading model {args.model or 'default'} …")
-    recognizer = await asyncio.to_thread(load_recognizer, args)
+    captions.status(f"loading model {model.spec} …")
+    recognizer = await asyncio.to_thread(load_recognizer, model)
 
     def publish(stream: str, events: Sequence[Any]) -> None:
         for event in events:
@@ -201,15 +207,6 @@ async def run_local(args: argparse.Namespace, captions: Captions, stop: asyncio.
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
     return 0
-
-
-def load_recognizer(args: argparse.Namespace) -> Any:
-    """The model and its recognizer (blocking: run it in a thread)."""
-    from streamer.cli import load_model
-    from streamer.engine.recognizer import Recognizer
-
-    model = load_model(args.model, args.torch_device, args.threads)
-    return Recognizer(model, args.att_context_size, args.decoder)
 
 
 async def _until_stopped(stop: asyncio.Event, mic: Any) -> None:
@@ -426,14 +423,6 @@ async def _receive(ws: Any, captions: Captions, session: ClientSession) -> None:
 # ---------------------------------------------------------------- command line
 
 
-def _context(text: str) -> tuple[int, int]:
-    try:
-        left, right = (int(v) for v in text.strip("[]() ").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT such as 70,1; got {text!r}") from None
-    return left, right
-
-
 def add_mic_args(p: argparse.ArgumentParser) -> None:
     """The options of ``streamer mic`` (and of ``clients/mic_demo.py``)."""
     p.add_argument("--list-devices", action="store_true", help="list the capture devices and exit")
@@ -445,12 +434,16 @@ def add_mic_args(p: argparse.ArgumentParser) -> None:
                    help="with --url: access token for a daemon that needs one (default: $STREAMER_TOKEN, "
                    "which unlike a command-line argument other users cannot see in ps)")
     p.add_argument("--cafile", help="with a wss:// --url: trust this PEM certificate (e.g. a self-signed one)")
-    p.add_argument("--model", help="model to load (default: the bundled one); a .nemo file, directory, name or id")
-    p.add_argument("--torch-device", default="cpu", help="torch device for the model, e.g. cuda (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--att-context-size", type=_context, metavar="L,R", help="look-ahead, e.g. 70,1 (default: the "
-                   "model's first)")
-    p.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), help="decoding head (default: the model's own)")
+    model = p.add_argument_group("the recognizer here (without --url): flags override the [model] settings")
+    model.add_argument("--model", help="model to load (model.spec; default: the bundled one); a .nemo file, "
+                       "directory, name or id")
+    model.add_argument("--torch-device", help="torch device for the model, e.g. cuda (model.device; default: cpu)")
+    model.add_argument("--threads", type=int, help="torch intra-op threads (model.threads; default: torch's)")
+    model.add_argument("--att-context-size", type=parse_context, metavar="L,R", help="look-ahead, e.g. 70,1 "
+                       "(model.att_context_size; default: the model's first)")
+    model.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"),
+                       help="decoding head (model.decoder; default: the model's own)")
+    add_settings_args(model)
     p.add_argument("--json", action="store_true", help="print every message as one JSON line")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (default: at Ctrl-C)")
 

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from streamer.config_args import MODEL_FLAGS, Key, add_settings_args, parse_context
+from streamer.config_args import settings_from_args as config_settings_from_args
 from streamer.engine.endpoint import EndpointConfig
+from streamer.engine.factory import load_recognizer
 from streamer.errors import ConfigError, StreamerError
 from streamer.protocol import STREAM_NAME
 from streamer.server import sdnotify
-from streamer.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, parse_set, state_directory
+from streamer.settings import DEFAULT_CONFIG_PATH, Settings, state_directory
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +58,6 @@ def parse_source(text: str) -> FileSourceSpec:
     if not Path(path).is_file():
         raise ConfigError(f"--source: {path}: no such file")
     return FileSourceSpec(Path(path), options.get("realtime", "0") in ("1", "true", "yes"), name)
-
-
-def _load_recognizer(settings: Settings) -> Any:
-    """Load and configure the model (blocking: run it in a thread)."""
-    import torch
-
-    from streamer.asr.model import AsrModel
-    from streamer.engine.recognizer import Recognizer
-
-    if settings.model.threads:
-        torch.set_num_threads(settings.model.threads)
-    model = AsrModel.load(settings.model.spec).to_device(settings.model.device)
-    return Recognizer(model, settings.model.att_context_size, settings.model.decoder)
 
 
 def _model_name(spec: str) -> str:
@@ -119,7 +109,7 @@ class Daemon:
         self.mqtt = _make_mqtt(settings, metrics)  # opens the finals journal: fail before the model loads
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
-            self.recognizer = await asyncio.to_thread(_load_recognizer, settings)
+            self.recognizer = await asyncio.to_thread(load_recognizer, settings.model)
         recognizer = self.recognizer
         self.hub = Hub(self.mqtt, on_event=metrics.count_result)
 
@@ -291,14 +281,6 @@ async def _replay(source: FileSourceSpec, scheduler: Any, endpoint: EndpointConf
 # ---------------------------------------------------------------- `streamer serve`
 
 
-def _context(text: str) -> list[int]:
-    try:
-        left, right = (int(v) for v in text.strip("[]() ").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LEFT,RIGHT such as 70,1; got {text!r}") from None
-    return [left, right]
-
-
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """``streamer serve``: flags for the common settings, ``--set`` for any other."""
     p = sub.add_parser(
@@ -308,34 +290,27 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         f"{DEFAULT_CONFIG_PATH} if present), STREAMER_<SECTION>__<KEY> environment variables and these "
         "flags, in increasing precedence; see configs/default.toml.",
     )
-    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    add_settings_args(p)
     p.add_argument("--model", help="model spec (model.spec)")
     p.add_argument("--device", help="torch device (model.device)")
     p.add_argument("--threads", type=int, help="torch threads (model.threads)")
-    p.add_argument("--att-context-size", type=_context, metavar="L,R", help="look-ahead (model.att_context_size)")
+    p.add_argument("--att-context-size", type=parse_context, metavar="L,R", help="look-ahead (model.att_context_size)")
     p.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), help="decoding head (model.decoder)")
     p.add_argument("--host", help="listen address (server.host)")
     p.add_argument("--port", type=int, help="port, 0 for any free one (server.port)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="any setting, e.g. mqtt.enabled=true")
     p.add_argument("--source", help="also recognize a file as a stream: file:PATH[?realtime=1&name=NAME]")
     p.add_argument("--port-file", type=Path, help="write the bound port to this file once listening")
     p.set_defaults(func=cmd_serve)
 
 
-FLAG_KEYS = {
-    "model": ("model", "spec"), "device": ("model", "device"), "threads": ("model", "threads"),
-    "att_context_size": ("model", "att_context_size"), "decoder": ("model", "decoder"),
-    "host": ("server", "host"), "port": ("server", "port"),
+SERVE_FLAGS: dict[str, Key] = {
+    **MODEL_FLAGS, "device": ("model", "device"), "host": ("server", "host"), "port": ("server", "port"),
 }
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = parse_set(args.set)
-    for flag, (section, key) in FLAG_KEYS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.setdefault(section, {})[key] = value
-    return load_settings(args.config, overrides)
+    """serve's settings: its flags > ``--set`` > environment > file > defaults."""
+    return config_settings_from_args(args, SERVE_FLAGS)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

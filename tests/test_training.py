@@ -40,6 +40,7 @@ from streamer.training.evaluate import (
     word_error_rate,
 )
 from streamer.training.recipe import recipe_from_dict
+from streamer.training.rundir import export_nemo, load_run
 from streamer.training.speed import TapDepthwiseConv2d, use_input_normalization
 from streamer.training.tokenizer import train_tokenizer
 from streamer.training.trainer import (
@@ -47,9 +48,7 @@ from streamer.training.trainer import (
     bf16_supported,
     build_optimizer,
     compute_loss,
-    export_nemo,
     learning_rate,
-    load_run,
     scheduled_lr,
     train,
     train_step,

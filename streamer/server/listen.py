@@ -41,8 +41,15 @@ from streamer.server.hub import Outbox
 from streamer.server.resume import ResultLog, new_token, start_mismatch
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from streamer.engine.channel import Channel
-    from streamer.server.websocket import WebSocketServer
+    from streamer.engine.endpoint import EndpointConfig
+    from streamer.engine.scheduler import Scheduler
+    from streamer.protocol import Resume
+    from streamer.server.hub import Hub
+    from streamer.server.metrics import Metrics
+    from streamer.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,31 @@ class Phase(enum.Enum):
     ENDING = "ending"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenServices:
+    """What a :class:`ListenSession` uses of the server that accepted its connection.
+
+    Attributes:
+        settings: the ``[server]`` settings (caps, timeouts, ``resume_window_s``).
+        scheduler: opens, feeds and closes engine channels.
+        hub: result fan-out; the session registers its :class:`ResultLog` as the stream's source.
+        metrics: the metrics registry.
+        endpoint: the default endpointing rules (``start`` may override some).
+        model_info: ``model``, ``att_context_size``, ``chunk_s`` for ``ready`` messages.
+        find_resumable: the session a ``resume`` names and may take over, or None and why not.
+        is_full_for_new_session: True when a new session would exceed ``max_sessions``.
+    """
+
+    settings: ServerSettings
+    scheduler: Scheduler
+    hub: Hub
+    metrics: Metrics
+    endpoint: EndpointConfig
+    model_info: dict[str, Any]
+    find_resumable: Callable[[Resume], tuple[ListenSession | None, str | None]]
+    is_full_for_new_session: Callable[[], bool]
+
+
 class ListenSession:
     """One ``/v1/listen`` connection and the session it carries; see :mod:`streamer.protocol`.
 
@@ -63,12 +95,12 @@ class ListenSession:
     ends (``MOVED``).
     """
 
-    def __init__(self, server: WebSocketServer, ws: ServerConnection) -> None:
-        self.server, self.ws = server, ws
+    def __init__(self, services: ListenServices, ws: ServerConnection) -> None:
+        self.services, self.ws = services, ws
         self.id = uuid.uuid4().hex[:12]
-        cfg = server.settings
+        cfg = services.settings
         self.outbox = Outbox(
-            ws, cfg.max_pending_messages, cfg.close_timeout_s, on_slow=server.metrics.slow_consumers_total.inc
+            ws, cfg.max_pending_messages, cfg.close_timeout_s, on_slow=services.metrics.slow_consumers_total.inc
         )
         self.phase = Phase.AWAITING_START
         self.channel: Channel | None = None
@@ -99,7 +131,7 @@ class ListenSession:
                     await self._flush("disconnect", detach_first=True)
             if not sender.done():
                 try:
-                    async with asyncio.timeout(self.server.settings.close_timeout_s * 2):
+                    async with asyncio.timeout(self.services.settings.close_timeout_s * 2):
                         await asyncio.shield(sender)
                 except TimeoutError:
                     sender.cancel()
@@ -107,7 +139,7 @@ class ListenSession:
                 await self._wait_for_resume()
 
     async def _receive(self) -> None:
-        idle_s = self.server.settings.idle_timeout_s
+        idle_s = self.services.settings.idle_timeout_s
         while self.phase is Phase.AWAITING_START or self.phase is Phase.STREAMING:
             try:
                 async with asyncio.timeout(idle_s):
@@ -150,7 +182,7 @@ class ListenSession:
             self._error("no_start", f"{msg.type!r} before 'start'; send a 'start' message first")
         elif isinstance(msg, Finalize):
             self.channel.finalize()
-            self.server.scheduler.poke(self.channel)
+            self.services.scheduler.poke(self.channel)
         elif isinstance(msg, Stop):
             await self.end("stop", 1000, "end of stream")
 
@@ -164,7 +196,7 @@ class ListenSession:
             start = dataclasses.replace(start, resume=None)  # what failed was said; go on with a new session
         try:
             converter = PcmConverter(start.sample_rate, start.encoding, start.channels)
-            endpoint = self.server.endpoint.with_overrides(start.endpointing)
+            endpoint = self.services.endpoint.with_overrides(start.endpointing)
         except AudioError as exc:
             self._error("unsupported_audio", str(exc))
             return
@@ -172,14 +204,14 @@ class ListenSession:
             self._error("bad_message", str(exc))
             return
         name = start.stream or f"ws-{self.id}"
-        if name in self.server.scheduler.channels:
+        if name in self.services.scheduler.channels:
             self._error("stream_in_use", f"stream {name!r} is already sent by another source; choose another name")
             return
-        if self.server.is_full_for_new_session():
+        if self.services.is_full_for_new_session():
             self._refuse_busy()
             return
         try:
-            channel = self.server.scheduler.open(name, endpoint, is_live=start.live)
+            channel = self.services.scheduler.open(name, endpoint, is_live=start.live)
         except ValueError as exc:  # every channel is taken (sessions + microphone + file)
             self._error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
             return
@@ -187,15 +219,15 @@ class ListenSession:
         self.phase = Phase.STREAMING
         self.outbox.set_interim_results(start.interim_results)
         self.results.attach(self.outbox, 0)
-        self.server.hub.set_source(name, self.results)
-        self.server.metrics.sessions_total.inc()
+        self.services.hub.set_source(name, self.results)
+        self.services.metrics.sessions_total.inc()
         self.outbox.offer(self._ready(resumed=False))
         logger.info("session %s: stream %s, %d Hz %s x%d", self.id, name, start.sample_rate, start.encoding,
                     start.channels)
 
     def _ready(self, resumed: bool) -> Ready:
         assert self.channel is not None and self.start is not None
-        info, window_s = self.server.model_info, self.server.settings.resume_window_s
+        info, window_s = self.services.model_info, self.services.settings.resume_window_s
         extra: dict[str, Any] = {}
         if window_s > 0:  # a server without resume sends exactly the ready it always did
             if self.resume_token is not None:
@@ -222,7 +254,7 @@ class ListenSession:
         is the server's verdict. Neither is held. A drop without a close frame (or a keepalive timeout) is.
         """
         closing = self.ws.protocol
-        if self.server.settings.resume_window_s <= 0 or self.outbox.is_slow or closing.close_rcvd is not None:
+        if self.services.settings.resume_window_s <= 0 or self.outbox.is_slow or closing.close_rcvd is not None:
             return False
         sent = closing.close_sent
         return sent is None or sent.code not in (CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG)
@@ -232,7 +264,7 @@ class ListenSession:
         self.phase = Phase.HELD
         self.results.detach()
         logger.info("session %s: connection lost; stream %s is kept %g s for a resume", self.id, self.stream,
-                    self.server.settings.resume_window_s)
+                    self.services.settings.resume_window_s)
 
     async def _wait_for_resume(self) -> None:
         """Wait out the resume window; unless the session was resumed or ended meanwhile, end it as a disconnect.
@@ -240,18 +272,19 @@ class ListenSession:
         Cancelling stops the wait and leaves the session held (the server's shutdown ends it).
         """
         try:
-            async with asyncio.timeout(self.server.settings.resume_window_s):
+            async with asyncio.timeout(self.services.settings.resume_window_s):
                 await self._released.wait()
         except TimeoutError:
             pass
         if self.phase is Phase.HELD:
-            logger.info("session %s: not resumed within %g s; ending it", self.id, self.server.settings.resume_window_s)
+            logger.info("session %s: not resumed within %g s; ending it", self.id,
+                        self.services.settings.resume_window_s)
             self.phase = Phase.ENDING
             await self._flush("disconnect", detach_first=True)
 
     def _resume(self, start: Start, resume: Resume) -> bool:
         """Take over the session ``resume`` names; False (after error ``resume_failed``) when it cannot be."""
-        held, problem = self.server.find_resumable(resume)
+        held, problem = self.services.find_resumable(resume)
         if held is not None and held.start is not None:
             problem = start_mismatch(held.start, held.stream, start)
         if held is None or problem is not None:
@@ -273,10 +306,10 @@ class ListenSession:
         held._released.set()
         self.phase = Phase.STREAMING
         self.outbox.set_interim_results(start.interim_results)
-        self.server.metrics.sessions_resumed_total.inc()
+        self.services.metrics.sessions_resumed_total.inc()
         self.outbox.offer(self._ready(resumed=True))
         replayed = self.results.attach(self.outbox, resume.next_segment)
-        self.server.hub.set_source(self.stream, self.results)
+        self.services.hub.set_source(self.stream, self.results)
         logger.info("session %s: resumed on a new connection at %.3f s of audio; %d result(s) replayed", self.id,
                     self._received_s(), replayed)
         return True
@@ -316,18 +349,18 @@ class ListenSession:
         async with self._write_lock:
             if channel.is_live:
                 channel.write(samples)
-                self.server.scheduler.poke(channel)
+                self.services.scheduler.poke(channel)
             else:
-                await self.server.scheduler.write_waiting(channel, samples)
+                await self.services.scheduler.write_waiting(channel, samples)
 
     def _error(self, code: str, message: str) -> None:
         logger.info("session %s: %s: %s", self.id, code, message)
-        self.server.metrics.protocol_errors_total.inc(label_value=code)
+        self.services.metrics.protocol_errors_total.inc(label_value=code)
         self.outbox.offer(Error(code, message, self.stream or None))
 
     def _refuse_busy(self) -> None:
-        cap = self.server.settings.max_sessions
-        self.server.metrics.sessions_refused_total.inc(label_value="listen")
+        cap = self.services.settings.max_sessions
+        self.services.metrics.sessions_refused_total.inc(label_value="listen")
         self._error("server_busy", f"the server has {cap} sessions open, its maximum, counting sessions kept for "
                     "their clients to reconnect; try again later")
         self.phase = Phase.ENDING
@@ -357,7 +390,7 @@ class ListenSession:
         if channel is None:
             return
         if detach_first:
-            self.server.hub.set_source(self.stream, None)  # nobody to send to: finals go to the other sinks
+            self.services.hub.set_source(self.stream, None)  # nobody to send to: finals go to the other sinks
         elif self._converter is not None and not channel.is_closing:
             self._incomplete_bytes = self._converter.incomplete_bytes
             if self._incomplete_bytes:
@@ -368,6 +401,6 @@ class ListenSession:
                 if channel.is_live:
                     channel.write(tail)
                 else:
-                    await self.server.scheduler.write_waiting(channel, tail)
-        await self.server.scheduler.close(channel, reason)
-        self.server.hub.set_source(self.stream, None)
+                    await self.services.scheduler.write_waiting(channel, tail)
+        await self.services.scheduler.close(channel, reason)
+        self.services.hub.set_source(self.stream, None)

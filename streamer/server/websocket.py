@@ -32,7 +32,7 @@ from streamer.resources import web_root
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
 from streamer.server.hub import Hub, Outbox
-from streamer.server.listen import ListenSession, Phase
+from streamer.server.listen import ListenServices, ListenSession, Phase
 from streamer.server.metrics import CONTENT_TYPE, Metrics
 from streamer.server.origin import OriginPolicy
 from streamer.server.resume import tokens_match
@@ -92,6 +92,8 @@ class WebSocketServer:
         self.gate = HandshakeGate(settings.max_handshakes, metrics, self._accept_errors)
         self._logged_refusals: set[tuple[str, str]] = set()
         self._web_root = Path(settings.web_root) if settings.web_root else web_root()
+        self._listen_services = ListenServices(settings, scheduler, hub, metrics, endpoint, model_info,
+                                               self.find_resumable, self.is_full_for_new_session)
 
     @property
     def port(self) -> int:
@@ -323,7 +325,7 @@ class WebSocketServer:
             await self._refuse(ws, "listen", self.settings.max_pending_connections,
                                "connections waiting for their 'start'", "max_pending_connections")
             return
-        session = ListenSession(self, ws)
+        session = ListenSession(self._listen_services, ws)
         self.sessions.add(session)
         deadline = asyncio.create_task(self._start_deadline(session), name=f"ws-start-deadline-{ws.id}")
         try:

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from streamer.config_args import add_settings_args, parse_context
+
 TRAIN_EPILOG = """\
 examples:
   # start a run (creates runs/<timestamp>_<name>/ with config.yaml, train.log, metrics.json,
@@ -175,7 +177,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     from streamer.asr.model import AsrModel  # noqa: PLC0415
-    from streamer.training.trainer import export_nemo  # noqa: PLC0415
+    from streamer.training.rundir import export_nemo  # noqa: PLC0415
 
     _log_to_stderr()
     model = export_nemo(args.run_dir, args.out, args.checkpoint)
@@ -199,9 +201,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``streamer eval``."""
     parser.add_argument(
         "--model",
-        required=True,
-        help="a .nemo file, a Hugging Face directory, or a training run directory (its best.pt)",
+        help="a .nemo file, a Hugging Face directory, a name, or a training run directory (its best.pt) "
+        "(model.spec; default: the bundled model)",
     )
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (model.device; default: cpu)")
     parser.add_argument(
         "--manifest",
         type=Path,
@@ -220,7 +223,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--att-context",
         action="append",
         default=[],
-        help="look-ahead as LEFT,RIGHT (repeatable); default: every one the model supports",
+        type=parse_context,
+        metavar="L,R",
+        help="look-ahead as LEFT,RIGHT (repeatable); default: model.att_context_size when set, else every one "
+        "the model supports",
     )
     parser.add_argument(
         "--mode",
@@ -232,4 +238,5 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results", type=Path, default=Path("results.csv"), help="CSV to append the rows to [%(default)s]"
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads [%(default)s]")
+    parser.add_argument("--threads", type=int, help="torch threads (model.threads; default: 2)")
+    add_settings_args(parser)

@@ -30,7 +30,15 @@ from torch import Tensor
 
 from streamer.asr.config import ContextSize
 from streamer.asr.model import AsrModel
+from streamer.config_args import MODEL_FLAGS, Key, settings_from_args
+from streamer.engine.factory import load_model
 from streamer.engine.recognizer import Recognizer
+from streamer.settings import ModelSettings
+from streamer.training.rundir import model_from_run
+
+DEFAULT_EVAL_THREADS = 2  # neither --threads nor model.threads: a small machine's share
+EVAL_FLAGS: dict[str, Key] = {"model": MODEL_FLAGS["model"], "threads": MODEL_FLAGS["threads"],
+                              "device": ("model", "device")}  # --att-context is a list: cmd_eval reads it
 
 logger = logging.getLogger(__name__)
 MS_PER_ENCODER_FRAME = 80.0
@@ -319,30 +327,29 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     return "\n".join(lines)
 
 
-def load_eval_model(spec: str) -> tuple[AsrModel, str]:
-    """A model from a checkpoint spec or a run directory, and the name to report it under."""
-    path = Path(spec)
+def load_eval_model(model: ModelSettings) -> tuple[AsrModel, str]:
+    """The model of ``model.spec`` (a checkpoint spec or a run directory) on ``model.device``, and its name."""
+    path = Path(model.spec)
     if path.is_dir() and (path / "checkpoints").is_dir():
-        from streamer.training.trainer import model_from_run  # noqa: PLC0415 - avoids an import cycle
-
-        return model_from_run(path, "best"), path.name
-    return AsrModel.load(spec), path.stem if path.exists() else spec
+        return model_from_run(path, "best").to_device(model.device), path.name
+    return load_model(model), path.stem if path.exists() else model.spec
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Run ``streamer eval``."""
-    torch.set_num_threads(args.threads)
+    """Run ``streamer eval``: the model, its threads and look-ahead from the flags, else the [model] settings."""
+    settings = settings_from_args(args, EVAL_FLAGS).model
+    torch.set_num_threads(settings.threads or DEFAULT_EVAL_THREADS)
     problem = results_file_problem(args.results)
     if problem:
         raise SystemExit(f"streamer eval: {problem}")
-    model, name = load_eval_model(args.model)
+    model, name = load_eval_model(settings)
     manifests = {m.stem: m for m in args.manifest}
     if args.corpus:
         for split in filter(None, args.splits.split(",")):
             manifests[split] = args.corpus / f"{split}.jsonl"
     if not manifests:
         raise SystemExit("streamer eval: give --manifest FILE or --corpus DIR")
-    contexts = [tuple(int(x) for x in c.split(",")) for c in args.att_context]
+    contexts = list(args.att_context) or ([settings.att_context_size] if settings.att_context_size else [])
     if not contexts:
         contexts = list(model.config.encoder.att_context_sizes)
     modes = ("offline", "streaming") if args.mode == "both" else (args.mode,)

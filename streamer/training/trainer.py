@@ -43,12 +43,11 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from streamer.asr.checkpoint import Checkpoint, save_nemo
 from streamer.asr.config import ContextSize
 from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.model import AsrModel
 from streamer.asr.tokenizer import Tokenizer
-from streamer.errors import CheckpointError, ConfigError
+from streamer.errors import ConfigError
 from streamer.training.data import (
     Batch,
     BatchFeaturizer,
@@ -63,11 +62,16 @@ from streamer.training.data import (
 )
 from streamer.training.evaluate import decode_offline, word_error_rate
 from streamer.training.recipe import Recipe, load_recipe, model_config, recipe_from_dict
+from streamer.training.rundir import (
+    CHECKPOINT_VERSION,
+    load_checkpoint_file,
+    new_run_dir,
+    read_warm_start,
+)
 from streamer.training.speed import InputNormalizedConv2d, use_fast_depthwise, use_input_normalization
 from streamer.training.tdt_loss import TransducerLoss, ctc_loss
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,19 +356,6 @@ class Progress:
     warm_start_from: str = ""
 
 
-def new_run_dir(root: Path, name: str) -> Path:
-    """``root/<YYYYmmdd-HHMMSS>_<name>`` (created)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1, 100):  # two runs started in the same second get -2, -3, ...
-        run = root / (f"{stamp}_{name}" if attempt == 1 else f"{stamp}-{attempt}_{name}")
-        try:
-            (run / "checkpoints").mkdir(parents=True, exist_ok=False)
-        except FileExistsError:
-            continue
-        return run
-    raise FileExistsError(f"no free run directory for {stamp}_{name} in {root}")
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -403,83 +394,6 @@ def save_checkpoint(
         },
         path,
     )
-
-
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; nothing to resume or export")
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
-    return state
-
-
-def checkpoint_path(run_dir: Path, which: str) -> Path:
-    """A run's ``best.pt`` (else ``latest.pt``, before the first validation) or its ``latest.pt``."""
-    path = run_dir / "checkpoints" / f"{which}.pt"
-    if which == "best" and not path.is_file():
-        path = run_dir / "checkpoints" / "latest.pt"
-    return path
-
-
-def load_run(run_dir: Path, which: str = "best") -> tuple[AsrModel, bytes]:
-    """The model (eval mode) and serialized tokenizer of a run's ``best.pt`` (else ``latest.pt``)."""
-    state = load_checkpoint_file(checkpoint_path(run_dir, which))
-    recipe = recipe_from_dict(state["recipe"])
-    tokenizer = Tokenizer.from_bytes(state["tokenizer_model"])
-    model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
-    model.load_state_dict(state["model"], strict=True)
-    return model.eval(), state["tokenizer_model"]
-
-
-def model_from_run(run_dir: Path, which: str = "best") -> AsrModel:
-    """The model of a run's ``best.pt`` (else ``latest.pt``), in eval mode."""
-    return load_run(run_dir, which)[0]
-
-
-def export_nemo(run_dir: Path, out: Path, which: str = "best") -> AsrModel:
-    """Write a run's model as a ``.nemo`` that NeMo 3.0.0 and :meth:`AsrModel.load` read."""
-    path = checkpoint_path(run_dir, which)
-    model, tokenizer_model = load_run(run_dir, which)
-    ckpt = Checkpoint(
-        config=model.config,
-        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
-        tokenizer_model=tokenizer_model,
-        raw_config={},
-        source=str(run_dir),
-    )
-    save_nemo(out, ckpt, regenerate_config=True)
-    progress = load_checkpoint_file(path)["progress"]
-    record = {
-        key: progress[key] for key in ("step", "epoch", "audio_seconds", "train_seconds", "best_wer", "best_step")
-    }
-    record.update(run=run_dir.name, checkpoint=path.name, hours_seen=round(progress["audio_seconds"] / 3600, 2))
-    (out.parent / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    return model
-
-
-TRAINING_RECORD = "training.json"  # written beside an exported .nemo: how far its training went
-
-
-def read_warm_start(path: Path) -> tuple[AsrModel, dict[str, Any]]:
-    """Weights (and tokenizer) to start a run from, and the training record that came with them.
-
-    ``path`` is a ``.nemo`` (its ``training.json`` neighbour, if any, gives the step count) or a run's
-    ``checkpoints/*.pt``.
-    """
-    if not path.is_file():
-        raise ConfigError(f"train.init_from: {path} does not exist")
-    if path.suffix == ".pt":
-        state = load_checkpoint_file(path)
-        recipe = recipe_from_dict(state["recipe"])
-        tokenizer = Tokenizer.from_bytes(state["tokenizer_model"])
-        model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
-        model.load_state_dict(state["model"], strict=True)
-        return model, dict(state["progress"])
-    model = AsrModel.load(str(path))
-    record_path = path.parent / TRAINING_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    return model, record
 
 
 # --------------------------------------------------------------------------------------------------

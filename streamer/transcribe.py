@@ -1,0 +1,107 @@
+"""``streamer transcribe``: recognize audio files, offline or chunk by chunk as the daemon does.
+
+The model comes from the same ``[model]`` settings as every other command (``--config``, ``--set``,
+``STREAMER_MODEL__...``); ``--model``, ``--device``, ``--threads``, ``--att-context-size`` and
+``--decoder`` override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from streamer.config_args import (
+    DEFAULT_MODEL,
+    MODEL_FLAGS,
+    DefaultsHelpFormatter,
+    Key,
+    add_settings_args,
+    parse_context,
+    settings_from_args,
+)
+from streamer.engine.factory import load_model
+from streamer.errors import ConfigError, StreamerError
+
+TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device")}
+
+
+def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``streamer transcribe``."""
+    t = sub.add_parser(
+        "transcribe",
+        help="recognize audio files (WAV, FLAC, MP3, Ogg; any rate and channel count)",
+        description="Recognize audio files. Offline mode runs the encoder once over the whole file; "
+        "streaming mode runs it chunk by chunk with caches, exactly as the daemon does, and gives "
+        "the same result as offline mode with the same --att-context-size. The model flags override "
+        "the [model] settings (--config, STREAMER_MODEL__<KEY>, --set), as for streamer serve.",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    t.add_argument("files", nargs="+", metavar="FILE", help="audio files")
+    t.add_argument(
+        "--model",
+        default=None,
+        help=f"model to load (model.spec; default: the bundled {DEFAULT_MODEL}); see the examples below",
+    )
+    t.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (model.device; default: cpu)")
+    t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (model.threads; default: torch's)")
+    t.add_argument("--mode", choices=("offline", "streaming"), default="offline")
+    t.add_argument(
+        "--att-context-size",
+        type=parse_context,
+        default=None,
+        metavar="L,R",
+        help="attention context [left,right] in 80 ms encoder frames; R is the look-ahead "
+        "(70,13 = 1.04 s, 70,6 = 480 ms, 70,1 = 80 ms, 70,0 = none) (model.att_context_size; default: the "
+        "model's first)",
+    )
+    t.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), default=None,
+                   help="decoding head (model.decoder; default: the model's transducer, else CTC)")
+    t.add_argument("--format", choices=("text", "json", "srt", "vtt"), default="text",
+                   help="text: one line per file; json: one JSON object per file per line; "
+                   "srt/vtt: subtitles from the word times (one file, or several with --output-dir)")
+    t.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="write FILE's result to DIR/<name>.<txt|json|srt|vtt> instead of stdout")
+    add_settings_args(t)
+    t.set_defaults(func=cmd_transcribe)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Run ``streamer transcribe``: one result per file, printed or written to ``--output-dir``."""
+    from streamer.audio.io import load_audio
+    from streamer.engine.recognizer import transcribe_offline, transcribe_streaming
+
+    for f in args.files:  # fail fast, before loading a model, on files that do not exist
+        if not os.path.exists(f):
+            raise StreamerError(f"{f}: no such file")
+    if args.format in ("srt", "vtt") and len(args.files) > 1 and not args.output_dir:
+        raise ConfigError(f"--format {args.format} with several files needs --output-dir DIR")
+    settings = settings_from_args(args, TRANSCRIBE_FLAGS).model
+    model = load_model(settings)
+    kind = model.check_decoder(settings.decoder)
+    ctx = model.check_context(settings.att_context_size)
+    run = transcribe_streaming if args.mode == "streaming" else transcribe_offline
+    sr = model.config.features.sample_rate
+    for f in args.files:
+        audio = load_audio(f, sr)
+        result = run(model, audio, kind, ctx)
+        if args.format == "json":
+            obj = {"file": f, **result.to_json(), "duration_s": round(len(audio) / sr, 3),
+                   "mode": args.mode, "decoder": kind, "att_context_size": list(ctx)}
+            out = json.dumps(obj, ensure_ascii=False)
+        elif args.format in ("srt", "vtt"):
+            from streamer.subtitles import build_cues, to_srt, to_vtt
+
+            cues = build_cues(result.words)
+            out = (to_srt if args.format == "srt" else to_vtt)(cues).rstrip("\n")
+        else:
+            out = result.text if len(args.files) == 1 or args.output_dir else f"{f}: {result.text}"
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+            ext = "txt" if args.format == "text" else args.format
+            stem = os.path.splitext(os.path.basename(f))[0]
+            with open(os.path.join(args.output_dir, f"{stem}.{ext}"), "w", encoding="utf-8") as fh:
+                fh.write(out + "\n")
+        else:
+            print(out, flush=True)
+    return 0
