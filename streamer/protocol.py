@@ -107,6 +107,13 @@ connection is let in but may only resume one of them (a new session gets ``serve
 any other and needs the daemon's access token when it has tokens; the resume token is a second
 secret, bound to its session, and is never logged.
 
+After a restart of the server (a crash, or a stop while the session was held), with a state directory
+(``state.dir``), the session cannot go on, but what it had is not lost: a ``start`` that resumes it with
+its latest token gets error ``resume_failed`` saying the server restarted, then the finals from
+``next_segment`` on that the session kept (their old stream name and segment numbers; warning
+``results_lost`` first when some are no longer kept), then the ``start`` goes on as a new session. This
+works once per session, within ``resume_window_s`` of the restarted server being ready.
+
 Errors and limits
 =================
 

@@ -81,6 +81,7 @@ class Daemon:
         self.hub: Any = None
         self.metrics: Any = None
         self.mqtt: Any = None
+        self.sessions: Any = None  # SessionStore: what a resume may replay after a restart
         self.mic: Any = None
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
@@ -92,8 +93,8 @@ class Daemon:
         """Load and warm up the model, build the parts, bind the port (not yet ready).
 
         Raises:
-            ConfigError: the token file or a TLS file does not load, or the MQTT journal cannot be opened
-                (checked before the model loads).
+            ConfigError: the token file or a TLS file does not load, or the MQTT or session journal cannot be
+                opened (checked before the model loads).
         """
         from streamer.engine.scheduler import Scheduler, StepStats
         from streamer.server.auth import TokenAuth
@@ -107,6 +108,8 @@ class Daemon:
         ssl_context = server_ssl_context(settings.server.tls_cert, settings.server.tls_key)
         self.metrics = metrics = Metrics()
         self.mqtt = _make_mqtt(settings, metrics)  # opens the finals journal: fail before the model loads
+        self.sessions = sessions = _make_session_store(settings)  # likewise
+        metrics.session_journal_unsaved.source = lambda: sessions.unsaved
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
             self.recognizer = await asyncio.to_thread(load_recognizer, settings.model)
@@ -129,7 +132,7 @@ class Daemon:
         info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.plan.att_context_size),
                 "chunk_s": round(recognizer.chunk_seconds, 3)}
         self.server = WebSocketServer(settings.server, self.scheduler, self.hub, metrics, self.endpoint, info, auth,
-                                      ssl_context)
+                                      ssl_context, self.sessions)
         await self.server.start()
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
@@ -143,6 +146,7 @@ class Daemon:
                 tasks.append(tg.create_task(scheduler.run(), name="scheduler"))
                 if self.mqtt is not None:
                     tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)
                     tasks.append(tg.create_task(self.mic.wait(), name="microphone"))
@@ -214,6 +218,20 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def _make_session_store(settings: Settings) -> Any:
+    """What a resume may replay, kept in the state directory unless ``state.dir`` is ``""`` (or resume is off).
+
+    Raises:
+        ConfigError: the journal cannot be opened (an unwritable directory, another daemon holds it).
+    """
+    from streamer.server.session_journal import SessionJournal, SessionStore
+
+    directory = state_directory(settings.state)
+    if directory is None or settings.server.resume_window_s <= 0:
+        return SessionStore(None)
+    return SessionStore(SessionJournal.open(directory, settings.server.max_pending_messages))
 
 
 def _make_mqtt(settings: Settings, metrics: Any) -> Any:

@@ -97,6 +97,32 @@ def test_an_unusable_state_directory_is_a_clear_error(tmp_path: Path) -> None:
         FinalJournal.open(tmp_path / "file" / "state")
 
 
+def test_the_session_journal_keeps_the_latest_token_and_the_last_finals(tmp_path: Path) -> None:
+    """Per session: the latest token's hash (never the token), the last max_finals finals in order; "end" forgets
+    the session; a reopened journal hands them back; a second daemon cannot open it."""
+    from streamer.protocol import Final as FinalMessage
+    from streamer.server.session_journal import SessionJournal, token_hash
+
+    def final_of(segment: int) -> FinalMessage:
+        return FinalMessage("desk", segment, f"words {segment}", 0.0, 1.0, (), (segment,), 0.9, False, "silence")
+
+    journal = SessionJournal.open(tmp_path, max_finals=3)
+    journal.apply([("token", "s1", "desk", token_hash("first")), ("token", "s2", "porch", token_hash("x"))])
+    journal.apply([("final", "s1", f.segment, f.to_json()) for f in map(final_of, range(5))])
+    journal.apply([("token", "s1", "desk", token_hash("second")), ("end", "s2")])
+    with pytest.raises(ConfigError, match="another streamer uses it"):
+        SessionJournal.open(tmp_path, max_finals=3)
+    journal.close()
+    journal = SessionJournal.open(tmp_path, max_finals=3)
+    try:
+        (orphan,) = journal.orphans().values()
+    finally:
+        journal.close()
+    assert (orphan.session, orphan.stream, orphan.token_sha256) == ("s1", "desk", token_hash("second"))
+    assert orphan.finals == [final_of(2), final_of(3), final_of(4)]
+    assert b"second" not in (tmp_path / "sessions.sqlite3").read_bytes()
+
+
 def test_state_directory_defaults() -> None:
     """Unset: systemd's $STATE_DIRECTORY (its first entry), else $XDG_STATE_HOME/streamer or ~/.local/state/streamer;
     "": off."""
@@ -322,3 +348,66 @@ async def test_finals_queued_for_an_absent_broker_survive_kill_9(
         assert len(journal) == 0
     finally:
         journal.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill", "terminate"])
+async def test_a_session_held_when_the_daemon_dies_replays_its_finals_after_the_restart(
+    daemon: Callable[..., Any], speech_wav: Path, tmp_path: Path, how: str  # noqa: F811
+) -> None:
+    """A client loses its connection (no close frame: the session is held), then the daemon is killed -9 (or
+    stopped with SIGTERM, which ends the held session) and started again on the same state directory. The
+    client's resume gets resume_failed saying the server restarted, then the finals it lacks, exactly as it first
+    got them, then a new session; the token works once. A session whose client had stopped is not kept."""
+    state = tmp_path / "state"
+    settings = ("--set", f"state.dir={state}", "--set", "server.resume_window_s=30")
+    data, rate = sf.read(speech_wav, dtype="int16")
+    pcm = data.tobytes()
+
+    first = await daemon(*settings)
+    async with connect(f"ws://127.0.0.1:{first.port}/v1/listen") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "stream": "desk",
+                                  "endpointing": {"max_segment_s": 60}}))
+        ready = await recv_json(ws)
+        finals: list[dict[str, Any]] = []
+        while len(finals) < 3:
+            for i in range(0, len(pcm), 8820):
+                await ws.send(pcm[i : i + 8820])
+            await ws.send(json.dumps({"type": "finalize"}))
+            while (message := await recv_json(ws))["type"] != "final":
+                assert message["type"] in ("partial", "warning"), message
+            finals.append(message)
+        ws.transport.abort()  # the network drops: the session is held for its client
+    ended = await speak_finals(first.port, "porch", pcm, rate, 1, stopped := [])  # a client that hung up itself
+    async with asyncio.timeout(WAIT_S):  # the porch session is over (only the held desk is open), all on disk
+        while await metric(first.port, "streamer_streams") != 1 or \
+                await metric(first.port, "streamer_session_journal_unsaved") != 0:
+            await asyncio.sleep(0.05)
+    if how == "kill":
+        first.proc.kill()  # SIGKILL: nothing flushed, nothing said
+        await first.proc.communicate()
+    else:
+        code, stderr = await first.stop()
+        assert code == 0, stderr
+
+    second = await daemon(*settings)
+
+    async def resume(session: dict[str, Any], next_segment: int) -> list[dict[str, Any]]:
+        async with connect(f"ws://127.0.0.1:{second.port}/v1/listen") as ws:
+            token = {"session": session["session"], "token": session["resume_token"], "next_segment": next_segment}
+            await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "resume": token}))
+            got = [await recv_json(ws)]
+            while got[-1]["type"] != "ready":
+                got.append(await recv_json(ws))
+            return got
+
+    refused, *replayed, new = await resume(ready, 1)
+    assert (refused["code"], refused["type"]) == ("resume_failed", "error") and "restarted" in refused["message"]
+    assert replayed == finals[1:]  # the finals the client lacked, whole, in order, once
+    assert new["resumed"] is False and new["session"] != ready["session"]
+    refused, new = await resume(ready, 1)  # a token works once
+    assert refused["code"] == "resume_failed" and "restarted" not in refused["message"] and new["type"] == "ready"
+    refused, new = await resume(stopped[0], 0)  # the stopped session was over: nothing kept
+    assert refused["code"] == "resume_failed" and "restarted" not in refused["message"] and ended
+    code, stderr = await second.stop()
+    assert code == 0, stderr

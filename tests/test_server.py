@@ -543,6 +543,9 @@ async def test_broker_restart_mid_stream_loses_no_final(
             for segment in range(6):
                 if segment == 2:  # the broker goes down with two finals delivered
                     await wait_for(lambda: len(received) == 2, "the first finals arrive")
+                    # and are acknowledged: a PUBACK lost with the broker would rightly mean a resend (QoS 1 is
+                    # at least once), which this test would count as a duplicate
+                    await wait_for(lambda: sink.outbox_depth == 0, "the broker acknowledged them")
                     await asyncio.to_thread(broker.stop)
                     await wait_for(lambda: not sink.connected, "the daemon notices")
                 if segment == 3:  # the other session's final, made while the broker is down

@@ -25,6 +25,7 @@ from streamer.protocol import (
     ClientMessage,
     End,
     Error,
+    Final,
     Finalize,
     KeepAlive,
     MessageError,
@@ -39,6 +40,7 @@ from streamer.protocol import (
 )
 from streamer.server.hub import Outbox
 from streamer.server.resume import ResultLog, new_token, start_mismatch
+from streamer.server.session_journal import Orphan, SessionStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -75,6 +77,7 @@ class ListenServices:
         model_info: ``model``, ``att_context_size``, ``chunk_s`` for ``ready`` messages.
         find_resumable: the session a ``resume`` names and may take over, or None and why not.
         is_full_for_new_session: True when a new session would exceed ``max_sessions``.
+        sessions: the journal of what a resume may replay after a restart (and the previous run's orphans).
     """
 
     settings: ServerSettings
@@ -85,6 +88,7 @@ class ListenServices:
     model_info: dict[str, Any]
     find_resumable: Callable[[Resume], tuple[ListenSession | None, str | None]]
     is_full_for_new_session: Callable[[], bool]
+    sessions: SessionStore
 
 
 class ListenSession:
@@ -112,7 +116,7 @@ class ListenSession:
         self._incomplete_bytes = 0  # bytes of an incomplete last sample frame, said in ``end``
         # the session's state a resume carries over (besides the channel, converter, stream and count above)
         self.start: Start | None = None
-        self.results = ResultLog(cfg.max_pending_messages)
+        self.results = ResultLog(cfg.max_pending_messages, on_final=self._journal_final)
         self.resume_token: str | None = None
         self.spent_tokens: set[str] = set()
         self._released = asyncio.Event()  # a held session was resumed or ended
@@ -233,6 +237,7 @@ class ListenSession:
             if self.resume_token is not None:
                 self.spent_tokens.add(self.resume_token)
             self.resume_token = new_token()
+            self.services.sessions.token(self.id, self.stream, self.resume_token)
             extra = {"resume_token": self.resume_token, "resume_window_s": window_s, "resumed": resumed,
                      "audio_s": self._received_s()}
         return Ready(self.id, self.stream, info["model"], info["att_context_size"], self.start.sample_rate,
@@ -287,6 +292,9 @@ class ListenSession:
         held, problem = self.services.find_resumable(resume)
         if held is not None and held.start is not None:
             problem = start_mismatch(held.start, held.stream, start)
+        if held is None and (orphan := self.services.sessions.take_orphan(resume.session, resume.token)):
+            self._replay_orphan(orphan, resume.next_segment)
+            return False
         if held is None or problem is not None:
             self._error("resume_failed", f"cannot resume session {resume.session!r}: {problem}; "
                         "starting a new session instead")
@@ -313,6 +321,25 @@ class ListenSession:
         logger.info("session %s: resumed on a new connection at %.3f s of audio; %d result(s) replayed", self.id,
                     self._received_s(), replayed)
         return True
+
+    def _replay_orphan(self, orphan: Orphan, next_segment: int) -> None:
+        """A session of the daemon's previous run (it restarted): say so, then replay the finals it kept."""
+        finals = [f for f in orphan.finals if f.segment >= next_segment]
+        self._error("resume_failed", f"cannot resume session {orphan.session!r}: the server restarted since, and "
+                    "the session's open segment (the audio after its last final) was lost; the finals you lack "
+                    f"follow ({len(finals)}), then a new session starts")
+        oldest = orphan.finals[0].segment if orphan.finals else next_segment
+        if oldest > next_segment:
+            self.outbox.offer(WarningMessage(
+                "results_lost", f"the finals of segments {next_segment}-{oldest - 1} are no longer kept and are not "
+                f"replayed ({oldest - next_segment} final(s))", orphan.stream), replay=True)
+        for final in finals:
+            self.outbox.offer(final, replay=True)
+        logger.info("session %s: resumed after a restart of the server: %d final(s) replayed, a new session follows",
+                    orphan.session, len(finals))
+
+    def _journal_final(self, final: Final) -> None:
+        self.services.sessions.final(self.id, final)
 
     # ------------------------------------------------------------------ audio, errors, the end
 
@@ -376,7 +403,9 @@ class ListenSession:
         was_held = self.phase is Phase.HELD
         self.phase = Phase.ENDING
         self._released.set()
-        await self._flush(reason, detach_first=False)
+        # A session held for its client when the daemon stops stays in the journal: the client may resume it
+        # after the restart and get the finals it missed.
+        await self._flush(reason, detach_first=False, forget=not (was_held and reason == "shutdown"))
         if was_held:
             return
         if self.channel is not None and self._converter is not None:
@@ -385,7 +414,8 @@ class ListenSession:
                                   round(dropped_s, 3), self._incomplete_bytes or None))
         self.outbox.close_after_queue(code, close_reason)
 
-    async def _flush(self, reason: str, detach_first: bool) -> None:
+    async def _flush(self, reason: str, detach_first: bool, forget: bool = True) -> None:
+        """Close the channel, its last final first; ``forget``: the session is over, its journal entry goes."""
         channel = self.channel
         if channel is None:
             return
@@ -404,3 +434,5 @@ class ListenSession:
                     await self.services.scheduler.write_waiting(channel, tail)
         await self.services.scheduler.close(channel, reason)
         self.services.hub.set_source(self.stream, None)
+        if forget:
+            self.services.sessions.end(self.id)

@@ -173,6 +173,10 @@ class Metrics:
             "Requests refused for their token: HTTP 401 (missing, invalid) or 400 (ambiguous: more than one).",
             "reason",
         )
+        self.session_journal_unsaved = Gauge(
+            "streamer_session_journal_unsaved",
+            "Writes of resume tokens and finals (what a resume after a restart replays) not yet on disk.",
+        )
         self.stream_lag_seconds = GaugeFamily(
             "streamer_stream_lag_seconds",
             "Audio each live stream has received and not yet recognized (how far behind real time it is), seconds.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
+from collections.abc import Callable
 
 from streamer.protocol import Final, Partial, ServerMessage, Start
 from streamer.protocol import Warning as WarningMessage
@@ -56,9 +57,11 @@ class ResultLog:
 
     Args:
         max_kept: most finals kept for a replay (and most warnings kept while held); the oldest go first.
+        on_final: called with each final after it went to the client (the session journal keeps a copy).
     """
 
-    def __init__(self, max_kept: int) -> None:
+    def __init__(self, max_kept: int, on_final: Callable[[Final], None] | None = None) -> None:
+        self._on_final = on_final
         self._kept: deque[ServerMessage] = deque(maxlen=max(1, max_kept))  # finals; warnings while held
         self._partial: Partial | None = None  # the open segment's latest partial
         self._outbox: Outbox | None = None
@@ -74,6 +77,8 @@ class ResultLog:
                 self._kept.append(msg)
         if self._outbox is not None:
             self._outbox.offer(msg)
+        if isinstance(msg, Final) and self._on_final is not None:
+            self._on_final(msg)  # after it went out: a journal write never delays a result
 
     def detach(self) -> None:
         """The connection broke: keep results until :meth:`attach`."""

@@ -36,6 +36,7 @@ from streamer.server.listen import ListenServices, ListenSession, Phase
 from streamer.server.metrics import CONTENT_TYPE, Metrics
 from streamer.server.origin import OriginPolicy
 from streamer.server.resume import tokens_match
+from streamer.server.session_journal import SessionStore
 
 if TYPE_CHECKING:
     from streamer.engine.scheduler import Scheduler
@@ -67,6 +68,7 @@ class WebSocketServer:
         model_info: ``model``, ``att_context_size``, ``chunk_s`` for ``ready`` messages.
         auth: the accepted tokens; None lets every request in.
         ssl_context: TLS for ``wss://`` and ``https://``; None serves plain ``ws://`` and ``http://``.
+        sessions: what a resume may replay after a restart; None keeps it in memory only.
     """
 
     def __init__(
@@ -79,8 +81,10 @@ class WebSocketServer:
         model_info: dict[str, Any],
         auth: TokenAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        sessions: SessionStore | None = None,
     ) -> None:
         self.settings, self.scheduler, self.hub, self.metrics = settings, scheduler, hub, metrics
+        self.session_store = sessions or SessionStore(None)
         self.endpoint, self.model_info = endpoint, model_info
         self.auth = auth or TokenAuth()
         self.ssl_context = ssl_context
@@ -93,7 +97,7 @@ class WebSocketServer:
         self._logged_refusals: set[tuple[str, str]] = set()
         self._web_root = Path(settings.web_root) if settings.web_root else web_root()
         self._listen_services = ListenServices(settings, scheduler, hub, metrics, endpoint, model_info,
-                                               self.find_resumable, self.is_full_for_new_session)
+                                               self.find_resumable, self.is_full_for_new_session, self.session_store)
 
     @property
     def port(self) -> int:
