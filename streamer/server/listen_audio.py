@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from streamer.audio.convert import PcmConverter
 
@@ -38,7 +40,7 @@ class SessionAudio:
         whole number."""
         return self.received_bytes // self.converter.frame_bytes / self.converter.sample_rate
 
-    def convert(self, frame: bytes) -> tuple[Any, bool]:
+    def convert(self, frame: bytes) -> tuple[np.ndarray, bool]:
         """The samples of one frame, counted as received, and whether they are the session's first clipped ones.
 
         Raises:
@@ -51,7 +53,7 @@ class SessionAudio:
         self._clipping_told = self._clipping_told or first_clipping
         return samples, first_clipping
 
-    async def write(self, channel: Channel, samples: Any) -> None:
+    async def write(self, channel: Channel, samples: np.ndarray) -> None:
         """Write to ``channel``: a live one at once, one that can wait once it has room (back-pressure)."""
         async with self._write_lock:
             if channel.is_live:
