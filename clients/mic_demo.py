@@ -9,12 +9,12 @@
 
 The partial line is rewritten in place and finals scroll; Ctrl-C prints the last final and exits.
 Without a microphone it says so in one line. Needs streamer installed (``pip install -e .``) and the
-PortAudio library (``apt install libportaudio2``). The code is in ``streamer/mic_demo.py``.
+PortAudio library (``apt install libportaudio2``). The code is ``streamer mic``'s, in ``streamer/mic_command.py``.
 """
 
 import sys
 
-from streamer.mic_demo import main
+from streamer.mic_command import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ It subscribes to ``<prefix>/<device>/#`` (the daemon's ``mqtt.prefix``, default 
 - ``<device>/<stream>: text`` for each final (``.../<stream>/final``, QoS 1);
 - on a terminal, the latest partial (``.../<stream>/partial``) rewritten in place on one line.
 
-The payloads are the WebSocket's JSON (``streamer/protocol.py``). The subscriber reconnects with
+The payloads are the WebSocket's JSON (``streamer.protocol``). The subscriber reconnects with
 backoff when the broker goes away. Needs aiomqtt and ``streamer.protocol`` (no torch).
 """
 

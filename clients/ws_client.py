@@ -16,9 +16,9 @@ with sounddevice. On a terminal the partial is rewritten in place and finals scr
 finals are printed. Ctrl-C sends ``stop``: the last final arrives before the program exits.
 
 Live sources (``--mic``, ``--realtime``) survive a dropped connection: the client keeps the last
-``RESUME_BUFFER_S`` of audio (``streamer.protocol.ClientSession`` does the bookkeeping), reconnects
+``RESUME_BUFFER_S`` of audio (``streamer.client.ClientSession`` does the bookkeeping), reconnects
 with backoff and resumes the session with the token from ``ready`` (protocol: "Resuming a session"
-in ``streamer/protocol.py``), re-sending the audio from where the server's ``audio_s`` says it got
+in ``streamer.protocol``), re-sending the audio from where the server's ``audio_s`` says it got
 to; the finals it missed arrive then, once each. If the session cannot be resumed (its window
 passed), it goes on in a new session. It gives up after ``GIVE_UP_S`` without a connection.
 
@@ -27,7 +27,7 @@ A daemon with ``server.auth_tokens`` needs ``--token`` (or ``STREAMER_TOKEN``), 
 ``wss://`` daemon with a self-signed certificate, ``--cafile`` names the certificate to trust.
 
 Needs websockets, numpy, soundfile (files), sounddevice (``--mic``), soxr (unusual rates), and
-``streamer.protocol`` (standard library only, so torch is never imported).
+``streamer.protocol`` and ``streamer.client`` (standard library only, so torch is never imported).
 """
 
 from __future__ import annotations
@@ -46,12 +46,11 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
+from streamer.client import RESUME_BUFFER_S, ClientSession, listen_url
 from streamer.protocol import (
     MAX_CHANNELS,
     MAX_SAMPLE_RATE_HZ,
     MIN_SAMPLE_RATE_HZ,
-    RESUME_BUFFER_S,
-    ClientSession,
     End,
     Error,
     Final,
@@ -60,7 +59,6 @@ from streamer.protocol import (
     Start,
     Stop,
     Warning,
-    listen_url,
     parse_server_message,
 )
 

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from streamer.bench import add_bench_parser
     from streamer.loadtest_cli import add_loadtest_parser
-    from streamer.mic_demo import add_mic_parser
+    from streamer.mic_command import add_mic_parser
     from streamer.service import add_serve_parser
     from streamer.settings import add_config_parser
     from streamer.transcribe import add_transcribe_parser

@@ -144,8 +144,8 @@ class Target:
 
 
 async def open_target(args: argparse.Namespace, workdir: Path, extra_sets: list[str], max_streams: int) -> Target:
+    from streamer.client import listen_url
     from streamer.loadtest_peers import DaemonProcess, MetricsProbe, ProcessProbe, read_metrics
-    from streamer.protocol import listen_url
 
     if args.url:
         url = listen_url(args.url)

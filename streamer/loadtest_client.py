@@ -12,7 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.protocol import ClientSession, End, Error, Final, Partial, Ready, Start, Warning, parse_server_message
+from streamer.client import ClientSession
+from streamer.protocol import End, Error, Final, Partial, Ready, Start, Warning, parse_server_message
 
 SAMPLE_RATE_HZ = 16000
 DRAIN_TIMEOUT_S = 60.0  # after its audio ends, how long a client waits for its last final and ``end``

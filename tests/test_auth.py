@@ -26,11 +26,12 @@ from websockets.exceptions import InvalidStatus
 from streamer import settings as settings_module
 from streamer.cli import main as streamer_main
 from streamer.errors import ConfigError
-from streamer.mic_demo import Captions, Uplink, _session, connect_options, run_remote
+from streamer.mic_remote import Uplink, _session, connect_options, run_remote
 from streamer.protocol import Start as StartMessage
 from streamer.server.auth import TokenAuth, exposure_warnings
 from streamer.service import Daemon
 from streamer.settings import Settings
+from streamer.terminal_captions import Captions
 from tests.test_clients import FileMic, file_mics, finish, mic_args, start_client, without_importtime  # noqa: F401
 from tests.test_server import (  # noqa: F401  (fixtures)
     Start,

@@ -7,7 +7,7 @@ import torch
 
 from streamer.asr.config import TransducerConfig
 from streamer.asr.transducer import GreedyTransducerDecoder, RNNTDecoder, RNNTJoint
-from streamer.bench import calibrate_emission
+from streamer.bench_model import calibrate_emission
 
 ENC_DIM = 16
 

@@ -24,10 +24,11 @@ import pytest
 import soundfile as sf
 from websockets.asyncio.server import ServerConnection, serve
 
-from streamer import mic_demo
+from streamer import mic_command
 from streamer.errors import ConfigError
-from streamer.mic_demo import CLEAR_LINE, DIM, NORMAL, Captions, listen_url
+from streamer.mic_remote import listen_url
 from streamer.protocol import End, Final, Partial, Ready, WordTiming
+from streamer.terminal_captions import CLEAR_LINE, DIM, NORMAL, Captions
 from tests.test_daemon import daemon  # noqa: F401  (the fixture that starts `streamer serve`)
 
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
@@ -310,7 +311,7 @@ def speech_16k(speech_wav: Path) -> np.ndarray:
 def mic_args(*argv: str) -> argparse.Namespace:
     """The options of `streamer mic` as parsed from ``argv``."""
     parser = argparse.ArgumentParser()
-    mic_demo.add_mic_args(parser)
+    mic_command.add_mic_args(parser)
     return parser.parse_args(list(argv))
 
 
@@ -387,8 +388,8 @@ def test_mic_demo_says_in_one_line_when_there_is_no_microphone(
     import streamer.audio.mic
 
     monkeypatch.setattr(streamer.audio.mic, "list_devices", lambda: [])
-    monkeypatch.setattr(mic_demo, "load_recognizer", lambda args: pytest.fail("loaded a model without a microphone"))
-    assert mic_demo.main(args) == 2
+    monkeypatch.setattr(mic_command, "load_recognizer", lambda args: pytest.fail("loaded a model without a microphone"))
+    assert mic_command.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("mic_demo: error: no microphone found: PortAudio lists no input device")
     assert err.count("\n") == 1
@@ -403,12 +404,12 @@ def test_list_devices_marks_the_default(monkeypatch: pytest.MonkeyPatch, capsys:
     devices = [InputDevice(0, "pulse", 32, 44100, "ALSA", False), InputDevice(3, "USB Mic", 1, 48000, "ALSA", True)]
     monkeypatch.setattr(streamer.audio.mic, "list_devices", lambda: devices)
     expected = "    0  pulse  (32 ch, 44100 Hz, ALSA)\n*   3  USB Mic  (1 ch, 48000 Hz, ALSA)\n"
-    assert mic_demo.main(["--list-devices"]) == 0
+    assert mic_command.main(["--list-devices"]) == 0
     assert capsys.readouterr().out == expected
     try:
         build_parser().parse_args(["mic", "--list-devices"])
     except SystemExit:
         capsys.readouterr()
-        pytest.skip("`streamer mic` is not wired into streamer/cli.py yet (streamer.mic_demo.add_mic_parser)")
+        pytest.skip("`streamer mic` is not wired into streamer/cli.py yet (streamer.mic_command.add_mic_parser)")
     assert main(["mic", "--list-devices"]) == 0
     assert capsys.readouterr().out == expected

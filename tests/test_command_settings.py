@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import streamer.settings as settings_module
-from streamer import mic_demo
+from streamer import mic_command
 from streamer.cli import main
 
 
@@ -83,11 +83,11 @@ def test_mic_loads_the_model_its_settings_name(
     monkeypatch.setattr(streamer.audio.mic, "list_devices", lambda: [InputDevice(0, "mic", 1, 16000, "ALSA", True)])
     config = tmp_path / "streamer.toml"
     config.write_text(f'[model]\nspec = "{tmp_path / "from-file.nemo"}"\n')
-    assert mic_demo.main(["--config", str(config), "--seconds", "1"]) == 2
+    assert mic_command.main(["--config", str(config), "--seconds", "1"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"model file not found: {tmp_path / 'from-file.nemo'}")
 
     flag_model = tmp_path / "from-flag.nemo"
-    assert mic_demo.main(["--config", str(config), "--model", str(flag_model), "--seconds", "1"]) == 2
+    assert mic_command.main(["--config", str(config), "--model", str(flag_model), "--seconds", "1"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"model file not found: {flag_model}")
 
     assert main(["mic", "--set", "model.threads=0", "--seconds", "1"]) == 2

@@ -9,11 +9,10 @@ from dataclasses import replace
 
 import pytest
 
+from streamer.client import RESUME_BUFFER_S, ClientSession, SentAudio
 from streamer.errors import ProtocolError
 from streamer.protocol import (
     ENDPOINT_KEYS,
-    RESUME_BUFFER_S,
-    ClientSession,
     End,
     Error,
     Final,
@@ -23,7 +22,6 @@ from streamer.protocol import (
     Partial,
     Ready,
     Resume,
-    SentAudio,
     Start,
     Stop,
     Warning,
@@ -176,6 +174,15 @@ def test_protocol_imports_without_torch() -> None:
     code = "import sys, streamer.protocol; bad = {'torch', 'numpy'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_client_bookkeeping_imports_without_torch_or_asyncio_in_the_protocol() -> None:
+    """streamer.client (what clients copy with streamer.protocol) is standard library only too, and the protocol
+    itself needs no asyncio: the client's asyncio lives in streamer.client."""
+    code = ("import sys, streamer.protocol; no_asyncio = 'asyncio' not in sys.modules; import streamer.client; "
+            "print(sorted({'torch', 'numpy'} & set(sys.modules)), no_asyncio)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] True"
 
 
 def test_server_and_engine_layers_import_as_documented() -> None:

@@ -498,7 +498,8 @@ class MicURL:
     """`streamer mic --url URL --json` running in this loop on a FileMic (see ``file_mics``), its output kept."""
 
     def __init__(self, url: str, *argv: str) -> None:
-        from streamer.mic_demo import Captions, run_remote
+        from streamer.mic_remote import run_remote
+        from streamer.terminal_captions import Captions
         from tests.test_clients import mic_args
 
         self.out, self.err, self.stop = io.StringIO(), io.StringIO(), asyncio.Event()

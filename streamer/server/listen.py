@@ -1,9 +1,10 @@
 """One ``/v1/listen`` connection and the session it carries (protocol: :mod:`streamer.protocol`).
 
-A :class:`ListenSession` turns a client's frames into audio for its engine channel and results (through
-the :class:`~streamer.server.hub.Hub` and the session's :class:`~streamer.server.resume.ResultLog`) back
-into messages. When the connection breaks without ``stop``, the session is held for
-``server.resume_window_s``; a new connection that resumes it takes its state over.
+A :class:`ListenSession` turns a client's frames into audio for its engine channel (through its
+:class:`~streamer.server.listen_audio.SessionAudio`) and results (through the :class:`~streamer.server.hub.Hub`
+and the session's :class:`~streamer.server.resume.ResultLog`) back into messages. When the connection breaks
+without ``stop``, the session is held for ``server.resume_window_s``; a new connection that resumes it takes
+its state over (the rules of holding and of a resume after a restart: :mod:`streamer.server.resume`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
 
 from streamer.audio.convert import PcmConverter
 from streamer.errors import AudioError, ConfigError
@@ -35,11 +35,10 @@ from streamer.protocol import (
     Stop,
     parse_client_message,
 )
-from streamer.protocol import (
-    Warning as WarningMessage,
-)
+from streamer.protocol import Warning as WarningMessage
 from streamer.server.hub import Outbox
-from streamer.server.resume import ResultLog, new_token, start_mismatch
+from streamer.server.listen_audio import SessionAudio
+from streamer.server.resume import ResultLog, may_hold, new_token, orphan_replay, start_mismatch
 from streamer.server.session_journal import Orphan, SessionStore
 
 if TYPE_CHECKING:
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
     from streamer.engine.channel import Channel
     from streamer.engine.endpoint import EndpointConfig
     from streamer.engine.scheduler import Scheduler
-    from streamer.protocol import Resume
     from streamer.server.hub import Hub
     from streamer.server.metrics import Metrics
     from streamer.settings import ServerSettings
@@ -108,13 +106,9 @@ class ListenSession:
         )
         self.phase = Phase.AWAITING_START
         self.channel: Channel | None = None
-        self._converter: PcmConverter | None = None
+        self.audio: SessionAudio | None = None
         self.stream = ""
-        self.received_bytes = 0  # audio bytes accepted in this session (an incomplete last sample frame too)
-        self._write_lock = asyncio.Lock()  # one writer of the channel at a time, across a resume too
-        self._clipping_told = False
-        self._incomplete_bytes = 0  # bytes of an incomplete last sample frame, said in ``end``
-        # the session's state a resume carries over (besides the channel, converter, stream and count above)
+        # the session's state a resume carries over (besides the channel, audio and stream above)
         self.start: Start | None = None
         self.results = ResultLog(cfg.max_pending_messages, on_final=self._journal_final)
         self.resume_token: str | None = None
@@ -128,7 +122,8 @@ class ListenSession:
         finally:
             if self.phase in (Phase.AWAITING_START, Phase.STREAMING):  # the client vanished, or the connection broke
                 self.outbox.stop()
-                if self.phase is Phase.STREAMING and self._may_hold():
+                if self.phase is Phase.STREAMING and may_hold(self.ws, self.services.settings.resume_window_s,
+                                                              self.outbox.is_slow):
                     self._hold()
                 else:
                     self.phase = Phase.ENDING
@@ -219,7 +214,8 @@ class ListenSession:
         except ValueError as exc:  # every channel is taken (sessions + microphone + file)
             self._error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
             return
-        self.channel, self._converter, self.stream, self.start = channel, converter, name, start
+        self.channel, self.stream, self.start = channel, name, start
+        self.audio = SessionAudio(converter, self.services.scheduler)
         self.phase = Phase.STREAMING
         self.outbox.set_interim_results(start.interim_results)
         self.results.attach(self.outbox, 0)
@@ -246,23 +242,9 @@ class ListenSession:
     def _received_s(self) -> float:
         """Seconds of whole sample frames received in the session, unrounded: times the sample rate it is a
         whole number."""
-        if self._converter is None:
-            return 0.0
-        return self.received_bytes // self._converter.frame_bytes / self._converter.sample_rate
+        return self.audio.received_s if self.audio is not None else 0.0
 
     # ------------------------------------------------------------------ resume
-
-    def _may_hold(self) -> bool:
-        """True when the connection broke under a streaming session that a resume may continue.
-
-        A close frame from the client means it hung up; a close for a slow consumer or a frame too large
-        is the server's verdict. Neither is held. A drop without a close frame (or a keepalive timeout) is.
-        """
-        closing = self.ws.protocol
-        if self.services.settings.resume_window_s <= 0 or self.outbox.is_slow or closing.close_rcvd is not None:
-            return False
-        sent = closing.close_sent
-        return sent is None or sent.code not in (CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG)
 
     def _hold(self) -> None:
         """Keep the session for its client: results wait in the log, the channel stays open."""
@@ -304,11 +286,10 @@ class ListenSession:
             held.outbox.stop()
             held._hold()
             held.ws.transport.abort()
-        self.id, self.channel, self._converter, self.stream = held.id, held.channel, held._converter, held.stream
-        self.received_bytes, self.start, self.results = held.received_bytes, held.start, held.results
-        self._write_lock, self._clipping_told = held._write_lock, held._clipping_told
-        if self._converter is not None:  # the client re-sends whole sample frames from audio_s on
-            self.received_bytes -= self._converter.drop_incomplete()
+        self.id, self.channel, self.audio, self.stream = held.id, held.channel, held.audio, held.stream
+        self.start, self.results = held.start, held.results
+        if self.audio is not None:  # the client re-sends whole sample frames from audio_s on
+            self.audio.resume()
         self.resume_token, self.spent_tokens = held.resume_token, held.spent_tokens
         held.phase, held.channel = Phase.MOVED, None
         held._released.set()
@@ -324,19 +305,12 @@ class ListenSession:
 
     def _replay_orphan(self, orphan: Orphan, next_segment: int) -> None:
         """A session of the daemon's previous run (it restarted): say so, then replay the finals it kept."""
-        finals = [f for f in orphan.finals if f.segment >= next_segment]
-        self._error("resume_failed", f"cannot resume session {orphan.session!r}: the server restarted since, and "
-                    "the session's open segment (the audio after its last final) was lost; the finals you lack "
-                    f"follow ({len(finals)}), then a new session starts")
-        oldest = orphan.finals[0].segment if orphan.finals else next_segment
-        if oldest > next_segment:
-            self.outbox.offer(WarningMessage(
-                "results_lost", f"the finals of segments {next_segment}-{oldest - 1} are no longer kept and are not "
-                f"replayed ({oldest - next_segment} final(s))", orphan.stream), replay=True)
-        for final in finals:
-            self.outbox.offer(final, replay=True)
+        reason, replay = orphan_replay(orphan, next_segment)
+        self._error("resume_failed", reason)
+        for msg in replay:
+            self.outbox.offer(msg, replay=True)
         logger.info("session %s: resumed after a restart of the server: %d final(s) replayed, a new session follows",
-                    orphan.session, len(finals))
+                    orphan.session, sum(isinstance(msg, Final) for msg in replay))
 
     def _journal_final(self, final: Final) -> None:
         self.services.sessions.final(self.id, final)
@@ -348,17 +322,16 @@ class ListenSession:
         it waits nothing more is read from the socket, so TCP slows the client down (back-pressure)."""
         if self.phase is not Phase.STREAMING and self.phase is not Phase.AWAITING_START:
             return
-        if self.channel is None or self._converter is None:
+        if self.channel is None or self.audio is None:
             self._error("no_start", "audio before 'start'; send a 'start' message first (the frame was dropped)")
             return
         if not frame:
             self.outbox.offer(WarningMessage("empty_frame", "an empty binary frame carries no audio; it was ignored",
                                       self.stream))
             return
-        converter, channel = self._converter, self.channel
-        clipped = converter.clipped_samples
+        audio, channel = self.audio, self.channel
         try:
-            samples = converter.convert(frame)
+            samples, first_clipping = audio.convert(frame)
         except AudioError as exc:
             self._error("bad_audio", str(exc))
             return
@@ -367,18 +340,11 @@ class ListenSession:
             self._error("internal_error", f"the server failed to convert this audio frame (a bug, logged as session "
                         f"{self.id}); the frame was discarded and the session goes on")
             return
-        self.received_bytes += len(frame)
-        if converter.clipped_samples > clipped and not self._clipping_told:
-            self._clipping_told = True
+        if first_clipping:
             self.outbox.offer(WarningMessage(
                 "audio_clipped", "pcm_f32le samples must lie in [-1, 1]; louder ones were clipped (said once per "
                 "session)", self.stream))
-        async with self._write_lock:
-            if channel.is_live:
-                channel.write(samples)
-                self.services.scheduler.poke(channel)
-            else:
-                await self.services.scheduler.write_waiting(channel, samples)
+        await audio.write(channel, samples)
 
     def _error(self, code: str, message: str) -> None:
         logger.info("session %s: %s: %s", self.id, code, message)
@@ -408,10 +374,10 @@ class ListenSession:
         await self._flush(reason, detach_first=False, forget=not (was_held and reason == "shutdown"))
         if was_held:
             return
-        if self.channel is not None and self._converter is not None:
+        if self.channel is not None and self.audio is not None:
             dropped_s = self.channel.dropped_samples / self.channel.sample_rate_hz
             self.outbox.offer(End(self.stream, self.channel.segmenter.segment, round(self._received_s(), 3),
-                                  round(dropped_s, 3), self._incomplete_bytes or None))
+                                  round(dropped_s, 3), self.audio.incomplete_bytes or None))
         self.outbox.close_after_queue(code, close_reason)
 
     async def _flush(self, reason: str, detach_first: bool, forget: bool = True) -> None:
@@ -421,17 +387,8 @@ class ListenSession:
             return
         if detach_first:
             self.services.hub.set_source(self.stream, None)  # nobody to send to: finals go to the other sinks
-        elif self._converter is not None and not channel.is_closing:
-            self._incomplete_bytes = self._converter.incomplete_bytes
-            if self._incomplete_bytes:
-                logger.info("session %s: the audio ended with an incomplete sample frame (%d bytes)", self.id,
-                            self._incomplete_bytes)
-            tail = self._converter.flush()
-            async with self._write_lock:
-                if channel.is_live:
-                    channel.write(tail)
-                else:
-                    await self.services.scheduler.write_waiting(channel, tail)
+        elif self.audio is not None and not channel.is_closing:
+            await self.audio.write_tail(channel, self.id)
         await self.services.scheduler.close(channel, reason)
         self.services.hub.set_source(self.stream, None)
         if forget:

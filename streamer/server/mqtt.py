@@ -6,15 +6,15 @@ Topics (``architecture.md`` §5), payloads the WebSocket's JSON plus a last fiel
   as the last will when the connection dies without a goodbye.
 - ``<prefix>/<device>/<stream>/partial``, QoS 0: the latest partial per stream wins; older ones are
   replaced, never queued.
-- ``<prefix>/<device>/<stream>/final``, QoS 1: kept in an outbox, in order, until the broker acknowledged
-  them (PUBACK). Up to ``max_inflight`` finals are in flight at once, so the outbox drains at the
-  broker's pace. With a `FinalJournal` (the state directory), each final is committed to disk before the
-  client sees it and deleted after its PUBACK; finals left by a crash are delivered first after the next
-  start, with the payload (and ``run``) they were made with. Delivery is at least once: a final whose
+- ``<prefix>/<device>/<stream>/final``, QoS 1: kept in an outbox (`streamer.server.mqtt_outbox`), in order,
+  until the broker acknowledged them (PUBACK). Up to ``max_inflight`` finals are in flight at once, so the
+  outbox drains at the broker's pace. With a `FinalJournal` (the state directory), each final is committed
+  to disk before the client sees it and deleted after its PUBACK; finals left by a crash are delivered first
+  after the next start, with the payload (and ``run``) they were made with. Delivery is at least once: a final whose
   PUBACK was lost with the connection (or with the process) is sent again.
 
-``run`` is a new id at every start of the daemon (`new_run_id`): segment numbers start again at 0 after a
-restart, so ``(run, segment)`` names a result uniquely on a stream's topics.
+``run`` is a new id at every start of the daemon (`streamer.server.mqtt_topics.new_run_id`): segment numbers
+start again at 0 after a restart, so ``(run, segment)`` names a result uniquely on a stream's topics.
 
 Overflow: the bound ``outbox_size`` applies only while the broker is not connected; then the *oldest*
 final is dropped, counted in `MqttSink.dropped_finals` (``streamer_mqtt_finals_dropped_total``) and
@@ -29,29 +29,21 @@ every final the outbox sends again (and could reorder them).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import secrets
 import socket
 import ssl
-import time
-from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import aiomqtt
 
 from streamer.errors import ConfigError
 from streamer.server.journal import FinalJournal
+from streamer.server.mqtt_outbox import FinalOutbox, QueuedFinal
+from streamer.server.mqtt_topics import OFFLINE, ONLINE, compact_json, new_run_id, topic_level
 
 logger = logging.getLogger(__name__)
-
-ONLINE: Final = "online"
-OFFLINE: Final = "offline"
-_UNSAFE_IN_TOPIC_LEVEL: Final = str.maketrans({"/": "_", "+": "_", "#": "_", "\0": "_"})
 
 
 class _LostConnectionIsAWarning(logging.Filter):
@@ -66,16 +58,6 @@ class _LostConnectionIsAWarning(logging.Filter):
 
 _PAHO_LOGGER = logging.getLogger(f"{__name__}.paho")
 _PAHO_LOGGER.addFilter(_LostConnectionIsAWarning())
-
-
-def topic_level(name: str) -> str:
-    """``name`` made safe as one topic level: ``/``, ``+``, ``#`` and NUL become ``_``; empty becomes ``_``."""
-    return name.translate(_UNSAFE_IN_TOPIC_LEVEL) or "_"
-
-
-def compact_json(event: Mapping[str, Any]) -> str:
-    """The WebSocket's encoding of a message (``streamer.protocol``): compact, UTF-8 kept as is."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 def make_tls_context(
@@ -99,21 +81,6 @@ def make_tls_context(
         raise ConfigError(f"cannot set up MQTT TLS from ca_file={ca_file!r}, cert_file={cert_file!r}: {exc}") from exc
     return context
 
-
-
-def new_run_id() -> str:
-    """A fresh id for this start of the daemon: its UTC start time (sortable) and 24 random bits, e.g.
-    ``20250314T091502Z-3fa9c1``. Compare runs for equality; the time is only a hint (clocks jump)."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
-
-
-@dataclass(slots=True, eq=False)
-class _Final:
-    seq: int  # order of offer, this process; finals from the journal come first
-    topic: str
-    payload: str
-    saved: bool  # committed to the journal (or there is none): it may be handed to the client
-    row: int | None = None  # its journal row, once committed
 
 
 class MqttSink:
@@ -188,55 +155,31 @@ class MqttSink:
         self.outbox_size, self.max_inflight = outbox_size, max_inflight
         self.run_id = run_id or new_run_id()
         self._encode = encode
-        self._outbox: dict[int, _Final] = {}  # seq -> every final not yet acknowledged, saved or not, in order
-        self._unsent: deque[_Final] = deque()  # this connection's finals still to publish (dropped ones skipped)
-        self._in_flight: set[int] = set()  # seqs being published
-        self._partials: dict[str, tuple[str, str]] = {}  # stream -> (topic, payload), latest only
-        self._next_seq = 0
-        self._journal, self._durable = journal, journal is not None
-        self._writer = ThreadPoolExecutor(1, "mqtt-journal") if journal is not None else None
-        self._to_save: list[_Final] = []
-        self._to_delete: list[int] = []  # journal rows of finals acknowledged or dropped
-        self._writing: asyncio.Future[list[int]] | None = None
-        self._journal_failed = False
-        self._save = asyncio.Event()
         self._wake = asyncio.Event()
+        self._outbox = FinalOutbox(outbox_size, journal, f"{host}:{port}", on_saved=self._wake.set)
         self._closing = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
         self.connected = False
         self.published_finals = 0
         self.published_partials = 0
-        self.dropped_finals = 0
-        self._dropped_in_outage = 0
         self.connections = 0  # successful connections, the first included
         self.last_error: str | None = None
-        self.recovered_finals = self._recover()
-
-    def _recover(self) -> int:
-        """Queue the finals a previous run left in the journal, ahead of any new one."""
-        if self._journal is None:
-            return 0
-        rows = self._journal.rows()
-        for row in rows:
-            self._outbox[self._next_seq] = final = _Final(self._next_seq, row.topic, row.payload, True, row.row)
-            self._unsent.append(final)
-            self._next_seq += 1
-        if rows:
-            logger.info("MQTT: %d final(s) from before the restart wait in %s; they are delivered first",
-                        len(rows), self._journal.path)
-        return len(rows)
+        self.recovered_finals = self._outbox.recover()
 
     @property
     def outbox_depth(self) -> int:
         """Finals waiting for the broker's acknowledgement."""
-        return len(self._outbox)
+        return len(self._outbox.finals)
 
     @property
     def unsaved_finals(self) -> int:
         """Finals not yet committed to the journal (all of them without one): what a crash now would lose."""
-        if not self._durable:
-            return len(self._outbox)
-        return sum(not final.saved for final in self._outbox.values())
+        return self._outbox.unsaved
+
+    @property
+    def dropped_finals(self) -> int:
+        """Finals dropped from the full outbox while the broker was away."""
+        return self._outbox.dropped
 
     def offer(self, event: Mapping[str, Any]) -> None:
         """Queue an event for publishing. Called on the loop thread; never awaits, never blocks.
@@ -251,91 +194,10 @@ class MqttSink:
         topic = f"{self.base_topic}/{stream}/{kind}"
         payload = self._encode({**event, "run": self.run_id})
         if kind == "partial":
-            self._partials[stream] = (topic, payload)
+            self._outbox.partials[stream] = (topic, payload)
         else:
-            self._partials.pop(stream, None)
-            final = _Final(self._next_seq, topic, payload, saved=self._journal is None)
-            self._next_seq += 1
-            self._outbox[final.seq] = final
-            self._unsent.append(final)
-            if self._journal is not None:
-                self._to_save.append(final)
-                self._save.set()
-            while not self.connected and len(self._outbox) > self.outbox_size:
-                self._drop_oldest_final()
+            self._outbox.add_final(stream, topic, payload, self.connected)
         self._wake.set()
-
-    def _drop_oldest_final(self) -> None:
-        """The broker is away and the outbox full: drop the oldest final that is not being published."""
-        seq = next(s for s in self._outbox if s not in self._in_flight)
-        dropped = self._outbox.pop(seq)
-        if dropped.row is not None:
-            self._forget(dropped.row)
-        self._sendable()  # forget it in this connection's send order too, which would otherwise grow
-        self.dropped_finals += 1
-        self._dropped_in_outage += 1
-        if self._dropped_in_outage == 1:
-            logger.warning(
-                "MQTT outbox full (%d finals) and broker %s:%d unreachable: dropping the oldest final for each "
-                "new one until it is back (counted in streamer_mqtt_finals_dropped_total); first dropped: %s. "
-                "Raise mqtt.outbox_size to hold more",
-                self.outbox_size, self.host, self.port, dropped.topic,
-            )  # fmt: skip
-
-    def _forget(self, row: int) -> None:
-        """Delete a journal row (acknowledged or dropped) with the next write."""
-        self._to_delete.append(row)
-        self._save.set()
-
-    # ------------------------------------------------------------ the journal, on its own thread
-
-    async def _keep_journal(self) -> None:
-        """Commit offered finals (and delete acknowledged ones) batch by batch, for as long as `run` runs."""
-        while True:
-            await self._save.wait()
-            self._save.clear()
-            await self._write_batch()
-
-    async def _write_batch(self) -> None:
-        """One transaction on the writer thread: what was offered and acknowledged since the last one."""
-        if self._journal is None or self._writer is None or not (self._to_save or self._to_delete):
-            return
-        batch, self._to_save = self._to_save, []
-        deletes, self._to_delete = self._to_delete, []
-        pairs = [(final.topic, final.payload) for final in batch]
-        writing = self._writing = asyncio.get_running_loop().run_in_executor(
-            self._writer, self._journal.apply, pairs, deletes
-        )
-        # Book the result whoever waits for it: a cancelled caller must not leave finals unsendable.
-        writing.add_done_callback(lambda done: self._saved(batch, deletes, done))
-        await asyncio.shield(writing)
-
-    def _saved(self, batch: list[_Final], deletes: list[int], done: asyncio.Future[list[int]]) -> None:
-        """The writer thread finished a batch: its finals may now be published."""
-        error = None if done.cancelled() else done.exception()
-        if error is None and not done.cancelled():
-            if self._journal_failed:
-                logger.warning("MQTT outbox journal writes again")
-                self._journal_failed = False
-            for final, row in zip(batch, done.result(), strict=True):
-                final.saved, final.row = True, row
-                if final.seq not in self._outbox:  # dropped while being written
-                    self._forget(row)
-        else:
-            if not self._journal_failed:
-                logger.error("cannot write the MQTT outbox journal %s (%s): finals are kept in memory only "
-                             "until it works again", self._journal.path if self._journal else "?", error)
-                self._journal_failed = True
-            for final in batch:
-                final.saved = True  # publish them anyway: the broker is the next best place
-            self._to_delete = deletes + self._to_delete
-        self._wake.set()
-
-    async def _flush_journal(self) -> None:
-        """Wait for the write in progress, then commit everything still pending."""
-        if self._writing is not None and not self._writing.done():
-            await asyncio.wait({self._writing})
-        await self._write_batch()
 
     # ------------------------------------------------------------ the connection
 
@@ -348,16 +210,18 @@ class MqttSink:
         if self._run_task is not None and not self._run_task.done():
             raise RuntimeError("MqttSink.run is already running")
         self._run_task = me = asyncio.current_task()
-        journal = asyncio.create_task(self._keep_journal(), name="mqtt-journal")
+        journal = self._outbox.journal
+        writer = asyncio.create_task(journal.run(), name="mqtt-journal") if journal is not None else None
         try:
             await self._connect_until_closed(me)
         finally:
-            journal.cancel()
-            await asyncio.gather(journal, return_exceptions=True)
-            await self._flush_journal()
-        if self._outbox:
-            kept = f"kept in {self._journal.path} for the next start" if self._journal else "lost"
-            logger.warning("MQTT sink stopped with %d final(s) undelivered: %s", len(self._outbox), kept)
+            if writer is not None and journal is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+                await journal.flush()
+        if self._outbox.finals:
+            kept = f"kept in {journal.path} for the next start" if journal is not None else "lost"
+            logger.warning("MQTT sink stopped with %d final(s) undelivered: %s", len(self._outbox.finals), kept)
 
     async def _connect_until_closed(self, me: asyncio.Task[Any] | None) -> None:
         attempt = 0
@@ -383,7 +247,7 @@ class MqttSink:
                 self.port,
                 self.last_error,
                 delay,
-                len(self._outbox),
+                len(self._outbox.finals),
             )
             attempt += 1
             try:
@@ -420,12 +284,12 @@ class MqttSink:
                 self.port,
                 self.status_topic,
                 self.run_id,
-                len(self._outbox),
+                len(self._outbox.finals),
             )
-            if self._dropped_in_outage:
+            if self._outbox.dropped_in_outage:
                 logger.warning("MQTT broker back: %d final(s) were dropped while it was away (outbox_size %d)",
-                               self._dropped_in_outage, self.outbox_size)
-                self._dropped_in_outage = 0
+                               self._outbox.dropped_in_outage, self.outbox_size)
+                self._outbox.dropped_in_outage = 0
             pump = asyncio.create_task(self._pump(client), name="mqtt-pump")
             watch = asyncio.create_task(self._watch(client), name="mqtt-watch")
             try:
@@ -455,20 +319,20 @@ class MqttSink:
     async def _pump(self, client: aiomqtt.Client) -> None:
         """Publish finals in order, up to ``max_inflight`` at once, and the latest partials once no final
         waits; return once all is acknowledged after `close`. A failed publish ends the connection."""
-        self._unsent = deque(self._outbox.values())  # a new connection starts again from the oldest unacknowledged
+        self._outbox.reconnected()
         publishing: set[asyncio.Task[None]] = set()
         try:
             while True:
                 self._wake.clear()
                 self._launch(client, publishing)
-                while self._partials and not self._sendable():
-                    stream = next(iter(self._partials))
-                    topic, payload = self._partials.pop(stream)
+                while self._outbox.partials and not self._outbox.sendable():
+                    stream = next(iter(self._outbox.partials))
+                    topic, payload = self._outbox.partials.pop(stream)
                     await client.publish(topic, payload, qos=0)
                     self.published_partials += 1
-                if self._closing.is_set() and not self._outbox and not self._partials:
+                if self._closing.is_set() and not self._outbox.finals and not self._outbox.partials:
                     return
-                if self._sendable() and len(publishing) < self.max_inflight:
+                if self._outbox.sendable() and len(publishing) < self.max_inflight:
                     continue  # offered while we were publishing partials
                 wake = asyncio.ensure_future(self._wake.wait())
                 try:
@@ -483,30 +347,22 @@ class MqttSink:
                 task.cancel()
             await asyncio.gather(*publishing, return_exceptions=True)
 
-    def _sendable(self) -> bool:
-        """Whether the next final of this connection may be published now (committed, not dropped)."""
-        while self._unsent and self._unsent[0].seq not in self._outbox:
-            self._unsent.popleft()  # dropped
-        return bool(self._unsent) and self._unsent[0].saved
-
     def _launch(self, client: aiomqtt.Client, publishing: set[asyncio.Task[None]]) -> None:
         """Start publishing the next finals, in order, while the window has room."""
-        while len(publishing) < self.max_inflight and self._sendable():
-            final = self._unsent.popleft()
-            self._in_flight.add(final.seq)
+        while len(publishing) < self.max_inflight and self._outbox.sendable():
+            final = self._outbox.take()
             # Tasks take their first step in the order they were created, and that step hands the message to
             # paho (which numbers and sends it) before any await: the broker receives the finals in order.
             publishing.add(asyncio.create_task(self._publish_final(client, final), name="mqtt-final"))
 
-    async def _publish_final(self, client: aiomqtt.Client, final: _Final) -> None:
+    async def _publish_final(self, client: aiomqtt.Client, final: QueuedFinal) -> None:
+        acknowledged = False
         try:
             await client.publish(final.topic, final.payload, qos=1)
+            acknowledged = True
         finally:
-            self._in_flight.discard(final.seq)
-        if self._outbox.pop(final.seq, None) is not None:
-            self.published_finals += 1
-            if final.row is not None:
-                self._forget(final.row)
+            if self._outbox.published(final, acknowledged):
+                self.published_finals += 1
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Deliver what can be delivered within ``timeout_s``, publish ``offline`` and disconnect; `run` returns.
@@ -523,9 +379,8 @@ class MqttSink:
                 async with asyncio.timeout(timeout_s):
                     await asyncio.shield(task)
             except TimeoutError:
-                logger.warning(
-                    "MQTT close: %d final(s) not delivered within %.1f s; giving up", len(self._outbox), timeout_s
-                )
+                logger.warning("MQTT close: %d final(s) not delivered within %.1f s; giving up",
+                               len(self._outbox.finals), timeout_s)
                 task.cancel()
                 try:
                     await task
@@ -535,10 +390,9 @@ class MqttSink:
 
     async def _close_journal(self) -> None:
         """Commit what is pending and close the journal (its undelivered finals wait for the next start)."""
-        if self._journal is None or self._writer is None:
+        journal = self._outbox.journal
+        if journal is None:
             return
-        await self._flush_journal()
-        journal, writer = self._journal, self._writer
-        self._journal = None
-        await asyncio.get_running_loop().run_in_executor(writer, journal.close)
-        writer.shutdown()
+        await journal.flush()
+        self._outbox.journal = None
+        await journal.close()

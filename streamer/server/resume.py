@@ -17,10 +17,17 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import CloseCode
 
 from streamer.protocol import Final, Partial, ServerMessage, Start
 from streamer.protocol import Warning as WarningMessage
 from streamer.server.hub import Outbox
+
+if TYPE_CHECKING:
+    from streamer.server.session_journal import Orphan
 
 TOKEN_BYTES = 32  # 256 random bits, URL-safe base64: unguessable, and safe in a URL or a header
 
@@ -50,6 +57,36 @@ def start_mismatch(session: Start, stream: str, resuming: Start) -> str | None:
     if resuming.endpointing and resuming.endpointing != session.endpointing:
         return "this start's endpointing differs from the session's (leave it out to keep the session's rules)"
     return None
+
+
+def may_hold(ws: ServerConnection, resume_window_s: float, is_slow: bool) -> bool:
+    """True when ``ws`` broke in a way that lets a resume continue its session (with the window above 0).
+
+    A close frame from the client means it hung up; a close for a slow consumer (``is_slow``) or a frame too
+    large is the server's verdict. Neither is held. A drop without a close frame (or a keepalive timeout) is.
+    """
+    closing = ws.protocol
+    if resume_window_s <= 0 or is_slow or closing.close_rcvd is not None:
+        return False
+    sent = closing.close_sent
+    return sent is None or sent.code not in (CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG)
+
+
+def orphan_replay(orphan: Orphan, next_segment: int) -> tuple[str, list[ServerMessage]]:
+    """What resuming a session of the daemon's previous run gets (the daemon restarted since): the reason of its
+    ``resume_failed``, and the messages to replay: ``results_lost`` when finals from ``next_segment`` on are no
+    longer kept, then the kept finals from ``next_segment`` on."""
+    finals = [f for f in orphan.finals if f.segment >= next_segment]
+    reason = (f"cannot resume session {orphan.session!r}: the server restarted since, and the session's open segment "
+              f"(the audio after its last final) was lost; the finals you lack follow ({len(finals)}), then a new "
+              "session starts")
+    oldest = orphan.finals[0].segment if orphan.finals else next_segment
+    lost: list[ServerMessage] = []
+    if oldest > next_segment:
+        lost.append(WarningMessage(
+            "results_lost", f"the finals of segments {next_segment}-{oldest - 1} are no longer kept and are not "
+            f"replayed ({oldest - next_segment} final(s))", orphan.stream))
+    return reason, [*lost, *finals]
 
 
 class ResultLog:
