@@ -115,7 +115,7 @@ class AsrModel(nn.Module):
 
     def check_context(self, att_context_size: ContextSize | None) -> ContextSize:
         """Validate a look-ahead choice (None = the model's default)."""
-        return self.encoder._context(att_context_size)
+        return self.encoder.check_context(att_context_size)
 
     def to_checkpoint(self, source: str = "") -> Checkpoint:
         """This model's config, weights and tokenizer as a :class:`Checkpoint` (CPU tensors)."""
