@@ -27,8 +27,10 @@ from safetensors.torch import save_file
 
 from streamer.asr.checkpoint import Checkpoint
 from streamer.asr.hfformat import hf_to_nemo_key, load_hf, nemo_to_hf_key, to_hf_state_dict
+from streamer.asr.interpolation import resolve_interpolations
 from streamer.asr.loader import load_checkpoint
-from streamer.asr.nemoconfig import nemo_config_from, parse_nemo_config, resolve_interpolations
+from streamer.asr.nemoconfig import parse_nemo_config
+from streamer.asr.nemoconfigwriter import nemo_config_from
 from streamer.asr.nemofile import load_nemo, save_nemo
 from streamer.asr.shapes import check_state_dict, expected_shapes
 from streamer.errors import CheckpointError, UnsupportedCheckpointError

@@ -30,7 +30,7 @@ from torch import Tensor
 from streamer.asr.checkpoint import Checkpoint, sha256_of, with_tokenizer
 from streamer.asr.config import CTCConfig, EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
 from streamer.asr.hftokenizer import sentencepiece_from_tokenizer_json
-from streamer.asr.nemoconfig import nemo_config_from
+from streamer.asr.nemoconfigwriter import nemo_config_from
 from streamer.asr.shapes import check_state_dict
 from streamer.errors import CheckpointError, UnsupportedCheckpointError
 

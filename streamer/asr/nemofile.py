@@ -36,7 +36,8 @@ from streamer.asr.checkpoint import (
     sha256_of,
     with_tokenizer,
 )
-from streamer.asr.nemoconfig import TOKENIZER_ARTIFACTS, nemo_config_from, parse_nemo_config
+from streamer.asr.nemoconfig import parse_nemo_config
+from streamer.asr.nemoconfigwriter import TOKENIZER_ARTIFACTS, nemo_config_from
 from streamer.asr.shapes import check_state_dict
 from streamer.errors import CheckpointError
 
