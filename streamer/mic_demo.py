@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from streamer.asr import clocks
 from streamer.config_args import MODEL_FLAGS, Key, add_settings_args, parse_context, settings_from_args
 from streamer.engine.factory import load_recognizer
 from streamer.errors import AudioError, ConfigError, StreamerError
@@ -50,7 +51,7 @@ from streamer.protocol import (
 )
 from streamer.protocol import listen_url as protocol_listen_url
 
-MIC_RATE_HZ = 16000  # what MicrophoneSource delivers (it resamples from the device's own rate)
+MIC_RATE_HZ = clocks.SAMPLE_RATE_HZ  # what MicrophoneSource delivers (it resamples from the device's own rate)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 15.0
 RECV_TIMEOUT_S = 10.0  # --url: waiting for "ready", and for "end" after "stop"
 CLEAR_LINE = "\r\x1b[K"

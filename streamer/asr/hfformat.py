@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from streamer.asr import clocks
 from streamer.asr.checkpoint import Checkpoint, sha256_of, with_tokenizer
 from streamer.asr.config import CTCConfig, EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
 from streamer.asr.hftokenizer import sentencepiece_from_tokenizer_json
@@ -225,11 +226,12 @@ def model_config(directory: Path) -> ModelConfig:
         )
     settings, problems = _processor_settings(directory), []
     encoder = _encoder(cfg.get("encoder_config") or {}, model_type, settings, problems)
+    sample_rate = int(settings.get("sampling_rate", clocks.SAMPLE_RATE_HZ))
     features = FeatureConfig(
-        sample_rate=int(settings.get("sampling_rate", 16000)),
-        window_size=int(settings.get("win_length", 400)) / int(settings.get("sampling_rate", 16000)),
-        window_stride=int(settings.get("hop_length", 160)) / int(settings.get("sampling_rate", 16000)),
-        n_fft=int(settings.get("n_fft", 512)),
+        sample_rate=sample_rate,
+        window_size=int(settings.get("win_length", clocks.WIN_LENGTH)) / sample_rate,
+        window_stride=int(settings.get("hop_length", clocks.HOP_LENGTH)) / sample_rate,
+        n_fft=int(settings.get("n_fft", clocks.N_FFT)),
         n_mels=encoder.feat_in,
         preemph=float(settings.get("preemphasis", 0.97)),
         # Parakeet's extractor always normalises per feature; Nemotron's never does (§1.3).

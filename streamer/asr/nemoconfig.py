@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from streamer.asr import clocks
 from streamer.asr.config import CTCConfig, EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
 from streamer.asr.interpolation import resolve_interpolations
 from streamer.errors import CheckpointError, UnsupportedCheckpointError
@@ -112,7 +113,7 @@ def _parse_features(pre: Mapping[str, Any], problems: list[str]) -> FeatureConfi
         f"{p}._target_",
         problems,
     )
-    sample_rate = _get(pre, p, "sample_rate", int, 16000)
+    sample_rate = _get(pre, p, "sample_rate", int, clocks.SAMPLE_RATE_HZ)
     window_size = _get(pre, p, "window_size", float, 0.02)
     n_fft = _get(pre, p, "n_fft", int, 0) or 2 ** math.ceil(math.log2(int(window_size * sample_rate)))
     guard = pre.get("log_zero_guard_value")
@@ -134,7 +135,7 @@ def _parse_features(pre: Mapping[str, Any], problems: list[str]) -> FeatureConfi
     return FeatureConfig(
         sample_rate=sample_rate,
         window_size=window_size,
-        window_stride=_get(pre, p, "window_stride", float, 0.01),
+        window_stride=_get(pre, p, "window_stride", float, clocks.MEL_FRAME_S),
         n_fft=n_fft,
         n_mels=_get(pre, p, "features", int, 64),
         preemph=None if preemph is None else _get(pre, p, "preemph", float, 0.97),
