@@ -179,7 +179,7 @@ def _encoder(
         "d_model": d_model,
         "n_heads": int(_value(enc, "num_attention_heads")),
         "ff_expansion_factor": max(ffn // d_model, 1),
-        "subsampling_factor": int(enc.get("subsampling_factor", 8)),
+        "subsampling_factor": int(enc.get("subsampling_factor", clocks.SUBSAMPLING_FACTOR)),
         "subsampling_conv_channels": int(enc.get("subsampling_conv_channels", 256)),
         "xscaling": bool(enc.get("scale_input", True)),
         "untie_biases": True,
