@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+from streamer.asr import clocks
 from streamer.bench_model import LARGE_DECODER, LARGE_STREAMING, calibrate_emission, save_large_model
 from streamer.config_args import DefaultsHelpFormatter, add_settings_args, parse_context
 from streamer.config_args import settings_from_args as load_settings_from_args
@@ -83,29 +84,30 @@ def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder, toke
         from streamer.asr.quantize import quantize_linears_int8
 
         enc = quantize_linears_int8(enc)
-    plan = enc.streaming_plan(ctx)
-    state = enc.init_state(streams, plan)
-    state = replace(state, attn_len=torch.full((streams,), plan.cache_size),
+    streaming = enc.streaming(ctx)
+    state = streaming.init_state(streams)
+    state = replace(state, attn_len=torch.full((streams,), streaming.cache_frames),
                     mel_seen=torch.full((streams,), 10_000))
-    mel = torch.randn(streams, enc_cfg.feat_in, plan.chunk, generator=torch.Generator().manual_seed(1)).to(dtype)
-    n_new = torch.full((streams,), plan.chunk)
+    chunk = streaming.chunk_mel_frames
+    mel = torch.randn(streams, enc_cfg.feat_in, chunk, generator=torch.Generator().manual_seed(1)).to(dtype)
+    n_new = torch.full((streams,), chunk)
     if greedy is not None and tokens_per_s > 0:
         with torch.inference_mode():  # one untimed step, also the first of the warm-up
-            probe, probe_len, state = enc.step(mel, n_new, state, plan)
-        frame_s = 0.01 * enc_cfg.subsampling_factor  # 10 ms feature hop
+            probe, probe_len, state = streaming.step(mel, n_new, state)
+        frame_s = clocks.encoder_frame_s(clocks.MEL_FRAME_S, enc_cfg.subsampling_factor)
         calibrate_emission(greedy, probe.float(), probe_len, tokens_per_s * frame_s)
     dstate = greedy.init_state(streams) if greedy else None
     times = []
     with torch.inference_mode():
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            out, out_len, state = enc.step(mel, n_new, state, plan)
+            out, out_len, state = streaming.step(mel, n_new, state)
             if greedy is not None:
                 _, dstate = greedy.step(out.float(), out_len, dstate)
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times.append(dt)
-    chunk_s = plan.chunk * 0.01
+    chunk_s = chunk * clocks.MEL_FRAME_S
     scope = "encoder+tdt" if with_decoder else "encoder"
     return summarize("streamer", scope, dtype_name, params, ctx, chunk_s, streams, times,
                      torch.get_num_threads())
@@ -149,7 +151,7 @@ def measure_nemo(ctx, streams, steps, warmup) -> Row:
             dt = time.perf_counter() - t0
             if i >= warmup:
                 times.append(dt)
-    chunk_s = cfg.chunk_size[1] * 0.01
+    chunk_s = cfg.chunk_size[1] * clocks.MEL_FRAME_S
     return summarize("nemo", "encoder", "float32", params, ctx, chunk_s, streams, times,
                      torch.get_num_threads())
 

@@ -12,10 +12,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamer.asr import clocks
 from streamer.client import ClientSession
 from streamer.protocol import End, Error, Final, Partial, Ready, Start, Warning, parse_server_message
 
-SAMPLE_RATE_HZ = 16000
+SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ  # the model's rate: the server has nothing to resample
 DRAIN_TIMEOUT_S = 60.0  # after its audio ends, how long a client waits for its last final and ``end``
 RECONNECT_DELAY_S = 0.2
 

@@ -16,6 +16,7 @@ import random
 import ssl
 from typing import Any
 
+from streamer.asr import clocks
 from streamer.client import RESUME_BUFFER_S, ClientSession
 from streamer.client import listen_url as client_listen_url
 from streamer.errors import ConfigError
@@ -23,7 +24,7 @@ from streamer.mic_devices import check_microphone, parse_device, until_stopped
 from streamer.protocol import End, Error, Final, Ready, Start, parse_server_message
 from streamer.terminal_captions import Captions
 
-MIC_RATE_HZ = 16000  # what MicrophoneSource delivers (it resamples from the device's own rate)
+MIC_RATE_HZ = clocks.SAMPLE_RATE_HZ  # what MicrophoneSource delivers (it resamples from the device's own rate)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 15.0
 RECV_TIMEOUT_S = 10.0  # --url: waiting for "ready", and for "end" after "stop"
 

@@ -129,7 +129,7 @@ class Daemon:
         metrics.max_stream_lag_seconds.source = lambda: max(lags().values(), default=0.0)
         sdnotify.notify("STATUS=warming up")
         await asyncio.to_thread(self.scheduler.warm_up)
-        info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.plan.att_context_size),
+        info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.att_context_size),
                 "chunk_s": round(recognizer.chunk_seconds, 3)}
         self.server = WebSocketServer(settings.server, self.scheduler, self.hub, metrics, self.endpoint, info, auth,
                                       ssl_context, self.sessions)

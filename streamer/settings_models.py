@@ -19,6 +19,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from streamer.engine.endpoint import EndpointConfig
+
 ENV_PREFIX = "STREAMER_"
 
 
@@ -147,12 +149,15 @@ class EngineSettings(_Section):
     )
 
 
+_RULES = EndpointConfig()  # the endpointing rules and their defaults live in streamer.engine.endpoint
+
+
 class EndpointingSettings(_Section):
     """[endpointing]: when a segment ends (``streamer.engine.endpoint``)."""
 
-    trailing_silence_after_speech_s: float = Field(1.0, gt=0)
-    silence_without_speech_s: float = Field(5.0, gt=0)
-    max_segment_s: float = Field(20.0, gt=0)
+    trailing_silence_after_speech_s: float = Field(_RULES.trailing_silence_after_speech_s, gt=0)
+    silence_without_speech_s: float = Field(_RULES.silence_without_speech_s, gt=0)
+    max_segment_s: float = Field(_RULES.max_segment_s, gt=0)
 
 
 class MqttSettings(_Section):

@@ -25,17 +25,14 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from streamer.asr.checkpoint import (
-    Checkpoint,
-    check_state_dict,
-    expected_shapes,
-    load_checkpoint,
-    load_hf,
-    load_nemo,
-    save_nemo,
-)
-from streamer.asr.hfformat import hf_to_nemo_key, nemo_to_hf_key, to_hf_state_dict
-from streamer.asr.nemoconfig import nemo_config_from, parse_nemo_config, resolve_interpolations
+from streamer.asr.checkpoint import Checkpoint
+from streamer.asr.hfformat import hf_to_nemo_key, load_hf, nemo_to_hf_key, to_hf_state_dict
+from streamer.asr.interpolation import resolve_interpolations
+from streamer.asr.loader import load_checkpoint
+from streamer.asr.nemoconfig import parse_nemo_config
+from streamer.asr.nemoconfigwriter import nemo_config_from
+from streamer.asr.nemofile import load_nemo, save_nemo
+from streamer.asr.shapes import check_state_dict, expected_shapes
 from streamer.errors import CheckpointError, UnsupportedCheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
@@ -865,3 +862,32 @@ def test_nemo_fixtures(path: Path) -> None:
             == cfg.ctc.vocab_size + 1
         )
     assert copy.deepcopy(ckpt.raw_config) == raw
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"encoder": {"conv_norm_type": "batch_norm", "use_bias": False, "subsampling_factor": 4}},
+        {"transducer": {"vocab_size": 40, "joint_dropout_layer": True, "pred_rnn_layers": 2, "durations": (0, 1, 2)}},
+        {"ctc": {"vocab_size": 40, "feat_in": 32, "key_prefix": "ctc_decoder"}},
+        {"transducer": None, "ctc": {"vocab_size": 40, "feat_in": 32, "key_prefix": "decoder"}},
+    ],
+)
+def test_expected_shapes_are_those_of_the_built_model(overrides: dict[str, Any]) -> None:
+    """The shape check's keys and shapes equal a model built on the CPU, for every head and layer variant."""
+    from streamer.asr.config import CTCConfig, EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
+    from streamer.asr.network import AsrNetwork
+
+    parts: dict[str, Any] = {
+        "encoder": EncoderConfig(d_model=32, n_heads=2, subsampling_conv_channels=16),
+        "transducer": TransducerConfig(vocab_size=40, pred_hidden=24, joint_hidden=24),
+    }
+    for name, value in overrides.items():
+        kind = {"encoder": EncoderConfig, "transducer": TransducerConfig, "ctc": CTCConfig}[name]
+        base = {"encoder": {"d_model": 32, "n_heads": 2, "subsampling_conv_channels": 16},
+                "transducer": {"pred_hidden": 24, "joint_hidden": 24}, "ctc": {}}[name]
+        parts[name] = None if value is None else kind(**(base | value))
+    config = ModelConfig(FeatureConfig(n_mels=80), **parts)
+    built = {key: tuple(t.shape) for key, t in AsrNetwork(config).state_dict().items()}
+    assert expected_shapes(config) == built

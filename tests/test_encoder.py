@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from streamer.asr.config import EncoderConfig
-from streamer.asr.encoder import FastConformerEncoder, subsampled_length
+from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.state import stack, unstack
+from streamer.asr.subsampling import subsampled_length
 
 CONTEXTS = ((70, 13), (70, 6), (70, 1), (70, 0))
 
@@ -42,13 +43,13 @@ def make_encoder(**overrides) -> FastConformerEncoder:
 
 def stream_encode(enc, mel: torch.Tensor, ctx, batch_rows=None) -> torch.Tensor:
     """Feed one utterance [F, T] chunk by chunk (flushing the tail) and concatenate the valid outputs."""
-    plan = enc.streaming_plan(ctx)
-    state = enc.init_state(1, plan)
+    streaming = enc.streaming(ctx)
+    state = streaming.init_state(1)
     pieces, pos, total = [], 0, mel.size(1)
     while pos < total:
-        need = int(enc.chunk_frames(plan, state)[0])
+        need = int(streaming.chunk_frames(state)[0])
         n = min(need, total - pos)
-        out, out_len, state = enc.step(mel[None, :, pos : pos + n], torch.tensor([n]), state, plan)
+        out, out_len, state = streaming.step(mel[None, :, pos : pos + n], torch.tensor([n]), state)
         pieces.append(out[0, : int(out_len[0])])
         pos += n
     return torch.cat(pieces)
@@ -99,10 +100,10 @@ def test_batched_streams_at_different_fill_levels() -> None:
     enc = make_encoder()
     rng = random.Random(0)
     for ctx in ((70, 1), (70, 0), (70, 6)):
-        plan = enc.streaming_plan(ctx)
+        streaming = enc.streaming(ctx)
         lengths = [rng.randint(30, 400) for _ in range(5)]
         mels = [torch.randn(16, n, generator=torch.Generator().manual_seed(n)) for n in lengths]
-        states = [enc.init_state(1, plan) for _ in mels]
+        states = [streaming.init_state(1) for _ in mels]
         pos = [0] * len(mels)
         starts = [0, 0, 2, 5, 7]  # step at which each stream joins
         outs: list[list[torch.Tensor]] = [[] for _ in mels]
@@ -112,12 +113,12 @@ def test_batched_streams_at_different_fill_levels() -> None:
                 active = [i for i, m in enumerate(mels) if step >= starts[i] and pos[i] < m.size(1)]
                 rng.shuffle(active)
                 if active:
-                    needs = [int(enc.chunk_frames(plan, states[i])[0]) for i in active]
+                    needs = [int(streaming.chunk_frames(states[i])[0]) for i in active]
                     ns = [min(nd, mels[i].size(1) - pos[i]) for nd, i in zip(needs, active, strict=True)]
                     chunk = torch.zeros(len(active), 16, max(needs))
                     for row, (i, n) in enumerate(zip(active, ns, strict=True)):
                         chunk[row, :, :n] = mels[i][:, pos[i] : pos[i] + n]
-                    out, out_len, st = enc.step(chunk, torch.tensor(ns), stack([states[i] for i in active]), plan)
+                    out, out_len, st = streaming.step(chunk, torch.tensor(ns), stack([states[i] for i in active]))
                     for row, (i, n, s) in enumerate(zip(active, ns, unstack(st), strict=True)):
                         outs[i].append(out[row, : int(out_len[row])])
                         states[i] = s
@@ -133,10 +134,10 @@ def test_batched_streams_at_different_fill_levels() -> None:
 def test_state_stack_unstack_roundtrip() -> None:
     """unstack(stack(xs)) gives back the same tensors."""
     enc = make_encoder()
-    plan = enc.streaming_plan((70, 1))
+    streaming = enc.streaming((70, 1))
     states = []
     for seed in range(3):
-        st = enc.init_state(1, plan)
+        st = streaming.init_state(1)
         st = replace(st, attn_k=torch.randn_like(st.attn_k), mel_seen=torch.tensor([seed * 16]))
         states.append(st)
     for a, b in zip(unstack(stack(states)), states, strict=True):
@@ -151,7 +152,7 @@ def test_symmetric_model_refuses_streaming() -> None:
     enc = make_encoder(causal_downsampling=False, conv_context_size=None, att_context_sizes=((-1, -1),),
                        att_context_style="regular")
     with pytest.raises(ConfigError, match="not a cache-aware streaming model"):
-        enc.streaming_plan()
+        enc.streaming()
 
 
 def test_subsampled_lengths_match_nemo_tables() -> None:
@@ -159,3 +160,20 @@ def test_subsampled_lengths_match_nemo_tables() -> None:
     t = torch.tensor([1, 2, 7, 8, 9, 15, 16, 17, 100])
     assert subsampled_length(t, 8, False).tolist() == [1, 1, 1, 1, 2, 2, 2, 3, 13]
     assert subsampled_length(t, 8, True).tolist() == [1, 2, 2, 2, 2, 3, 3, 3, 14]
+
+
+@pytest.mark.parametrize("ctx", CONTEXTS)
+def test_streaming_encoder_owns_its_schedule(ctx) -> None:
+    """The schedule of nemo-reference.md §5: first chunk 1+8R mel frames, then 8(R+1), R+1 frames out."""
+    enc = make_encoder()
+    streaming = enc.streaming(ctx)
+    left, right = ctx
+    assert streaming.att_context_size == ctx
+    assert (streaming.first_chunk_mel_frames, streaming.chunk_mel_frames) == (1 + 8 * right, 8 * (right + 1))
+    assert (streaming.chunk_encoder_frames, streaming.cache_frames) == (right + 1, left)
+    state = streaming.init_state(2)
+    assert streaming.chunk_frames(state).tolist() == [1 + 8 * right] * 2
+    with torch.inference_mode():
+        _, out_len, state = streaming.step(torch.randn(2, 16, 1 + 8 * right), torch.tensor([1 + 8 * right] * 2), state)
+    assert out_len.tolist() == [right + 1] * 2
+    assert streaming.chunk_frames(state).tolist() == [8 * (right + 1)] * 2

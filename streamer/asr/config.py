@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from streamer.asr import clocks
+
 ContextSize = tuple[int, int]
 
 
@@ -16,10 +18,10 @@ ContextSize = tuple[int, int]
 class FeatureConfig:
     """NeMo ``AudioToMelSpectrogramPreprocessor`` settings (inference view: no dither, no pad_to)."""
 
-    sample_rate: int = 16000
-    window_size: float = 0.025  # seconds; win_length = int(window_size * sample_rate)
-    window_stride: float = 0.01  # seconds; hop_length = int(window_stride * sample_rate)
-    n_fft: int = 512
+    sample_rate: int = clocks.SAMPLE_RATE_HZ
+    window_size: float = clocks.WINDOW_S  # seconds; win_length = int(window_size * sample_rate)
+    window_stride: float = clocks.MEL_FRAME_S  # seconds; hop_length = int(window_stride * sample_rate)
+    n_fft: int = clocks.N_FFT
     n_mels: int = 80
     preemph: float | None = 0.97
     log_zero_guard_value: float = 2.0**-24
@@ -47,7 +49,7 @@ class EncoderConfig:
     d_model: int = 64
     n_heads: int = 4
     ff_expansion_factor: int = 4
-    subsampling_factor: int = 8
+    subsampling_factor: int = clocks.SUBSAMPLING_FACTOR
     subsampling_conv_channels: int = 64
     causal_downsampling: bool = True
     # All context sizes the model supports; the first is NeMo's default at inference.
@@ -130,4 +132,4 @@ class ModelConfig:
     @property
     def frame_shift_s(self) -> float:
         """Seconds per encoder frame (0.08 for 10 ms hop and 8x subsampling)."""
-        return self.features.window_stride * self.encoder.subsampling_factor
+        return clocks.encoder_frame_s(self.features.window_stride, self.encoder.subsampling_factor)

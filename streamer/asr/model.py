@@ -1,6 +1,13 @@
-"""The whole recognizer model: front end, encoder, transducer and/or CTC heads, tokenizer.
+"""The whole recognizer model: the module tree of :mod:`streamer.asr.network` plus its tokenizer.
 
 Attribute names equal NeMo's, so a checkpoint's state dict loads with ``strict=True`` as it is.
+
+Shape legend::
+
+    B streams in the batch   S audio samples (16 kHz)   M mel frames (10 ms)   F mel bins   U emitted tokens
+    T encoder frames (80 ms, after 8x subsampling)      D encoder width   P prediction/joint width
+    L layers   H heads   K conv kernel   C cached left-context encoder frames   V vocab incl. blank
+    N TDT durations
 """
 
 from __future__ import annotations
@@ -9,15 +16,16 @@ import logging
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from streamer.asr.checkpoint import Checkpoint, load_checkpoint, save_nemo
+from streamer.asr.checkpoint import FEATURE_BUFFER_KEYS, Checkpoint
 from streamer.asr.config import ContextSize, ModelConfig
-from streamer.asr.ctc import ConvASRDecoder, GreedyCTCDecoder
-from streamer.asr.encoder import FastConformerEncoder
-from streamer.asr.features import Preprocessor
+from streamer.asr.ctc import GreedyCTCDecoder
+from streamer.asr.loader import load_checkpoint
+from streamer.asr.nemofile import save_nemo
+from streamer.asr.network import AsrNetwork
 from streamer.asr.tokenizer import Tokenizer
-from streamer.asr.transducer import GreedyTransducerDecoder, RNNTDecoder, RNNTJoint
+from streamer.asr.transducer import GreedyTransducerDecoder
 from streamer.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -25,28 +33,12 @@ logger = logging.getLogger(__name__)
 DecoderKind = Literal["tdt", "rnnt", "ctc"]
 
 
-class AsrModel(nn.Module):
-    """A FastConformer recognizer with a TDT/RNNT transducer head, a CTC head, or both (hybrid)."""
+class AsrModel(AsrNetwork):
+    """A FastConformer recognizer (the modules of :class:`AsrNetwork`) with its tokenizer, loading and decoding."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.tokenizer = tokenizer
-        self.preprocessor = Preprocessor(config.features)
-        self.encoder = FastConformerEncoder(config.encoder)
-        self.joint: RNNTJoint | None = None
-        self.ctc_decoder: ConvASRDecoder | None = None
-        if config.transducer is not None:
-            self.decoder: nn.Module = RNNTDecoder(config.transducer)
-            self.joint = RNNTJoint(config.transducer, config.encoder.d_model)
-        if config.ctc is not None:
-            ctc = ConvASRDecoder(config.ctc)
-            if config.ctc.key_prefix == "decoder":
-                self.decoder = ctc
-            else:
-                self.ctc_decoder = ctc
-        if config.transducer is None and config.ctc is None:
-            raise ConfigError("a model needs a transducer or a CTC head")
 
     # ------------------------------------------------------------------ construction
 
@@ -58,7 +50,7 @@ class AsrModel(nn.Module):
         state = dict(ckpt.state_dict)
         own = model.state_dict()
         # Hugging Face checkpoints carry no window/filterbank: keep the ones we computed.
-        for key in ("preprocessor.featurizer.window", "preprocessor.featurizer.fb"):
+        for key in FEATURE_BUFFER_KEYS:
             state.setdefault(key, own[key])
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -115,7 +107,7 @@ class AsrModel(nn.Module):
 
     def check_context(self, att_context_size: ContextSize | None) -> ContextSize:
         """Validate a look-ahead choice (None = the model's default)."""
-        return self.encoder._context(att_context_size)
+        return self.encoder.check_context(att_context_size)
 
     def to_checkpoint(self, source: str = "") -> Checkpoint:
         """This model's config, weights and tokenizer as a :class:`Checkpoint` (CPU tensors)."""

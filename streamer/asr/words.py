@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import SupportsFloat, SupportsInt
 
+from streamer.asr import clocks
 from streamer.asr.tokenizer import WORD_START, Tokenizer
 
 
@@ -47,7 +48,7 @@ def words_from_tokens(
     token_frames: Sequence[SupportsInt],
     token_durations: Sequence[SupportsInt] | None = None,
     token_confidences: Sequence[SupportsFloat] | None = None,
-    frame_shift_s: float = 0.08,
+    frame_shift_s: float = clocks.ENCODER_FRAME_S,
 ) -> list[Word]:
     """Words of a hypothesis, with times in seconds from the start of the audio.
 

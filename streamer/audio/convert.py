@@ -15,15 +15,19 @@ from typing import Final
 import numpy as np
 import soxr
 
+from streamer import protocol
+from streamer.asr import clocks
 from streamer.errors import AudioError
 
-TARGET_RATE_HZ: Final = 16000
-MIN_RATE_HZ: Final = 8000
-MAX_RATE_HZ: Final = 48000
-MAX_CHANNELS: Final = 8
+TARGET_RATE_HZ: Final = clocks.SAMPLE_RATE_HZ
+# The wire protocol owns what a client may send; this module only adds numpy's name for each encoding.
+MIN_RATE_HZ: Final = protocol.MIN_SAMPLE_RATE_HZ
+MAX_RATE_HZ: Final = protocol.MAX_SAMPLE_RATE_HZ
+MAX_CHANNELS: Final = protocol.MAX_CHANNELS
+_NUMPY_KIND = {"s": "i", "f": "f"}  # pcm_s16le: signed integers; pcm_f32le: IEEE floats (all little-endian)
 ENCODINGS: Final[dict[str, np.dtype]] = {
-    "pcm_s16le": np.dtype("<i2"),
-    "pcm_f32le": np.dtype("<f4"),
+    name: np.dtype(f"<{_NUMPY_KIND[name.removeprefix('pcm_')[0]]}{size}")
+    for name, size in protocol.BYTES_PER_SAMPLE.items()
 }
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from streamer.asr import clocks
 from streamer.errors import AudioError
 
-SAMPLE_RATE_HZ = 16000
+SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ  # the recognizer's rate
 
 
 def load_audio(source: str | os.PathLike[str] | BinaryIO, sample_rate: int = SAMPLE_RATE_HZ) -> np.ndarray:

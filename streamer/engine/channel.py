@@ -180,7 +180,7 @@ class Channel:
     def after_step(self, span: TokenSpan) -> list[Event]:
         """Events from one batched step's new tokens for this channel."""
         self.stream.tokens = TokenSpan()  # the segmenter keeps the segment's tokens; don't grow forever
-        return self.segmenter.add(span, self._frames_done())
+        return self.segmenter.add(span, self.stream.frames_done)
 
     def settle(self) -> None:
         """After the round: note what the loop needs to decide when to schedule this channel again."""
@@ -203,12 +203,12 @@ class Channel:
         """Recognize all audio fed so far (padding silence to the chunk boundary), then cut the segment."""
         out = self._step_alone()
         real_end = self._fed
-        while self._mel_consumed() * self._hop < real_end:  # some real audio is not recognized yet
+        while self.stream.mel_consumed * self._hop < real_end:  # some real audio is not recognized yet
             pad = max(1, self._samples_to_ready())
             self.clock.padded(self._fed, pad)
             self._feed(np.zeros(pad, dtype=np.float32))
             out += self._step_alone()
-        return out + self.segmenter.cut(reason, self._frames_done(), end_fed=real_end)
+        return out + self.segmenter.cut(reason, self.stream.frames_done, end_fed=real_end)
 
     def _finish(self, reason: str) -> list[Event]:
         if self.is_closed:
@@ -217,17 +217,11 @@ class Channel:
         self.stream.input_finished()
         out = self._step_alone()
         self.is_closed = True
-        return out + self.segmenter.cut(reason, self._frames_done(), end_fed=self._fed)
-
-    def _frames_done(self) -> int:
-        return int(self.stream.dec_state.frames_done[0])  # type: ignore[attr-defined]
-
-    def _mel_consumed(self) -> int:
-        return int(self.stream.enc_state.mel_seen[0])  # type: ignore[attr-defined]
+        return out + self.segmenter.cut(reason, self.stream.frames_done, end_fed=self._fed)
 
     def _samples_to_ready(self) -> int:
         """More samples the stream needs before its next full step (0: it is ready)."""
         if self.stream.input_done:
             return 0
-        target = self._mel_consumed() + self.stream.frames_needed  # mel frames it will have consumed
+        target = self.stream.mel_consumed + self.stream.frames_needed  # mel frames it will have consumed
         return max(0, (target - 1) * self._hop + self._reach - self.stream.samples_in)

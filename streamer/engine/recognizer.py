@@ -17,10 +17,13 @@ import torch
 from torch import Tensor
 
 from streamer.asr.config import ContextSize
-from streamer.asr.ctc import GreedyCTCDecoder
+from streamer.asr.ctc import CTCState, GreedyCTCDecoder
+from streamer.asr.features import FeatureState
 from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel, DecoderKind
 from streamer.asr.state import stack, unstack
+from streamer.asr.streaming import EncoderState, StreamingEncoder
+from streamer.asr.transducer import TransducerState
 from streamer.asr.words import Word, words_from_tokens
 from streamer.errors import ConfigError
 
@@ -118,9 +121,9 @@ class Stream:
 
     recognizer: Recognizer
     name: str
-    feat_state: object
-    enc_state: object
-    dec_state: object
+    feat_state: FeatureState
+    enc_state: EncoderState
+    dec_state: TransducerState | CTCState
     pending: Tensor  # [F, n] mel frames not yet given to the encoder
     tokens: TokenSpan = field(default_factory=TokenSpan)
     samples_in: int = 0
@@ -153,8 +156,17 @@ class Stream:
     @property
     def frames_needed(self) -> int:
         """Mel frames the next full step needs."""
-        rec = self.recognizer
-        return int(rec.model.encoder.chunk_frames(rec.plan, self.enc_state)[0])  # type: ignore[arg-type]
+        return int(self.recognizer.streaming.chunk_frames(self.enc_state)[0])
+
+    @property
+    def mel_consumed(self) -> int:
+        """Mel frames the encoder has consumed (padding the channel added included)."""
+        return int(self.enc_state.mel_seen[0])
+
+    @property
+    def frames_done(self) -> int:
+        """Encoder frames decoded so far: the stream's position on the encoder clock."""
+        return int(self.dec_state.frames_done[0])
 
     @property
     def is_ready(self) -> bool:
@@ -188,13 +200,18 @@ class Recognizer:
         featurizer = model.preprocessor.featurizer
         self.featurizer = featurizer if self.device.type == "cpu" else copy.deepcopy(featurizer).cpu()
         self.kind = model.check_decoder(decoder)
-        self.plan = model.encoder.streaming_plan(att_context_size)
+        self.streaming: StreamingEncoder = model.encoder.streaming(att_context_size)
         self.greedy = model.greedy_decoder(self.kind)
+
+    @property
+    def att_context_size(self) -> ContextSize:
+        """The look-ahead this recognizer streams at."""
+        return self.streaming.att_context_size
 
     @property
     def chunk_seconds(self) -> float:
         """Audio per full chunk (the step period of a real-time stream)."""
-        return self.plan.chunk * self.model.config.features.window_stride
+        return self.streaming.chunk_mel_frames * self.model.config.features.window_stride
 
     def create_stream(self, name: str | None = None) -> Stream:
         model = self.model
@@ -202,7 +219,7 @@ class Recognizer:
             recognizer=self,
             name=name or f"s{next(_ids)}",
             feat_state=self.featurizer.init_state(1),
-            enc_state=model.encoder.init_state(1, self.plan),
+            enc_state=self.streaming.init_state(1),
             dec_state=self.greedy.init_state(1),
             pending=torch.zeros(model.config.features.n_mels, 0),
         )
@@ -220,7 +237,6 @@ class Recognizer:
                 continue
             work.append((s, n))
         if work:
-            enc = self.model.encoder
             width = max(s.frames_needed for s, _ in work)
             mel = torch.zeros(len(work), self.model.config.features.n_mels, width)
             for i, (s, n) in enumerate(work):
@@ -228,7 +244,7 @@ class Recognizer:
             n_new = torch.tensor([n for _, n in work])
             if self.device.type != "cpu":
                 mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
-            out, out_len, enc_state = enc.step(mel, n_new, stack([s.enc_state for s, _ in work]), self.plan)
+            out, out_len, enc_state = self.streaming.step(mel, n_new, stack([s.enc_state for s, _ in work]))
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
             spans, dec_state = self.greedy.step(dec_in, out_len, stack([s.dec_state for s, _ in work]))
             for (s, n), es, ds, span in zip(work, unstack(enc_state), unstack(dec_state), spans, strict=True):

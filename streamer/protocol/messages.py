@@ -16,8 +16,8 @@ from streamer.errors import ProtocolError
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-ENCODINGS = ("pcm_s16le", "pcm_f32le")
-BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}
+BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}  # the PCM encodings a client may send
+ENCODINGS = tuple(BYTES_PER_SAMPLE)
 MIN_SAMPLE_RATE_HZ = 8000
 MAX_SAMPLE_RATE_HZ = 48000
 MAX_CHANNELS = 8

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import soxr
 
-SAMPLE_RATE_HZ = 16000
+from streamer.asr import clocks
+
+SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ
 NOISE_KINDS = ("white", "pink", "brown", "babble")
 _NOISE_EXPONENT = {"white": 0.0, "pink": 0.5, "brown": 1.0}  # amplitude spectrum ~ f ** -exponent
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from streamer.asr import clocks
 from streamer.asr.config import FeatureConfig
 from streamer.asr.features import Preprocessor
 from streamer.asr.tokenizer import Tokenizer
@@ -111,7 +112,7 @@ def load_utterances(
     """Tokenized utterances of one split, filtered by duration; ``limit`` keeps the first ``limit``."""
     out = []
     for entry in read_manifest(corpus_dir, split):
-        seconds = entry["num_samples"] / 16000
+        seconds = entry["num_samples"] / clocks.SAMPLE_RATE_HZ
         if not min_duration_s <= seconds <= max_duration_s or not entry["text"].strip():
             continue
         tokens = tuple(tokenizer.encode(entry["text"]))
@@ -170,7 +171,7 @@ class Batch:
 
     @property
     def audio_seconds(self) -> float:
-        return float(self.mel_lengths.sum()) * 0.01
+        return float(self.mel_lengths.sum()) * clocks.MEL_FRAME_S
 
 
 def spec_augment(mel: Tensor, lengths: Tensor, cfg: SpecAugmentConfig, generator: torch.Generator) -> Tensor:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamer.asr import clocks
 from streamer.asr.config import ContextSize
 from streamer.asr.model import AsrModel
 from streamer.config_args import MODEL_FLAGS, Key, settings_from_args
@@ -41,7 +42,6 @@ EVAL_FLAGS: dict[str, Key] = {"model": MODEL_FLAGS["model"], "threads": MODEL_FL
                               "device": ("model", "device")}  # --att-context is a list: cmd_eval reads it
 
 logger = logging.getLogger(__name__)
-MS_PER_ENCODER_FRAME = 80.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def transcribe_offline_batch(
     out: dict[int, str] = {}
     group: list[int] = []
     for i in [*order, None]:
-        if i is not None and (not group or (len(group) + 1) * len(audios[i]) <= batch_seconds * 16000):
+        if i is not None and (not group or (len(group) + 1) * len(audios[i]) <= batch_seconds * clocks.SAMPLE_RATE_HZ):
             group.append(i)
             continue
         if group:
@@ -155,7 +155,7 @@ def chunk_compute_ms(model: AsrModel, audio: np.ndarray, ctx: ContextSize) -> tu
     """(mean compute per chunk in ms, real-time factor) of one stream fed chunk by chunk."""
     rec = Recognizer(model, ctx)
     stream = rec.create_stream()
-    chunk = int(rec.chunk_seconds * 16000)
+    chunk = int(rec.chunk_seconds * clocks.SAMPLE_RATE_HZ)
     steps, busy = 0, 0.0
     for i in range(0, len(audio), chunk):
         start = time.perf_counter()
@@ -168,7 +168,7 @@ def chunk_compute_ms(model: AsrModel, audio: np.ndarray, ctx: ContextSize) -> tu
     stream.input_finished()
     rec.run_to_end([stream])
     busy += time.perf_counter() - start
-    return 1000.0 * busy / max(steps, 1), (len(audio) / 16000) / max(busy, 1e-9)
+    return 1000.0 * busy / max(steps, 1), (len(audio) / clocks.SAMPLE_RATE_HZ) / max(busy, 1e-9)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def read_eval_manifest(path: Path, limit: int | None) -> tuple[list[np.ndarray],
         entry = json.loads(line)
         if "audio_filepath" in entry:
             audio, rate = soundfile.read(entry["audio_filepath"], dtype="float32", always_2d=True)
-            if rate != 16000:
+            if rate != clocks.SAMPLE_RATE_HZ:
                 raise ValueError(f"{entry['audio_filepath']}: {rate} Hz; evaluation needs 16 kHz audio")
             audios.append(audio.mean(axis=1))
         else:
@@ -229,6 +229,7 @@ def evaluate(
 ) -> list[ResultRow]:
     """WER of every split in every mode and look-ahead; compute per chunk from the first utterances."""
     rows = []
+    frame_ms = 1000.0 * model.config.frame_shift_s  # one encoder frame
     for split, path in manifests.items():
         audios, texts = read_eval_manifest(path, limit)
         logger.info("%s: %d utterances", split, len(texts))
@@ -252,8 +253,8 @@ def evaluate(
                         split=split,
                         mode=mode,
                         att_context=f"[{ctx[0]},{ctx[1]}]",
-                        lookahead_ms=ctx[1] * MS_PER_ENCODER_FRAME,
-                        chunk_ms=(ctx[1] + 1) * MS_PER_ENCODER_FRAME,
+                        lookahead_ms=ctx[1] * frame_ms,
+                        chunk_ms=(ctx[1] + 1) * frame_ms,
                         utterances=len(texts),
                         words=words,
                         wer_percent=round(100 * wer, 2),

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from streamer.asr.checkpoint import Checkpoint, save_nemo
+from streamer.asr.checkpoint import Checkpoint
 from streamer.asr.model import AsrModel
+from streamer.asr.nemofile import save_nemo
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import CheckpointError, ConfigError
 from streamer.training.recipe import model_config, recipe_from_dict

@@ -19,9 +19,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from ..asr import clocks
 from ..errors import StreamerError
 
-SAMPLE_RATE_HZ = 16000
+SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ
 
 ESPEAK_LANGUAGES = (
     "en",

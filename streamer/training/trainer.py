@@ -43,6 +43,7 @@ import yaml
 from torch import Tensor
 from tqdm import tqdm
 
+from streamer.asr import clocks
 from streamer.asr.config import ContextSize
 from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.model import AsrModel
@@ -477,7 +478,7 @@ class Trainer:
             self._restore(run_dir / "checkpoints" / "latest.pt")
         elif warm is not None:
             self._warm_start(*warm)
-        hours = sum(u.num_samples for u in self.train_utts) / 16000 / 3600
+        hours = sum(u.num_samples for u in self.train_utts) / clocks.SAMPLE_RATE_HZ / 3600
         logger.info(
             "model: %.2fM parameters on %s; train: %d utterances (%.1f h); dev subset: %d",
             self.model.num_parameters / 1e6,

@@ -1,0 +1,133 @@
+"""One FastConformer block (NeMo ``ConformerLayer``): feed-forward, self-attention, convolution, feed-forward.
+
+Each part runs offline (whole utterance) or streaming (the caller passes the cached keys/values and
+the causal conv tail and keeps what comes back).
+
+Shape legend::
+
+    B streams in the batch   S audio samples (16 kHz)   M mel frames (10 ms)   F mel bins   U emitted tokens
+    T encoder frames (80 ms, after 8x subsampling)      D encoder width   P prediction/joint width
+    L layers   H heads   K conv kernel   C cached left-context encoder frames   V vocab incl. blank
+    N TDT durations
+    (here also: dk = D / H per-head width, Tq / Tk query and key frames)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from streamer.asr.attention import RelPositionMultiHeadAttention
+from streamer.asr.config import ContextSize, EncoderConfig
+from streamer.errors import ConfigError
+
+
+class FeedForward(nn.Module):
+    """``linear2(SiLU(linear1(x)))``."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(F.silu(self.linear1(x)))
+
+
+class ConvModule(nn.Module):
+    """Pointwise conv + GLU, depthwise conv (causal or symmetric), norm, SiLU, pointwise conv."""
+
+    def __init__(self, d_model: int, kernel: int, context: ContextSize, norm: str, bias: bool) -> None:
+        super().__init__()
+        self.context = context
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * d_model, 1, bias=bias)
+        self.depthwise_conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model, bias=bias)
+        if norm == "batch_norm":
+            self.batch_norm: nn.Module = nn.BatchNorm1d(d_model)
+        elif norm == "layer_norm":
+            self.batch_norm = nn.LayerNorm(d_model)  # NeMo keeps the attribute name `batch_norm`
+        else:
+            raise ConfigError(f"conv_norm_type {norm!r} is not supported; use batch_norm or layer_norm")
+        self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=bias)
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded; ``tail`` [B, D, left] cached inputs or None.
+
+        Returns the output [B, T, D] and the new tail (None offline)."""
+        # Pointwise convs as linears on [B, T, D]: same maths, no transposes, faster for short chunks.
+        pw1 = self.pointwise_conv1
+        h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1).transpose(1, 2)
+        if pad_mask is not None:
+            h = h.masked_fill(pad_mask.unsqueeze(1), 0.0)
+        left, right = self.context
+        new_tail = None
+        if tail is None:
+            h = F.pad(h, (left, right))
+        else:
+            h = torch.cat([tail, h], dim=2)
+            new_tail = h[:, :, h.size(2) - left :] if left > 0 else tail
+            if right:
+                h = F.pad(h, (0, right))
+        h = self._depthwise(h)
+        if isinstance(self.batch_norm, nn.LayerNorm):
+            h = self.batch_norm(h.transpose(1, 2))
+        else:
+            h = self.batch_norm(h).transpose(1, 2)
+        pw2 = self.pointwise_conv2
+        return F.linear(F.silu(h), pw2.weight.squeeze(-1), pw2.bias), new_tail
+
+    def _depthwise(self, h: Tensor) -> Tensor:
+        """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs (streaming chunks) use an
+        unfold-and-sum, which avoids PyTorch's slow grouped-conv path for tiny outputs."""
+        conv = self.depthwise_conv
+        k = conv.kernel_size[0]
+        t_out = h.size(2) - k + 1
+        if t_out > 32:
+            return conv(h)
+        out = (h.unfold(2, k, 1) * conv.weight[:, 0, None, :]).sum(-1)
+        return out if conv.bias is None else out + conv.bias[:, None]
+
+
+class ConformerLayer(nn.Module):
+    """Macaron Conformer block: FF/2, MHSA, conv, FF/2, LayerNorm (NeMo ``ConformerLayer``)."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        d, bias = cfg.d_model, cfg.use_bias
+        self.norm_feed_forward1 = nn.LayerNorm(d)
+        self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor, bias)
+        self.norm_self_att = nn.LayerNorm(d)
+        self.self_attn = RelPositionMultiHeadAttention(cfg.n_heads, d, bias)
+        self.norm_conv = nn.LayerNorm(d)
+        self.conv = ConvModule(d, cfg.conv_kernel_size, cfg.conv_context, cfg.conv_norm_type, bias)
+        self.norm_feed_forward2 = nn.LayerNorm(d)
+        self.feed_forward2 = FeedForward(d, d * cfg.ff_expansion_factor, bias)
+        self.norm_out = nn.LayerNorm(d)
+
+    def forward(
+        self,
+        x: Tensor,
+        p: Tensor,
+        att_mask: Tensor | None,
+        pad_mask: Tensor | None,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+        conv_tail: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """One block. Offline: no caches. Streaming: ``kv_cache`` = projected (k, v) [B,H,C,dk] of the
+        cached frames, ``conv_tail`` [B,D,K-1]. Returns (y, k_all, v_all, new_conv_tail) where k_all/v_all
+        cover cache + chunk (the caller keeps the last C)."""
+        r = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
+        xn = self.norm_self_att(r)
+        att = self.self_attn
+        q = att.linear_q(xn)
+        k = att.heads(att.linear_k, xn)
+        v = att.heads(att.linear_v, xn)
+        if kv_cache is not None:
+            k = torch.cat([kv_cache[0], k], dim=2)
+            v = torch.cat([kv_cache[1], v], dim=2)
+        r = r + att.attend(q, k, v, p, att_mask)
+        c, new_tail = self.conv(self.norm_conv(r), pad_mask, conv_tail)
+        r = r + c
+        r = r + 0.5 * self.feed_forward2(self.norm_feed_forward2(r))
+        return self.norm_out(r), k, v, new_tail
