@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from streamer.engine.factory import load_recognizer
 from streamer.errors import ConfigError, StreamerError
 from streamer.protocol import STREAM_NAME
 from streamer.server import sdnotify
-from streamer.settings import DEFAULT_CONFIG_PATH, Settings, state_directory
+from streamer.settings import DEFAULT_CONFIG_PATH, ModelSettings, Settings, state_directory
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,21 @@ def parse_source(text: str) -> FileSourceSpec:
     if not Path(path).is_file():
         raise ConfigError(f"--source: {path}: no such file")
     return FileSourceSpec(Path(path), options.get("realtime", "0") in ("1", "true", "yes"), name)
+
+
+def serving_model_settings(model: ModelSettings, cores: int | None = None) -> ModelSettings:
+    """``model`` with torch's threads decided for the daemon: ``model.threads`` when set, else one less than the
+    cores this process may run on (at least 1), so torch's threads never crowd out the event loop, which does the
+    network, audio conversion and results (on 2 cores, 1 torch thread holds about half again as many live streams
+    in ``streamer loadtest`` as 2: measured in the issue 16 notes)."""
+    if model.threads is not None or not model.device.startswith("cpu"):
+        return model
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores - 1)
+    logger.info("model.threads is unset: %d torch thread(s), one core left to the event loop (%d core(s))",
+                threads, cores)
+    return model.model_copy(update={"threads": threads})
 
 
 def _model_name(spec: str) -> str:
@@ -112,7 +128,7 @@ class Daemon:
         metrics.session_journal_unsaved.source = lambda: sessions.unsaved
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
-            self.recognizer = await asyncio.to_thread(load_recognizer, settings.model)
+            self.recognizer = await asyncio.to_thread(load_recognizer, serving_model_settings(settings.model))
         recognizer = self.recognizer
         self.hub = Hub(self.mqtt, on_event=metrics.count_result)
 

@@ -35,7 +35,9 @@ class ModelSettings(_Section):
     att_context_size: tuple[int, int] | None = Field(None, description="[left, right] attention context; None: first")
     decoder: Literal["tdt", "rnnt", "ctc"] | None = Field(None, description="decoding head; None: the model's own")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: torch's choice")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; None: serve leaves one core to the event loop, others use all"
+    )
 
 
 def token_problem(token: str) -> str | None:

@@ -146,3 +146,15 @@ async def test_file_source_is_recognized_as_a_stream(daemon: Any, speech_wav: Pa
     assert all(m["stream"] == "replay" for m in messages)
     code, stderr = await running.stop()
     assert code == 0, stderr
+
+
+def test_the_daemon_leaves_a_core_to_the_event_loop_unless_told() -> None:
+    """serve: unset model.threads becomes cores - 1 (at least 1) on a CPU; a set value or a GPU is left alone."""
+    from streamer.service import serving_model_settings
+    from streamer.settings import ModelSettings
+
+    assert serving_model_settings(ModelSettings(), cores=2).threads == 1
+    assert serving_model_settings(ModelSettings(), cores=16).threads == 15
+    assert serving_model_settings(ModelSettings(), cores=1).threads == 1
+    assert serving_model_settings(ModelSettings(threads=2), cores=2).threads == 2
+    assert serving_model_settings(ModelSettings(device="cuda"), cores=2).threads is None
