@@ -27,6 +27,50 @@ FILE_NAME: Final = "mqtt-outbox.sqlite3"
 SCHEMA_VERSION: Final = 1
 
 
+def open_state_db(path: Path, what: str, keeps: str, version: int, schema: Sequence[str]) -> sqlite3.Connection:
+    """Open (creating if needed) one of the daemon's databases in the state directory, set up as the module
+    docstring says (WAL, ``synchronous=FULL``, an exclusive lock held until close), with ``schema`` created.
+
+    Args:
+        path: the database file.
+        what: its name in messages ("MQTT outbox journal").
+        keeps: what it keeps, for the hint to turn it off ("finals").
+        version: the schema version this code writes; a file of another (non-zero) version is refused.
+        schema: ``CREATE TABLE IF NOT EXISTS`` statements.
+
+    Raises:
+        ConfigError: the directory cannot be created, the file cannot be opened or is no such database, or
+            another process holds it.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A writer thread uses the connection after this thread opened it; calls never overlap.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"cannot open the {what} {path}: {exc}; set state.dir to a writable directory, or "
+                          f'state.dir = "" to keep {keeps} in memory only') from exc
+    try:
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not WAL (a network file system?)")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, and keeps it until close
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found not in (0, version):
+            raise sqlite3.DatabaseError(f"schema version {found}, this streamer knows {version}")
+        for statement in schema:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={version}")
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        db.close()
+        busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+        why = "another streamer uses it (give each daemon its own state.dir)" if busy else str(exc)
+        raise ConfigError(f"cannot use the {what} {path}: {why}") from exc
+    return db
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One queued final: its row id (increasing in queue order), MQTT topic and payload."""
@@ -56,32 +100,10 @@ class FinalJournal:
                 database, or another process holds it.
         """
         path = directory / FILE_NAME
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            # The writer thread uses the connection after this thread opened it; calls never overlap.
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.0)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the MQTT outbox journal {path}: {exc}; set state.dir to a writable "
-                              'directory, or state.dir = "" to keep finals in memory only') from exc
-        try:
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise sqlite3.OperationalError(f"journal_mode is {mode!r}, not WAL (a network file system?)")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, and keeps it until close
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {version}, this streamer knows {SCHEMA_VERSION}")
-            db.execute("CREATE TABLE IF NOT EXISTS finals (row INTEGER PRIMARY KEY AUTOINCREMENT, "
-                       "topic TEXT NOT NULL, payload TEXT NOT NULL)")
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            db.close()
-            busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-            why = "another streamer uses it (give each daemon its own state.dir)" if busy else str(exc)
-            raise ConfigError(f"cannot use the MQTT outbox journal {path}: {why}") from exc
+        db = open_state_db(path, "MQTT outbox journal", "finals", SCHEMA_VERSION, [
+            "CREATE TABLE IF NOT EXISTS finals (row INTEGER PRIMARY KEY AUTOINCREMENT, "
+            "topic TEXT NOT NULL, payload TEXT NOT NULL)",
+        ])
         return cls(db, path)
 
     def rows(self) -> list[Row]:

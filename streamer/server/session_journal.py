@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final as Constant
 
-from streamer.errors import ConfigError
 from streamer.protocol import Final, MessageError, parse_server_message
+from streamer.server.journal import open_state_db
 
 logger = logging.getLogger(__name__)
 
@@ -77,33 +77,13 @@ class SessionJournal:
         Raises:
             ConfigError: the directory or file cannot be used, or another process holds it.
         """
+        db = open_state_db(directory / FILE_NAME, "session journal", "sessions", SCHEMA_VERSION, [
+            "CREATE TABLE IF NOT EXISTS sessions (session TEXT PRIMARY KEY, stream TEXT NOT NULL, "
+            "token_sha256 TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS finals (session TEXT NOT NULL, segment INTEGER NOT NULL, "
+            "payload TEXT NOT NULL, PRIMARY KEY (session, segment))",
+        ])
         path = directory / FILE_NAME
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.0)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the session journal {path}: {exc}; set state.dir to a writable "
-                              'directory, or state.dir = "" to keep sessions in memory only') from exc
-        try:
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
-                raise sqlite3.OperationalError("the file system does not support WAL (a network file system?)")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE")  # the exclusive lock, held until close
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema version {version}, this streamer knows {SCHEMA_VERSION}")
-            db.execute("CREATE TABLE IF NOT EXISTS sessions (session TEXT PRIMARY KEY, stream TEXT NOT NULL, "
-                       "token_sha256 TEXT NOT NULL)")
-            db.execute("CREATE TABLE IF NOT EXISTS finals (session TEXT NOT NULL, segment INTEGER NOT NULL, "
-                       "payload TEXT NOT NULL, PRIMARY KEY (session, segment))")
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            db.close()
-            busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-            why = "another streamer uses it (give each daemon its own state.dir)" if busy else str(exc)
-            raise ConfigError(f"cannot use the session journal {path}: {why}") from exc
         return cls(db, path, max_finals)
 
     def orphans(self) -> dict[str, Orphan]:
