@@ -237,13 +237,20 @@ async def speak_finals(
         assert message["type"] == "ready", message
         if ready is not None:
             ready.append(message)
-        while len(finals) < count:
-            for i in range(0, len(pcm), 8820):
-                await ws.send(pcm[i : i + 8820])
-            await ws.send(json.dumps({"type": "finalize"}))
-            while (message := await recv_json(ws))["type"] != "final":
-                assert message["type"] in ("partial", "warning"), message
-            finals.append(message)
+        finals += await finalize_speech(ws, pcm, count)
+    return finals
+
+
+async def finalize_speech(ws: ClientConnection, pcm: bytes, count: int) -> list[dict[str, Any]]:
+    """``count`` times: the speech, then finalize; returns the finals as the client got them."""
+    finals: list[dict[str, Any]] = []
+    while len(finals) < count:
+        for i in range(0, len(pcm), 8820):
+            await ws.send(pcm[i : i + 8820])
+        await ws.send(json.dumps({"type": "finalize"}))
+        while (message := await recv_json(ws))["type"] != "final":
+            assert message["type"] in ("partial", "warning"), message
+        finals.append(message)
     return finals
 
 
@@ -369,14 +376,7 @@ async def test_a_session_held_when_the_daemon_dies_replays_its_finals_after_the_
         await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "stream": "desk",
                                   "endpointing": {"max_segment_s": 60}}))
         ready = await recv_json(ws)
-        finals: list[dict[str, Any]] = []
-        while len(finals) < 3:
-            for i in range(0, len(pcm), 8820):
-                await ws.send(pcm[i : i + 8820])
-            await ws.send(json.dumps({"type": "finalize"}))
-            while (message := await recv_json(ws))["type"] != "final":
-                assert message["type"] in ("partial", "warning"), message
-            finals.append(message)
+        finals = await finalize_speech(ws, pcm, 3)
         ws.transport.abort()  # the network drops: the session is held for its client
     ended = await speak_finals(first.port, "porch", pcm, rate, 1, stopped := [])  # a client that hung up itself
     async with asyncio.timeout(WAIT_S):  # the porch session is over (only the held desk is open), all on disk
