@@ -74,7 +74,9 @@ class RelPositionMultiHeadAttention(nn.Module):
         q_u = (q + self.pos_bias_u).transpose(1, 2)
         q_v = (q + self.pos_bias_v).transpose(1, 2)
         ac = torch.matmul(q_u, k.transpose(-2, -1))
-        bd = torch.matmul(q_v, p.transpose(-2, -1))  # [B, H, Tq, P]
+        # The table is shared by the batch: one [H, B*Tq, dk] x [H, dk, P] product, not B broadcast copies.
+        bd = torch.matmul(q_v.transpose(0, 1).reshape(self.h, b * tq, self.d_k), p.transpose(-2, -1))
+        bd = bd.view(self.h, b, tq, -1).transpose(0, 1)  # [B, H, Tq, P]
         bd = _rel_shift(bd)[..., :tk]
         scores = (ac + bd) / self.s_d_k
         if mask is not None:

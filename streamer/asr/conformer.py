@@ -23,6 +23,12 @@ from streamer.asr.config import ContextSize, EncoderConfig
 from streamer.errors import ConfigError
 
 
+def fill_end(joined: Tensor, new: Tensor) -> Tensor:
+    """Write ``new`` into the last frames (dim 2, time) of ``joined``, whose first frames hold the cache."""
+    joined.narrow(2, joined.size(2) - new.size(2), new.size(2)).copy_(new)
+    return joined
+
+
 class FeedForward(nn.Module):
     """``linear2(SiLU(linear1(x)))``."""
 
@@ -51,22 +57,20 @@ class ConvModule(nn.Module):
             raise ConfigError(f"conv_norm_type {norm!r} is not supported; use batch_norm or layer_norm")
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=bias)
 
-    def forward(self, x: Tensor, pad_mask: Tensor | None, tail: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded; ``tail`` [B, D, left] cached inputs or None.
-
-        Returns the output [B, T, D] and the new tail (None offline)."""
+    def forward(self, x: Tensor, pad_mask: Tensor | None, joined: Tensor | None) -> Tensor:
+        """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded. Offline ``joined`` is None; streaming it is
+        [B, D, K-1+T] whose first K-1 frames hold the cached inputs: this chunk's inputs are written after
+        them (the caller keeps the last K-1 frames as the next cache). Returns the output [B, T, D]."""
         # Pointwise convs as linears on [B, T, D]: same maths, no transposes, faster for short chunks.
         pw1 = self.pointwise_conv1
         h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1).transpose(1, 2)
         if pad_mask is not None:
             h = h.masked_fill(pad_mask.unsqueeze(1), 0.0)
         left, right = self.context
-        new_tail = None
-        if tail is None:
+        if joined is None:
             h = F.pad(h, (left, right))
         else:
-            h = torch.cat([tail, h], dim=2)
-            new_tail = h[:, :, h.size(2) - left :] if left > 0 else tail
+            h = fill_end(joined, h)
             if right:
                 h = F.pad(h, (0, right))
         h = self._depthwise(h)
@@ -75,7 +79,7 @@ class ConvModule(nn.Module):
         else:
             h = self.batch_norm(h).transpose(1, 2)
         pw2 = self.pointwise_conv2
-        return F.linear(F.silu(h), pw2.weight.squeeze(-1), pw2.bias), new_tail
+        return F.linear(F.silu(h), pw2.weight.squeeze(-1), pw2.bias)
 
     def _depthwise(self, h: Tensor) -> Tensor:
         """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs (streaming chunks) use an
@@ -111,23 +115,20 @@ class ConformerLayer(nn.Module):
         p: Tensor,
         att_mask: Tensor | None,
         pad_mask: Tensor | None,
-        kv_cache: tuple[Tensor, Tensor] | None = None,
-        conv_tail: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """One block. Offline: no caches. Streaming: ``kv_cache`` = projected (k, v) [B,H,C,dk] of the
-        cached frames, ``conv_tail`` [B,D,K-1]. Returns (y, k_all, v_all, new_conv_tail) where k_all/v_all
-        cover cache + chunk (the caller keeps the last C)."""
+        joined: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """One block. Offline ``joined`` is None. Streaming it is (keys [B,H,C+T,dk], values [B,H,C+T,dk],
+        conv inputs [B,D,K-1+T]) whose first frames hold the cached ones; the block writes this chunk's
+        after them and attends / convolves over the whole (the caller keeps the last frames as caches)."""
         r = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
         xn = self.norm_self_att(r)
         att = self.self_attn
         q = att.linear_q(xn)
         k = att.heads(att.linear_k, xn)
         v = att.heads(att.linear_v, xn)
-        if kv_cache is not None:
-            k = torch.cat([kv_cache[0], k], dim=2)
-            v = torch.cat([kv_cache[1], v], dim=2)
+        if joined is not None:
+            k, v = fill_end(joined[0], k), fill_end(joined[1], v)
         r = r + att.attend(q, k, v, p, att_mask)
-        c, new_tail = self.conv(self.norm_conv(r), pad_mask, conv_tail)
-        r = r + c
+        r = r + self.conv(self.norm_conv(r), pad_mask, None if joined is None else joined[2])
         r = r + 0.5 * self.feed_forward2(self.norm_feed_forward2(r))
-        return self.norm_out(r), k, v, new_tail
+        return self.norm_out(r)

@@ -82,7 +82,7 @@ class FastConformerEncoder(nn.Module):
         pad_mask = None if bool(valid.all()) else ~valid
         for layer in self.layers:
             p = layer.self_attn.project_pos(pos)
-            x, _, _, _ = layer(x, p, att_mask, pad_mask)
+            x = layer(x, p, att_mask, pad_mask)
         return x, lengths
 
     def streaming(self, att_context_size: ContextSize | None = None) -> StreamingEncoder:

@@ -40,6 +40,7 @@ from torch import Tensor
 from streamer.asr.attention import rel_positional_table
 from streamer.asr.config import ContextSize, EncoderConfig
 from streamer.asr.conformer import ConformerLayer
+from streamer.asr.growbuffer import GrowBuffers
 from streamer.asr.subsampling import ConvSubsampling
 from streamer.errors import ConfigError
 
@@ -127,6 +128,8 @@ class StreamingEncoder:
         param = next(iter(pre_encode.parameters()))
         self.device, self.dtype = param.device, param.dtype
         pos = rel_positional_table(left + self.chunk_encoder_frames, cfg.d_model, self.device).to(self.dtype)
+        self._grow = GrowBuffers()
+        self._slack = max(left, 16 * self.chunk_encoder_frames)  # frames of room: a cache copy every slack/T steps
         with torch.no_grad():  # per layer (H, 2(C+T)-1, dk): linear_pos of the table
             self._pos_proj = tuple(layer.self_attn.project_pos(pos).contiguous() for layer in self._layers)
 
@@ -218,19 +221,14 @@ class StreamingEncoder:
         if not bool(valid.all()):
             att_mask = (~valid)[:, None, :].expand(b, t, c + t)
         pad_mask = None if bool((out_len == t).all()) else ~valid[:, c:]
-        new_k, new_v, new_tail = [], [], []
+        # Each cache sits in a buffer with room after it: the layers write this chunk's keys, values and
+        # conv inputs there and use cache + chunk with no copy (see growbuffer.py).
+        grow = self._grow
+        k_join = grow.extend(state.attn_k, t, dim=3, slack=self._slack)
+        v_join = grow.extend(state.attn_v, t, dim=3, slack=self._slack)
+        conv_join = grow.extend(state.conv_tail, t, dim=3, slack=self._slack)
         for li, layer in enumerate(self._layers):
-            x, k_all, v_all, tail = layer(
-                x,
-                self._pos_proj[li],
-                att_mask,
-                pad_mask,
-                kv_cache=(state.attn_k[li], state.attn_v[li]),
-                conv_tail=state.conv_tail[li],
-            )
-            new_k.append(k_all[:, :, k_all.size(2) - c :])
-            new_v.append(v_all[:, :, v_all.size(2) - c :])
-            new_tail.append(tail)
+            x = layer(x, self._pos_proj[li], att_mask, pad_mask, joined=(k_join[li], v_join[li], conv_join[li]))
         # Next window's left context: the last s+1 rows of this window that hold audio.
         keep = self.tail_mel_frames
         if bool((end == window.size(2)).all()):
@@ -240,9 +238,9 @@ class StreamingEncoder:
         new_state = EncoderState(
             mel_tail=tail_rows,
             mel_seen=state.mel_seen + n_new,
-            attn_k=torch.stack(new_k),
-            attn_v=torch.stack(new_v),
+            attn_k=grow.commit(k_join, c, dim=3),
+            attn_v=grow.commit(v_join, c, dim=3),
             attn_len=(state.attn_len + out_len).clamp(max=c),
-            conv_tail=torch.stack(new_tail),
+            conv_tail=grow.commit(conv_join, state.conv_tail.size(3), dim=3),
         )
         return x, out_len, new_state

@@ -21,10 +21,10 @@ from streamer.asr.ctc import CTCState, GreedyCTCDecoder
 from streamer.asr.features import FeatureState
 from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel, DecoderKind
-from streamer.asr.state import stack, unstack
 from streamer.asr.streaming import EncoderState, StreamingEncoder
 from streamer.asr.transducer import TransducerState
 from streamer.asr.words import Word, words_from_tokens
+from streamer.engine.residence import Residence, gather, settle
 from streamer.errors import ConfigError
 
 
@@ -122,11 +122,12 @@ class Stream:
     recognizer: Recognizer
     name: str
     feat_state: FeatureState
-    enc_state: EncoderState
-    dec_state: TransducerState | CTCState
+    home: Residence[EncoderState, TransducerState | CTCState]  # encoder and decoder state (a batch row)
     pending: Tensor  # [F, n] mel frames not yet given to the encoder
     tokens: TokenSpan = field(default_factory=TokenSpan)
     samples_in: int = 0
+    mel_consumed: int = 0  # mel frames the encoder has consumed (padding the channel added included)
+    frames_done: int = 0  # encoder frames decoded so far: the stream's position on the encoder clock
     input_done: bool = False  # no more audio will come
     flushed: bool = False  # everything was recognized
 
@@ -154,19 +155,20 @@ class Stream:
         self.input_done = True
 
     @property
+    def enc_state(self) -> EncoderState:
+        """The encoder cache (batch 1; a read-only view while it is a row of the last step's batch)."""
+        return self.home.states()[0]
+
+    @property
+    def dec_state(self) -> TransducerState | CTCState:
+        """The decoder state (batch 1; read-only like :attr:`enc_state`)."""
+        return self.home.states()[1]
+
+    @property
     def frames_needed(self) -> int:
         """Mel frames the next full step needs."""
-        return int(self.recognizer.streaming.chunk_frames(self.enc_state)[0])
-
-    @property
-    def mel_consumed(self) -> int:
-        """Mel frames the encoder has consumed (padding the channel added included)."""
-        return int(self.enc_state.mel_seen[0])
-
-    @property
-    def frames_done(self) -> int:
-        """Encoder frames decoded so far: the stream's position on the encoder clock."""
-        return int(self.dec_state.frames_done[0])
+        streaming = self.recognizer.streaming
+        return streaming.chunk_mel_frames if self.mel_consumed else streaming.first_chunk_mel_frames
 
     @property
     def is_ready(self) -> bool:
@@ -219,8 +221,7 @@ class Recognizer:
             recognizer=self,
             name=name or f"s{next(_ids)}",
             feat_state=self.featurizer.init_state(1),
-            enc_state=self.streaming.init_state(1),
-            dec_state=self.greedy.init_state(1),
+            home=Residence.fresh(self.streaming.init_state(1), self.greedy.init_state(1)),
             pending=torch.zeros(model.config.features.n_mels, 0),
         )
 
@@ -237,6 +238,8 @@ class Recognizer:
                 continue
             work.append((s, n))
         if work:
+            order, enc_state, dec_state = gather([s.home for s, _ in work])
+            work = [work[i] for i in order]
             width = max(s.frames_needed for s, _ in work)
             mel = torch.zeros(len(work), self.model.config.features.n_mels, width)
             for i, (s, n) in enumerate(work):
@@ -244,12 +247,14 @@ class Recognizer:
             n_new = torch.tensor([n for _, n in work])
             if self.device.type != "cpu":
                 mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
-            out, out_len, enc_state = self.streaming.step(mel, n_new, stack([s.enc_state for s, _ in work]))
+            out, out_len, enc_state = self.streaming.step(mel, n_new, enc_state)
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
-            spans, dec_state = self.greedy.step(dec_in, out_len, stack([s.dec_state for s, _ in work]))
-            for (s, n), es, ds, span in zip(work, unstack(enc_state), unstack(dec_state), spans, strict=True):
-                s.enc_state, s.dec_state = es, ds
+            spans, dec_state = self.greedy.step(dec_in, out_len, dec_state)
+            settle([s.home for s, _ in work], range(len(work)), enc_state, dec_state)
+            for (s, n), frames, span in zip(work, out_len.tolist(), spans, strict=True):
                 s.pending = s.pending[:, n:]
+                s.mel_consumed += n
+                s.frames_done += frames
                 s.tokens = s.tokens + span
                 new[id(s)] = span
                 if s.input_done and s.pending.size(1) == 0:
