@@ -39,21 +39,13 @@ from streamer.training.evaluate import (
     normalize_words,
     word_error_rate,
 )
+from streamer.training.optim import build_optimizer, learning_rate, scheduled_lr
 from streamer.training.recipe import recipe_from_dict
 from streamer.training.rundir import export_nemo, load_run
 from streamer.training.speed import TapDepthwiseConv2d, use_input_normalization
+from streamer.training.step import bf16_supported, compute_loss, train_step, training_device
 from streamer.training.tokenizer import train_tokenizer
-from streamer.training.trainer import (
-    Trainer,
-    bf16_supported,
-    build_optimizer,
-    compute_loss,
-    learning_rate,
-    scheduled_lr,
-    train,
-    train_step,
-    training_device,
-)
+from streamer.training.trainer import Trainer, train
 
 WORDS = ["red", "green", "blue", "one", "two", "three", "stop", "go", "left", "right", "up", "down"]
 RATE = 16000

@@ -106,18 +106,18 @@ class TrainSection:
     threads: int = 1  # torch intra-op threads of the training process
     # bfloat16 autocast for matmuls and convs (AMX/AVX-512 CPUs: ~2x; GPUs); losses in fp32. Where the device
     # has no native bfloat16 (an AVX2-only CPU, where oneDNN's LSTM refuses it) the run says so and trains in
-    # float32 (trainer.bf16_supported).
+    # float32 (streamer.training.step.bf16_supported).
     bf16: bool = True
     # Training-only depthwise conv of the subsampling (streamer.training.speed); a CPU speed-up, not used on a GPU.
     fast_depthwise: bool = True
     # Train the first conv as if its input were normalised with the corpus mean and std of the log-mel
     # features (streamer.training.speed.InputNormalizedConv2d); the saved model is unchanged in form.
     input_normalization: bool = True
-    # Initial scale of each encoder block's residual-branch output projections (trainer.scale_residual_branches):
+    # Initial scale of each encoder block's residual-branch output projections (model_init.scale_residual_branches):
     # below 1 every block starts near the identity, so the gradient reaches the first blocks.
     residual_init_scale: float = 1.0
     # Initialise the subsampling's output projection on the corpus so its output is centred and unit-scale
-    # (trainer.center_front_end): without it the encoder starts nearly blind to the audio.
+    # (model_init.center_front_end): without it the encoder starts nearly blind to the audio.
     center_front_end: bool = False
     max_steps: int = 1_000_000
     max_hours: float = 0.0  # wall-clock limit of one invocation; 0 = none
