@@ -28,7 +28,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -55,7 +54,7 @@ from streamer.training.data import (
 from streamer.training.evaluate import decode_offline, word_error_rate
 from streamer.training.model_init import build_model, center_front_end, feature_statistics
 from streamer.training.optim import build_optimizer, scheduled_lr
-from streamer.training.recipe import Recipe, load_recipe, model_config, recipe_from_dict
+from streamer.training.recipe import Recipe, load_recipe, model_config
 from streamer.training.rundir import (
     Progress,
     new_run_dir,
@@ -133,7 +132,7 @@ class Trainer:
                 self.device,
                 torch.backends.cpu.get_cpu_capability(),
             )
-            self.recipe = recipe = replace(recipe, train=replace(recipe.train, bf16=False))
+            self.recipe = recipe = recipe.with_updates({"train": {"bf16": False}})
         self.model = build_model(recipe, tokenizer, recipe.seed)
         if recipe.train.fast_depthwise and self.device.type == "cpu":
             use_fast_depthwise(self.model.encoder)
@@ -149,7 +148,7 @@ class Trainer:
         head = recipe.model.transducer
         self.loss_fn = TransducerLoss(
             head.durations, recipe.loss.sigma, recipe.loss.omega, recipe.loss.reduction, seed=recipe.seed
-        )  # type: ignore[arg-type]
+        )
         self.progress = Progress()
         self._last_lr = 0.0
         if resume:
@@ -332,7 +331,7 @@ def train(
     elif config is not None:
         recipe = load_recipe(config)
         if overrides:
-            recipe = recipe_from_dict(_deep_merge(recipe.to_dict(), overrides))
+            recipe = recipe.with_updates(overrides)
         run_dir = new_run_dir(runs_root, recipe.name)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     else:
@@ -347,9 +346,3 @@ def train(
         logging.getLogger("streamer").removeHandler(handler)
         handler.close()
 
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
