@@ -823,7 +823,7 @@ def test_offline_and_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_bundled_registry_parses() -> None:
     """models/registry.toml names the default model and NVIDIA's public checkpoints."""
-    from streamer.asr.hub import read_registry
+    from streamer.asr.download import read_registry
 
     entries = read_registry()
     assert entries["streamer-tdt-small"].path is not None
