@@ -1,9 +1,12 @@
-"""Find model files: local paths, the bundled registry, and cached Hugging Face Hub downloads.
+"""Find model files: local paths, the bundled registry, and Hugging Face Hub downloads.
 
-Downloads use the stdlib (``urllib``) from ``$HF_ENDPOINT`` (default https://huggingface.co) with
-``$HF_TOKEN`` as a bearer token, into ``$STREAMER_CACHE`` (default ``~/.cache/streamer``). A file
-appears in the cache only once complete (written beside it, then renamed), so a cached file is
-trusted as is and never fetched again; ``$HF_HUB_OFFLINE=1`` never touches the network.
+Downloads go through ``huggingface_hub`` into Hugging Face's own cache, so a model fetched here is shared
+with NeMo, transformers and the ``hf`` command line, and theirs with us: ``$HF_HUB_CACHE``, else
+``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``. The library brings revisions, ``$HF_TOKEN``,
+``$HF_ENDPOINT`` (a mirror, or the tests' loopback server), resumable and Xet-backed transfers and retries
+on a flaky network. A file already in the cache is used as is, without asking the Hub whether the revision
+moved on (a daemon restart never waits for the network), and ``$HF_HUB_OFFLINE=1`` never touches it. The
+environment is read on every call, not once at import as ``huggingface_hub`` does.
 """
 
 from __future__ import annotations
@@ -12,28 +15,25 @@ import json
 import logging
 import os
 import re
-import tempfile
 import tomllib
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+import streamer
 from streamer.errors import CheckpointError
 from streamer.resources import default_registry
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+))?$")
 # Files of a transformers-format repository; the first two groups need one match each.
 _HF_REQUIRED = (("config.json",), ("model.safetensors", "model.safetensors.index.json"))
 _HF_OPTIONAL = ("tokenizer.model", "tokenizer.json", "preprocessor_config.json", "processor_config.json")
-_COMPLETE = ".streamer-complete"  # marks a finished transformers-format download
-_TIMEOUT_S = 60.0
-_BLOCK_BYTES = 1 << 20
+_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +47,23 @@ class RegistryEntry:
     revision: str = "main"
 
 
-def cache_dir() -> Path:
-    """Where downloads go: ``$STREAMER_CACHE`` or ``~/.cache/streamer``."""
-    return Path(os.environ.get("STREAMER_CACHE") or Path.home() / ".cache" / "streamer")
+def hub_cache_dir() -> Path:
+    """Hugging Face's cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else the library's default."""
+    if cache := os.environ.get("HF_HUB_CACHE"):
+        return Path(cache).expanduser()
+    if home := os.environ.get("HF_HOME"):
+        return Path(home).expanduser() / "hub"
+    return Path(hf_constants.HF_HUB_CACHE)
+
+
+def _endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT).rstrip("/")
+
+
+def _is_offline(offline: bool | None) -> bool:
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE or hf_constants.HF_HUB_OFFLINE
 
 
 def read_registry(path: str | os.PathLike[str] | None = None) -> dict[str, RegistryEntry]:
@@ -80,12 +94,6 @@ def read_registry(path: str | os.PathLike[str] | None = None) -> dict[str, Regis
             revision=str(entry.get("revision", "main")),
         )
     return entries
-
-
-def _is_offline(offline: bool | None) -> bool:
-    if offline is not None:
-        return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def resolve(
@@ -124,127 +132,123 @@ def resolve(
     )
 
 
-def _url(repo: str, filename: str, revision: str) -> str:
-    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    quoted = "/".join(urllib.parse.quote(part, safe="") for part in (revision, filename))
-    return f"{endpoint}/{repo}/resolve/{quoted}"
+def cached(repo: str, filename: str, revision: str = "main") -> Path | None:
+    """The cached copy of ``filename`` at ``revision``, if a download finished earlier; never uses the network."""
+    found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), revision=revision)
+    return Path(found) if isinstance(found, str) else None
 
 
-def _cached_path(repo: str, filename: str, revision: str) -> Path:
-    return cache_dir() / "hub" / repo.replace("/", "--") / revision.replace("/", "--") / filename
+def _known_missing(repo: str, filename: str, revision: str) -> bool:
+    """Whether an earlier download found that ``filename`` does not exist at ``revision`` (the Hub said so)."""
+    found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), revision=revision)
+    return found is not None and not isinstance(found, str)
 
 
-def download(
-    repo: str, filename: str, *, revision: str = "main", offline: bool | None = None, progress: bool = True
-) -> Path:
+def download(repo: str, filename: str, *, revision: str = "main", offline: bool | None = None) -> Path:
     """The cached copy of ``filename`` from Hub repository ``repo``, downloading it first if needed.
 
     Raises:
         CheckpointError: not cached, and offline or the download failed (the reason is in the message).
     """
-    target = _cached_path(repo, filename, revision)
-    if target.is_file():
-        return target
-    url = _url(repo, filename, revision)
+    if (path := cached(repo, filename, revision)) is not None:
+        return path
+    cache = hub_cache_dir()
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=_endpoint())
     if _is_offline(offline):
         raise CheckpointError(
-            f"{repo}/{filename} is not in the cache ({target}) and downloads are off "
+            f"{repo}/{filename} is not in the cache ({cache}) and downloads are off "
             "(HF_HUB_OFFLINE); download it elsewhere and pass its path"
         )
+    logger.info("downloading %s into %s", url, cache)
     try:
-        _fetch(url, target, progress)
-    except urllib.error.HTTPError as exc:
-        exc.close()  # it holds the response's socket
-        hint = " (set HF_TOKEN for gated or private models)" if exc.code in (401, 403) else ""
-        raise CheckpointError(f"cannot download {url}: HTTP {exc.code} {exc.reason}{hint}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+        return Path(
+            hf_hub_download(
+                repo, filename, revision=revision, cache_dir=cache, endpoint=_endpoint(),
+                library_name="streamer", library_version=streamer.__version__,
+            )
+        )
+    except LocalEntryNotFoundError as exc:  # the Hub was unreachable (after the library's retries)
+        reason = exc.__cause__ or exc
         raise CheckpointError(
-            f"cannot download {url}: {reason}; nothing cached at {target}. Connect to the network, or "
+            f"cannot download {url}: {reason}; nothing cached in {cache}. Connect to the network, or "
             "download the file yourself and pass its path"
         ) from exc
-    return target
+    except HfHubHTTPError as exc:
+        response = exc.response
+        code = response.status_code if response is not None else "error"
+        phrase = getattr(response, "reason_phrase", "") if response is not None else str(exc)
+        hint = " (set HF_TOKEN for gated or private models)" if code in (401, 403) else ""
+        raise CheckpointError(f"cannot download {url}: HTTP {code} {phrase}{hint}") from exc
+    except OSError as exc:  # the cache cannot be written (full disk, read-only, permissions)
+        raise CheckpointError(f"cannot download {url} into {cache}: {exc}") from exc
 
 
-def _fetch(url: str, target: Path, progress: bool) -> None:
-    """Stream ``url`` into ``target`` atomically, with a progress bar on stderr."""
-    from tqdm import tqdm  # noqa: PLC0415
+def _cached_hf_dir(repo: str, revision: str) -> Path | None:
+    """The cached transformers-format snapshot of ``repo``, if an earlier download of it finished.
 
-    request = urllib.request.Request(url, headers={"User-Agent": "streamer"})
-    if token := os.environ.get("HF_TOKEN"):
-        request.add_header("Authorization", f"Bearer {token}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading %s to %s", url, target)
-    with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        try:
-            with (
-                os.fdopen(fd, "wb") as out,
-                tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    desc=target.name,
-                    disable=not progress,
-                    leave=False,
-                ) as bar,
-            ):
-                while block := response.read(_BLOCK_BYTES):
-                    out.write(block)
-                    bar.update(len(block))
-            if total is not None and Path(tmp).stat().st_size != total:
-                raise OSError(f"connection closed after {Path(tmp).stat().st_size} of {total} bytes")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    Finished means: the config and every weight file are cached, and each optional file is cached or known
+    to be missing from the repository; their common snapshot directory is the model.
+    """
+    config = cached(repo, "config.json", revision)
+    if config is None:
+        return None
+    if cached(repo, "model.safetensors", revision) is None:
+        index = cached(repo, "model.safetensors.index.json", revision)
+        if index is None:
+            return None
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        if any(cached(repo, shard, revision) is None for shard in shards):
+            return None
+    for name in _HF_OPTIONAL:
+        if cached(repo, name, revision) is None and not _known_missing(repo, name, revision):
+            return None
+    return config.parent
 
 
 def download_repo(repo: str, *, revision: str = "main", offline: bool | None = None) -> Path:
     """A model from a Hub id not in the registry: ``<name>.nemo`` (NeMo's convention), else HF files.
 
     Returns:
-        The ``.nemo`` file, or the cache directory holding the transformers-format files.
+        The ``.nemo`` file, or the cache's snapshot directory holding the transformers-format files.
 
     Raises:
         CheckpointError: neither layout could be fetched.
     """
-    nemo = _cached_path(repo, f"{repo.rsplit('/', 1)[-1]}.nemo", revision)
-    directory = nemo.parent
-    if nemo.is_file():
-        return nemo
-    if (directory / _COMPLETE).is_file():  # a transformers-format download finished earlier
+    nemo = f"{repo.rsplit('/', 1)[-1]}.nemo"
+    if (path := cached(repo, nemo, revision)) is not None:
+        return path
+    if (directory := _cached_hf_dir(repo, revision)) is not None:
         return directory
     errors: list[str] = []
     try:
-        return download(repo, nemo.name, revision=revision, offline=offline)
+        return download(repo, nemo, revision=revision, offline=offline)
     except CheckpointError as exc:
+        if isinstance(exc.__cause__, LocalEntryNotFoundError):
+            raise  # the Hub is unreachable: the transformers files would fail alike, after as many retries
         errors.append(str(exc))
     try:
-        for group in _HF_REQUIRED:
-            _first_available(repo, group, revision, offline)
+        config = _first_available(repo, _HF_REQUIRED[0], revision, offline)
+        _first_available(repo, _HF_REQUIRED[1], revision, offline)
         for name in _HF_OPTIONAL:
-            _first_available(repo, (name,), revision, offline, required=False)
-        if (index := directory / "model.safetensors.index.json").is_file():
+            try:
+                download(repo, name, revision=revision, offline=offline)
+            except CheckpointError:
+                pass  # optional: the Hub said it is missing (the cache remembers that) or it could not be had
+        if (index := cached(repo, "model.safetensors.index.json", revision)) is not None:
             for shard in sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())):
                 download(repo, shard, revision=revision, offline=offline)
     except CheckpointError as exc:
         errors.append(str(exc))
         raise CheckpointError(f"cannot get {repo}: " + " | ".join(errors)) from exc
-    (directory / _COMPLETE).touch()
-    return directory
+    return config.parent
 
 
-def _first_available(
-    repo: str, names: tuple[str, ...], revision: str, offline: bool | None, required: bool = True
-) -> Any:
-    last: CheckpointError | None = None
+def _first_available(repo: str, names: tuple[str, ...], revision: str, offline: bool | None) -> Path:
+    """The first of ``names`` the repository has (each alternative tried in turn)."""
+    last = CheckpointError(f"{repo}: none of {', '.join(names)}")
     for name in names:
         try:
             return download(repo, name, revision=revision, offline=offline)
         except CheckpointError as exc:
             last = exc
-    if required and last is not None:
-        raise last
-    return None
+    raise last
