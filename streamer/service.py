@@ -114,7 +114,7 @@ class Daemon:
         """
         from streamer.engine.scheduler import Scheduler, StepStats
         from streamer.server.auth import TokenAuth
-        from streamer.server.hub import Hub
+        from streamer.server.fanout import Hub
         from streamer.server.metrics import Metrics
         from streamer.server.tls import server_ssl_context
         from streamer.server.websocket import WebSocketServer

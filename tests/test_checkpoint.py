@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import http.server
 import io
 import json
@@ -719,13 +720,40 @@ def test_hf_unsupported_model_type(tmp_path: Path) -> None:
 
 
 class _Hub(http.server.SimpleHTTPRequestHandler):
-    """Serves ``<root>/<owner>/<name>/resolve/<revision>/<file>`` and records each request."""
+    """Serves ``<root>/<owner>/<name>/resolve/<revision>/<file>`` and records each GET.
+
+    Like the Hub, every answer names the revision's commit (``X-Repo-Commit``), a file comes with its ETag,
+    and a missing file is a 404 that says so (``X-Error-Code: EntryNotFound``): huggingface_hub needs the
+    first two to cache a file, and remembers the third so it does not ask again.
+    """
 
     requests: list[tuple[str, str | None]] = []
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         type(self).requests.append((self.path, self.headers.get("Authorization")))
         super().do_GET()
+
+    def send_head(self) -> Any:
+        parts = self.path.split("?")[0].split("/")  # "", owner, name, "resolve", revision, file...
+        self.commit = hashlib.sha1(parts[4].encode() if len(parts) > 5 else b"").hexdigest()
+        if not Path(self.translate_path(self.path)).is_file():
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Repo-Commit", self.commit)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return super().send_head()
+
+    def end_headers(self) -> None:
+        path = Path(self.translate_path(self.path))
+        if path.is_file():
+            self.send_header("X-Repo-Commit", self.commit)
+            # The Hub's ETag is the content's hash; this one adds the URL, so a revision holding the same
+            # bytes is downloaded again instead of shared (and the test sees which revision was fetched).
+            etag = hashlib.sha256(self.path.encode() + path.read_bytes()).hexdigest()
+            self.send_header("ETag", f'"{etag}"')
+        super().end_headers()
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -744,7 +772,8 @@ def hub(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("STREAMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_TOKEN", "secret")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     yield root, requests
@@ -762,8 +791,10 @@ def test_download_nemo_and_cache_hit(
     first = load_checkpoint("acme/tiny", registry=tmp_path / "none.toml")
     assert first.source == "acme/tiny" and first.config == checkpoint.config
     assert requests == [("/acme/tiny/resolve/main/tiny.nemo", "Bearer secret")]
-    cached = tmp_path / "cache" / "hub" / "acme--tiny" / "main" / "tiny.nemo"
-    assert cached.is_file() and not list(cached.parent.glob("*.part"))
+    # Hugging Face's own cache layout under HF_HOME, shared with NeMo and transformers
+    repo_cache = tmp_path / "cache" / "hub" / "models--acme--tiny"
+    cached = repo_cache / "snapshots" / (repo_cache / "refs" / "main").read_text() / "tiny.nemo"
+    assert cached.is_file() and not list(repo_cache.glob("blobs/*.incomplete"))
     second = load_checkpoint("acme/tiny", registry=tmp_path / "none.toml")
     assert len(requests) == 1 and second.sha256 == first.sha256
 
@@ -803,9 +834,11 @@ def test_download_hf_format_repo(hub: tuple[Path, list[Any]], tokenizer: bytes, 
     assert len(requests) == count  # complete download: no network the second time
 
 
+@pytest.mark.slow  # huggingface_hub retries a dead endpoint with backoff (about 25 s) before giving up
 def test_offline_and_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With nothing cached, offline mode and a dead endpoint each give one clear error."""
-    monkeypatch.setenv("STREAMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="not in the cache .* downloads are off"):
@@ -823,7 +856,7 @@ def test_offline_and_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_bundled_registry_parses() -> None:
     """models/registry.toml names the default model and NVIDIA's public checkpoints."""
-    from streamer.asr.hub import read_registry
+    from streamer.asr.download import read_registry
 
     entries = read_registry()
     assert entries["streamer-tdt-small"].path is not None

@@ -188,7 +188,7 @@ def test_client_bookkeeping_imports_without_torch_or_asyncio_in_the_protocol() -
 def test_server_and_engine_layers_import_as_documented() -> None:
     """streamer.server imports no torch; streamer.engine.endpoint and the settings import no torch either."""
     code = (
-        "import sys, streamer.server.websocket, streamer.server.hub, streamer.server.metrics, "
+        "import sys, streamer.server.websocket, streamer.server.fanout, streamer.server.metrics, "
         "streamer.server.sdnotify, streamer.engine.endpoint, streamer.settings; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

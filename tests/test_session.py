@@ -20,7 +20,7 @@ from streamer.engine.channel import Channel
 from streamer.engine.endpoint import EndpointConfig
 from streamer.engine.recognizer import Recognizer, transcribe_streaming
 from streamer.engine.scheduler import Scheduler, StepStats
-from streamer.engine.session import Clock, Segmenter
+from streamer.engine.segmenting import Clock, Segmenter
 from streamer.protocol import Final, Partial, Warning
 
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))

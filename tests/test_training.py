@@ -25,8 +25,6 @@ from streamer.errors import ConfigError
 from streamer.training.cli import add_training_parsers
 from streamer.training.data import (
     BatchFeaturizer,
-    BatchingConfig,
-    SpecAugmentConfig,
     Utterance,
     load_utterances,
     plan_epoch,
@@ -39,21 +37,13 @@ from streamer.training.evaluate import (
     normalize_words,
     word_error_rate,
 )
-from streamer.training.recipe import recipe_from_dict
+from streamer.training.optim import build_optimizer, learning_rate, scheduled_lr
+from streamer.training.recipe import BatchingConfig, SpecAugmentConfig, load_recipe, recipe_from_dict
 from streamer.training.rundir import export_nemo, load_run
 from streamer.training.speed import TapDepthwiseConv2d, use_input_normalization
+from streamer.training.step import bf16_supported, compute_loss, train_step, training_device
 from streamer.training.tokenizer import train_tokenizer
-from streamer.training.trainer import (
-    Trainer,
-    bf16_supported,
-    build_optimizer,
-    compute_loss,
-    learning_rate,
-    scheduled_lr,
-    train,
-    train_step,
-    training_device,
-)
+from streamer.training.trainer import Trainer, train
 
 WORDS = ["red", "green", "blue", "one", "two", "three", "stop", "go", "left", "right", "up", "down"]
 RATE = 16000
@@ -572,6 +562,25 @@ def test_recipe_reads_exponent_numbers_without_a_dot() -> None:
     assert recipe_from_dict({"optim": {"lr": "3e-4"}}).optim.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError, match="optim.lr' must be a number"):
         recipe_from_dict({"optim": {"lr": "fast"}})
+
+
+def test_recipe_errors_name_the_file_every_wrong_key_and_what_it_must_be(tmp_path: Path) -> None:
+    """A recipe file with several mistakes gets one error naming the file and each key; empty sections are defaults."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\ntrain:\n  max_steps: '3'\n  bf16: yes please\noptim:\n  schedule: linear\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"recipe {path}: ")
+    assert "'train.max_steps' must be an integer, got '3'" in message
+    assert "'train.bf16' must be true or false" in message
+    assert "'optim.schedule'" in message and "'noam' or 'cosine'" in message
+    with pytest.raises(ConfigError, match=r"att_context_sizes\[0\]'.* at least 2 items"):
+        recipe_from_dict({"model": {"encoder": {"att_context_sizes": [[70]]}}})
+    with pytest.raises(ConfigError, match="recipe section 'data' must be a mapping"):
+        recipe_from_dict({"data": ["corpus"]})
+    path.write_text("name: tiny\ndata:\nmodel:\n  encoder:\n")
+    assert load_recipe(path).to_dict() == {**recipe_from_dict({}).to_dict(), "name": "tiny"}
 
 
 def test_cli_registers_training_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tarfile
 
-from streamer.asr import hub
+from streamer.asr import download
 from streamer.asr.checkpoint import Checkpoint
 from streamer.asr.hfformat import load_hf
 from streamer.asr.nemofile import load_nemo
@@ -37,7 +37,7 @@ def load_checkpoint(
     Raises:
         CheckpointError: nothing matches ``spec``, or the download failed with nothing cached.
     """
-    path = hub.resolve(str(spec), registry=registry, offline=offline)
+    path = download.resolve(str(spec), registry=registry, offline=offline)
     if path.is_dir():
         checkpoint = load_hf(path)
     elif path.suffix == ".nemo" or tarfile.is_tarfile(path):

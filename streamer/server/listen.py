@@ -36,7 +36,7 @@ from streamer.protocol import (
     parse_client_message,
 )
 from streamer.protocol import Warning as WarningMessage
-from streamer.server.hub import Outbox
+from streamer.server.fanout import Outbox
 from streamer.server.listen_audio import SessionAudio
 from streamer.server.resume import ResultLog, may_hold, new_token, orphan_replay, start_mismatch
 from streamer.server.session_journal import Orphan, SessionStore
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from streamer.engine.channel import Channel
     from streamer.engine.endpoint import EndpointConfig
     from streamer.engine.scheduler import Scheduler
-    from streamer.server.hub import Hub
+    from streamer.server.fanout import Hub
     from streamer.server.metrics import Metrics
     from streamer.settings import ServerSettings
 

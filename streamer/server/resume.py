@@ -1,7 +1,7 @@
 """Keeping a ``/v1/listen`` session's results for its client across a reconnect (see :mod:`streamer.protocol`).
 
 A :class:`ResultLog` is the hub's source for a session's stream. While a connection is attached it passes
-every message straight on to that connection's :class:`~streamer.server.hub.Outbox`; it also keeps the
+every message straight on to that connection's :class:`~streamer.server.fanout.Outbox`; it also keeps the
 session's last finals, because a final written to a socket that then broke may never have arrived. While
 the session is held (no connection), it keeps warnings too and remembers the latest partial. When a new
 connection resumes the session, :meth:`ResultLog.attach` replays what the client asks for, in order.
@@ -24,7 +24,7 @@ from websockets.frames import CloseCode
 
 from streamer.protocol import Final, Partial, ServerMessage, Start
 from streamer.protocol import Warning as WarningMessage
-from streamer.server.hub import Outbox
+from streamer.server.fanout import Outbox
 
 if TYPE_CHECKING:
     from streamer.server.session_journal import Orphan

@@ -30,8 +30,8 @@ from streamer.engine.endpoint import EndpointConfig
 from streamer.protocol import STREAM_NAME, Error, Resume
 from streamer.resources import web_root
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
+from streamer.server.fanout import Hub, Outbox
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
-from streamer.server.hub import Hub, Outbox
 from streamer.server.listen import ListenServices, ListenSession, Phase
 from streamer.server.metrics import CONTENT_TYPE, Metrics
 from streamer.server.origin import OriginPolicy

@@ -40,6 +40,7 @@ from streamer.asr.config import FeatureConfig
 from streamer.asr.features import Preprocessor
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import ConfigError
+from streamer.training.recipe import BatchingConfig, SpecAugmentConfig
 
 logger = logging.getLogger(__name__)
 INT16_SCALE = 1.0 / 32768.0
@@ -59,28 +60,6 @@ class Utterance:
     @property
     def num_mel_frames(self) -> int:
         return self.num_samples // 160
-
-
-@dataclass(frozen=True, slots=True)
-class SpecAugmentConfig:
-    """NeMo ``SpecAugment`` settings; zero masks disable it."""
-
-    freq_masks: int = 2
-    freq_width: int = 27
-    time_masks: int = 5
-    time_width: float = 0.05  # < 1: fraction of each utterance's length; >= 1: frames
-    mask_value: float = 0.0
-    start_step: int = 0  # optimizer steps trained without it first (learning starts faster)
-
-
-@dataclass(frozen=True, slots=True)
-class BatchingConfig:
-    """How utterances are grouped into batches."""
-
-    max_batch_mel_frames: int = 12000  # padded frames: batch size x longest utterance
-    max_batch_utterances: int = 64
-    curriculum_epochs: int = 1  # epochs that run batches from shortest to longest
-    length_jitter: float = 0.1  # relative noise on the sort key, so batches differ between epochs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,6 +289,6 @@ def eval_batches(
     utterances: Sequence[Utterance], featurizer: BatchFeaturizer, max_batch_mel_frames: int
 ) -> Iterator[Batch]:
     """Unaugmented batches of ``utterances`` grouped by length (for validation)."""
-    cfg = BatchingConfig(max_batch_mel_frames, curriculum_epochs=1 << 30, length_jitter=0.0)
+    cfg = BatchingConfig(max_batch_mel_frames=max_batch_mel_frames, curriculum_epochs=1 << 30, length_jitter=0.0)
     for indices in plan_epoch(utterances, cfg, seed=0, epoch=0):
         yield featurizer([utterances[i] for i in indices])

@@ -1,18 +1,23 @@
-"""Training run directories: making one, and reading its checkpoints back as models.
+"""Training run directories: making one, saving and restoring its checkpoints, reading them back as models.
 
 A run directory (``runs/<YYYYmmdd-HHMMSS>_<name>/``) holds ``config.yaml`` and ``checkpoints/best.pt``
-and ``latest.pt``, written by :mod:`streamer.training.trainer`. Reading them lives here, apart from the
-trainer, so that ``streamer eval`` and ``streamer export`` load a run without importing the training loop
-(and the trainer, which evaluates with :mod:`streamer.training.evaluate`, forms no import circle with it).
+and ``latest.pt``. Writing and reading checkpoints live here, apart from the training loop
+(:mod:`streamer.training.trainer`), so that ``streamer eval`` and ``streamer export`` load a run without
+importing the loop, and the trainer, which evaluates with :mod:`streamer.training.evaluate`, forms no
+import circle with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from streamer.asr.checkpoint import Checkpoint
@@ -20,7 +25,9 @@ from streamer.asr.model import AsrModel
 from streamer.asr.nemofile import save_nemo
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import CheckpointError, ConfigError
-from streamer.training.recipe import model_config, recipe_from_dict
+from streamer.training.recipe import Recipe, model_config, recipe_from_dict
+from streamer.training.speed import InputNormalizedConv2d
+from streamer.training.tdt_loss import TransducerLoss
 
 CHECKPOINT_VERSION = 1
 TRAINING_RECORD = "training.json"  # written beside an exported .nemo: how far its training went
@@ -39,7 +46,83 @@ def new_run_dir(root: Path, name: str) -> Path:
     raise FileExistsError(f"no free run directory for {stamp}_{name} in {root}")
 
 
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # next batch of `epoch` to train
+    audio_seconds: float = 0.0
+    train_seconds: float = 0.0
+    best_wer: float = float("inf")
+    best_step: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)  # recent log lines
+    warm_start_step: int = -1  # the step this run's weights came in at (train.init_from); -1: none
+    warm_start_from: str = ""
+
+
+def save_checkpoint(
+    path: Path,
+    model: AsrModel,
+    tokenizer_model: bytes,
+    optimizer: torch.optim.Optimizer | None,
+    recipe: Recipe,
+    progress: Progress,
+    loss_fn: TransducerLoss | None,
+) -> None:
+    """Write a training checkpoint atomically (a temporary file renamed over ``path``).
+
+    Without ``optimizer`` and ``loss_fn`` (``best.pt``) it holds the weights and where training stood, but
+    cannot be resumed from.
+    """
+    state = {
+        "version": CHECKPOINT_VERSION,
+        "recipe": recipe.to_dict(),
+        "tokenizer_model": tokenizer_model,
+        "model": model.state_dict(),
+        # The reparametrised convs' own parameters, so a resume continues bit for bit.
+        "train_parameters": {
+            f"{name}.{p}": getattr(m, p).detach().clone()
+            for name, m in model.named_modules()
+            if isinstance(m, InputNormalizedConv2d)
+            for p in ("weight", "bias")
+        },
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "progress": progress.__dict__,
+        "loss_rng": loss_fn.state_dict() if loss_fn is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def restore_checkpoint(
+    path: Path, model: AsrModel, optimizer: torch.optim.Optimizer, loss_fn: TransducerLoss
+) -> Progress:
+    """Load ``latest.pt`` back into a freshly built model, its optimizer, the loss's and the global RNGs.
+
+    Returns where training stood, so the loop continues exactly where it stopped.
+    """
+    state = load_checkpoint_file(path)
+    model.load_state_dict(state["model"], strict=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.get("train_parameters", {}).items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    loss_fn.load_state_dict(state["loss_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    np.random.set_state(state["numpy_rng"])
+    return Progress(**state["progress"])
+
+
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """The contents of a run checkpoint, checked for its format version."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; nothing to resume or export")
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds RNG states

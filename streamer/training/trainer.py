@@ -14,38 +14,29 @@ model serves them all. Everything random about a batch (order, dither, SpecAugme
 ``(seed, epoch, batch index)``, and the omega draw of the loss is saved, so a resumed run continues exactly
 where it stopped. SIGTERM and SIGINT finish the current step, save ``latest.pt`` and exit 0.
 
-Shape legend:
-    B utterances   F mel bins   M mel frames   T encoder frames   U target tokens   V vocab incl. blank
-    N TDT durations
+This module is the loop and the run's owner; its parts live beside it: the initial model
+(:mod:`~streamer.training.model_init`), the optimiser and schedule (:mod:`~streamer.training.optim`), one
+step (:mod:`~streamer.training.step`), checkpoints (:mod:`~streamer.training.rundir`) and the run's log and
+metrics files (:mod:`~streamer.training.runlog`).
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import json
 import logging
 import math
-import os
-import random
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from torch import Tensor
 from tqdm import tqdm
 
 from streamer.asr import clocks
-from streamer.asr.config import ContextSize
-from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.model import AsrModel
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import ConfigError
@@ -53,7 +44,6 @@ from streamer.training.data import (
     Batch,
     BatchFeaturizer,
     EpochBatches,
-    Utterance,
     batch_seed,
     epoch_loader,
     eval_batches,
@@ -62,343 +52,30 @@ from streamer.training.data import (
     spec_augment,
 )
 from streamer.training.evaluate import decode_offline, word_error_rate
-from streamer.training.recipe import Recipe, load_recipe, model_config, recipe_from_dict
+from streamer.training.model_init import build_model, center_front_end, feature_statistics
+from streamer.training.optim import build_optimizer, scheduled_lr
+from streamer.training.recipe import Recipe, load_recipe, model_config
 from streamer.training.rundir import (
-    CHECKPOINT_VERSION,
-    load_checkpoint_file,
+    Progress,
     new_run_dir,
     read_warm_start,
+    restore_checkpoint,
+    save_checkpoint,
 )
-from streamer.training.speed import InputNormalizedConv2d, use_fast_depthwise, use_input_normalization
-from streamer.training.tdt_loss import TransducerLoss, ctc_loss
+from streamer.training.runlog import attach_log, log_validation, log_window, write_metrics
+from streamer.training.speed import use_fast_depthwise, use_input_normalization
+from streamer.training.step import (
+    StepResult,
+    batch_to,
+    bf16_supported,
+    sample_context,
+    train_step,
+    training_device,
+    with_mel,
+)
+from streamer.training.tdt_loss import TransducerLoss
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# Model, optimiser, schedule
-
-
-def build_model(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> AsrModel:
-    """A freshly initialised model for the recipe (NeMo's LSTM forget-gate bias of 1; the encoder's
-    residual branches scaled by ``train.residual_init_scale``, see :func:`scale_residual_branches`)."""
-    torch.manual_seed(seed)
-    model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
-    scale_residual_branches(model.encoder, recipe.train.residual_init_scale)
-    lstm = model.decoder.prediction.dec_rnn.lstm  # type: ignore[union-attr]
-    with torch.no_grad():
-        for name, param in lstm.named_parameters():
-            if name.startswith("bias_ih"):
-                hidden = param.shape[0] // 4
-                param.zero_()
-                param[hidden : 2 * hidden] = 1.0  # gates i, f, g, o: forget gate open at the start
-            elif name.startswith("bias_hh"):
-                param.zero_()
-    return model.train()
-
-
-def scale_residual_branches(encoder: FastConformerEncoder, scale: float) -> None:
-    """Multiply the initial output projections of every residual branch (both feed-forwards, attention,
-    convolution module) by ``scale``.
-
-    Every block adds its four branches to the residual stream and ends in a LayerNorm (``norm_out``), so
-    at initialisation each block mixes random features into what the front end gave it. Measured on the
-    corpus (with :func:`center_front_end`): the last block's output varied over time by 0.43 of its scale
-    with the default initialisation and by 0.70 with ``scale`` 0.1, which starts every block near the
-    identity. Only the initial values change.
-    """
-    if scale == 1.0:
-        return
-    with torch.no_grad():
-        for layer in encoder.layers:
-            for out in (
-                layer.feed_forward1.linear2,
-                layer.feed_forward2.linear2,
-                layer.self_attn.linear_out,
-                layer.conv.pointwise_conv2,
-            ):
-                out.weight.mul_(scale)
-                if out.bias is not None:
-                    out.bias.zero_()
-
-
-@torch.no_grad()
-def center_front_end(
-    encoder: FastConformerEncoder, featurizer: BatchFeaturizer, utts: list[Utterance], count: int = 64
-) -> float:
-    """Data-dependent initialisation of the subsampling's output projection (``pre_encode.out``): its output
-    over real speech gets zero mean and, after ``xscaling``, unit standard deviation.
-
-    With the default initialisation the front end's output is mostly a constant vector (the mean of its
-    ReLU features through the projection): on this corpus its time-invariant part was 4.7x its varying
-    part, every block inherited that, and training drove the encoder to a constant output while only the
-    prediction network learned (CTC loss flat for 1,600 steps). Centring removes the constant, so the
-    blocks start from what the audio says. Only the initial values change. Returns the removed mean's rms.
-    """
-    pre = encoder.pre_encode
-    picked = utts[:: max(1, len(utts) // count)][:count]
-    outs = []
-    for i in range(0, len(picked), 16):
-        batch = featurizer(picked[i : i + 16])
-        y, _, lengths = pre(batch.mel.transpose(1, 2), torch.zeros_like(batch.mel_lengths), batch.mel_lengths)
-        valid = torch.arange(y.size(1))[None, :] < lengths[:, None]
-        outs.append(y[valid].double())
-    y = torch.cat(outs)
-    mean = y.mean(0)
-    std = float((y - mean).std())
-    scale = 1.0 / (std * (encoder.xscale or 1.0))
-    pre.out.weight.mul_(scale)
-    if pre.out.bias is not None:
-        pre.out.bias.sub_(mean.to(pre.out.bias.dtype)).mul_(scale)
-    return float(mean.pow(2).mean().sqrt())
-
-
-def build_optimizer(model: AsrModel, recipe: Recipe) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and the attention position biases."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.ndim >= 2 and "pos_bias" not in name else no_decay).append(param)
-    opt = recipe.optim
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr,
-        betas=(opt.betas[0], opt.betas[1]),
-        eps=opt.eps,
-    )
-
-
-def learning_rate(recipe: Recipe, step: int) -> float:
-    """Linear warmup to ``lr``, then Noam (inverse square root) or cosine decay to ``min_lr``.
-
-    With ``optim.anneal_steps``, the last that many steps before ``train.max_steps`` take the rate
-    linearly from the schedule's value down to ``min_lr`` (a cooldown, which a run can add at its end).
-    ``step`` counts optimizer steps from 0.
-    """
-    opt = recipe.optim
-    s = step + 1
-    if s <= opt.warmup_steps:
-        return opt.lr * s / max(opt.warmup_steps, 1)
-    if opt.schedule == "noam":
-        lr = max(opt.min_lr, opt.lr * math.sqrt(opt.warmup_steps / s))
-    else:
-        span = max(recipe.train.max_steps - opt.warmup_steps, 1)
-        progress = min(1.0, (s - opt.warmup_steps) / span)
-        lr = opt.min_lr + 0.5 * (opt.lr - opt.min_lr) * (1 + math.cos(math.pi * progress))
-    left = recipe.train.max_steps - step  # steps still to take, this one included
-    if 0 < opt.anneal_steps and left <= opt.anneal_steps:
-        lr = opt.min_lr + (lr - opt.min_lr) * max(left - 1, 0) / opt.anneal_steps
-    return lr
-
-
-def scheduled_lr(recipe: Recipe, progress: Progress) -> float:
-    """The learning rate of the next step: the schedule, ramped up again after a warm start.
-
-    A warm start brings weights but not the optimizer's moment estimates, so the first
-    ``optim.rewarmup_steps`` steps scale the scheduled rate linearly from 0 while Adam re-learns them.
-    """
-    lr = learning_rate(recipe, progress.step)
-    if progress.warm_start_step >= 0 and recipe.optim.rewarmup_steps > 0:
-        done = progress.step - progress.warm_start_step + 1
-        lr *= min(1.0, done / recipe.optim.rewarmup_steps)
-    return lr
-
-
-def feature_statistics(featurizer: BatchFeaturizer, utts: list[Utterance], count: int = 256) -> tuple[float, float]:
-    """Mean and std of the valid log-mel values of every ``len(utts) // count``-th utterance (deterministic)."""
-    picked = utts[:: max(1, len(utts) // count)][:count]
-    total = total_sq = 0.0
-    n = 0
-    for i in range(0, len(picked), 16):
-        batch = featurizer(picked[i : i + 16])
-        valid = torch.arange(batch.mel.size(2))[None, :] < batch.mel_lengths[:, None]  # (B, M)
-        values = batch.mel.double().transpose(1, 2)[valid]  # (frames, F)
-        total += float(values.sum())
-        total_sq += float((values**2).sum())
-        n += values.numel()
-    mean = total / n
-    return mean, math.sqrt(max(total_sq / n - mean**2, 1e-12))
-
-
-# --------------------------------------------------------------------------------------------------
-# One step
-
-
-@dataclass
-class StepResult:
-    loss: float
-    transducer_loss: float
-    ctc_loss: float
-    grad_norm: float
-    audio_s: float
-    context: ContextSize
-
-
-def sample_context(recipe: Recipe, seed: int) -> ContextSize:
-    """The look-ahead of one batch (NeMo samples uniformly; ``att_context_probs`` may weight them)."""
-    enc = recipe.model.encoder
-    sizes = [(int(a), int(b)) for a, b in enc.att_context_sizes]
-    weights = enc.att_context_probs or None
-    return random.Random(seed).choices(sizes, weights=weights)[0]
-
-
-def compute_loss(
-    model: AsrModel, batch: Batch, ctx: ContextSize, loss_fn: TransducerLoss, recipe: Recipe
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``."""
-    device = next(model.parameters()).device
-    batch = batch_to(batch, device)
-    bf16 = recipe.train.bf16 and bf16_supported(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        enc, enc_len = model.encoder(batch.mel, batch.mel_lengths, ctx)  # (B, T, D)
-        pred = model.decoder(batch.targets)  # (B, U+1, P)
-        assert model.joint is not None
-        logits = model.joint.joint(enc, pred)  # (B, T, U+1, V+N)
-    transducer = loss_fn(logits.float(), batch.targets, enc_len, batch.target_lengths)
-    if model.ctc_decoder is None or recipe.loss.ctc_weight <= 0:
-        return transducer, transducer, None
-    log_probs = model.ctc_decoder(enc.float())  # (B, T, V)
-    ctc = ctc_loss(log_probs, batch.targets, enc_len, batch.target_lengths, recipe.loss.reduction)  # type: ignore[arg-type]
-    w = recipe.loss.ctc_weight
-    return (1 - w) * transducer + w * ctc, transducer, ctc
-
-
-def training_device(name: str) -> torch.device:
-    """``train.device``: "auto" is the first CUDA GPU if torch sees one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device: {name!r} is not a device (auto, cpu, cuda or cuda:N)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but torch {torch.__version__} sees no CUDA GPU")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"train.device: {name!r} is not supported (auto, cpu, cuda or cuda:N)")
-    return device
-
-
-@functools.cache
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs natively on ``device``. On a CPU that is oneDNN's own check (AVX-512
-    bf16 or AMX); without it, autocast emulates bf16 slowly and oneDNN's LSTM refuses it outright, so
-    :func:`compute_loss` runs such a device in float32 whatever ``train.bf16`` says."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        return False
-
-
-def batch_to(batch: Batch, device: torch.device) -> Batch:
-    """The batch's tensors on ``device`` (the same batch where they already are)."""
-    if batch.mel.device == device:
-        return batch
-    return Batch(
-        batch.mel.to(device, non_blocking=True),
-        batch.mel_lengths.to(device),
-        batch.targets.to(device, non_blocking=True),
-        batch.target_lengths.to(device),
-        batch.ids,
-        batch.texts,
-    )
-
-
-def train_step(
-    model: AsrModel,
-    optimizer: torch.optim.Optimizer,
-    batch: Batch,
-    ctx: ContextSize,
-    loss_fn: TransducerLoss,
-    recipe: Recipe,
-    lr: float,
-) -> StepResult:
-    """Forward, backward, clip, AdamW step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    total, transducer, ctc = compute_loss(model, batch, ctx, loss_fn, recipe)
-    total.backward()
-    clip = recipe.optim.grad_clip
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-    if torch.isfinite(norm):
-        optimizer.step()
-    else:
-        logger.warning("non-finite gradient norm; step skipped")
-    return StepResult(
-        loss=float(total.detach()),
-        transducer_loss=float(transducer.detach()),
-        ctc_loss=float(ctc.detach()) if ctc is not None else 0.0,
-        grad_norm=float(norm),
-        audio_s=batch.audio_seconds,
-        context=ctx,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Run directory and checkpoints
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # next batch of `epoch` to train
-    audio_seconds: float = 0.0
-    train_seconds: float = 0.0
-    best_wer: float = float("inf")
-    best_step: int = -1
-    history: list[dict[str, float]] = field(default_factory=list)  # recent log lines
-    warm_start_step: int = -1  # the step this run's weights came in at (train.init_from); -1: none
-    warm_start_from: str = ""
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(
-    path: Path,
-    model: AsrModel,
-    tokenizer_model: bytes,
-    optimizer: torch.optim.Optimizer | None,
-    recipe: Recipe,
-    progress: Progress,
-    loss_fn: TransducerLoss | None,
-) -> None:
-    """Write a training checkpoint atomically."""
-    _atomic_save(
-        {
-            "version": CHECKPOINT_VERSION,
-            "recipe": recipe.to_dict(),
-            "tokenizer_model": tokenizer_model,
-            "model": model.state_dict(),
-            # The reparametrised convs' own parameters, so a resume continues bit for bit.
-            "train_parameters": {
-                f"{name}.{p}": getattr(m, p).detach().clone()
-                for name, m in model.named_modules()
-                if isinstance(m, InputNormalizedConv2d)
-                for p in ("weight", "bias")
-            },
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "progress": progress.__dict__,
-            "loss_rng": loss_fn.state_dict() if loss_fn is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "numpy_rng": np.random.get_state(),
-        },
-        path,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# The trainer
 
 
 class _StopFlag:
@@ -455,7 +132,7 @@ class Trainer:
                 self.device,
                 torch.backends.cpu.get_cpu_capability(),
             )
-            self.recipe = recipe = replace(recipe, train=replace(recipe.train, bf16=False))
+            self.recipe = recipe = recipe.with_updates({"train": {"bf16": False}})
         self.model = build_model(recipe, tokenizer, recipe.seed)
         if recipe.train.fast_depthwise and self.device.type == "cpu":
             use_fast_depthwise(self.model.encoder)
@@ -471,7 +148,7 @@ class Trainer:
         head = recipe.model.transducer
         self.loss_fn = TransducerLoss(
             head.durations, recipe.loss.sigma, recipe.loss.omega, recipe.loss.reduction, seed=recipe.seed
-        )  # type: ignore[arg-type]
+        )
         self.progress = Progress()
         self._last_lr = 0.0
         if resume:
@@ -489,18 +166,7 @@ class Trainer:
         )
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint_file(path)
-        self.model.load_state_dict(state["model"], strict=True)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in state.get("train_parameters", {}).items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress(**state["progress"])
-        self.loss_fn.load_state_dict(state["loss_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        self.progress = restore_checkpoint(path, self.model, self.optimizer, self.loss_fn)
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -576,7 +242,7 @@ class Trainer:
                 ctx = sample_context(recipe, seed)
                 if recipe.spec_augment.start_step <= progress.step:
                     g = torch.Generator().manual_seed(seed + 1)
-                    batch = _with_mel(batch, spec_augment(batch.mel, batch.mel_lengths, recipe.spec_augment, g))
+                    batch = with_mel(batch, spec_augment(batch.mel, batch.mel_lengths, recipe.spec_augment, g))
                 self._last_lr = scheduled_lr(recipe, progress)
                 result = train_step(self.model, self.optimizer, batch, ctx, self.loss_fn, recipe, self._last_lr)
                 progress.step += 1
@@ -600,37 +266,12 @@ class Trainer:
         return 0
 
     def _log(self, window: list[StepResult], seconds: float, bar: tqdm) -> None:
-        p = self.progress
-        audio = sum(r.audio_s for r in window)
-        entry = {
-            "step": p.step,
-            "epoch": p.epoch,
-            "loss": float(np.mean([r.loss for r in window])),
-            "transducer_loss": float(np.mean([r.transducer_loss for r in window])),
-            "ctc_loss": float(np.mean([r.ctc_loss for r in window])),
-            "grad_norm": float(np.mean([r.grad_norm for r in window])),
-            "lr": self._last_lr,
-            "audio_s_per_s": audio / max(seconds, 1e-9),
-            "audio_hours": p.audio_seconds / 3600,
-        }
-        p.history = [*p.history[-199:], entry]
+        entry = log_window(self.progress, window, seconds, self._last_lr)
         bar.set_postfix(
             loss=f"{entry['loss']:.3f}",
             lr=f"{entry['lr']:.2e}",
             audio_s_per_s=f"{entry['audio_s_per_s']:.0f}",
             hours=f"{entry['audio_hours']:.2f}",
-        )
-        logger.info(
-            "step %d epoch %d loss %.4f (tdt %.4f ctc %.4f) grad %.2f lr %.2e %.0f audio s/s %.2f h",
-            p.step,
-            p.epoch,
-            entry["loss"],
-            entry["transducer_loss"],
-            entry["ctc_loss"],
-            entry["grad_norm"],
-            entry["lr"],
-            entry["audio_s_per_s"],
-            entry["audio_hours"],
         )
         self._write_metrics()
 
@@ -656,56 +297,15 @@ class Trainer:
             save_checkpoint(
                 self.run_dir / "checkpoints" / "best.pt", self.model, self.tokenizer_model, None, self.recipe, p, None
             )
-        last = p.history[-1] if p.history else {}
-        row = {
-            "step": p.step,
-            "epoch": p.epoch,
-            "audio_hours": round(p.audio_seconds / 3600, 3),
-            "train_hours": round(p.train_seconds / 3600, 3),
-            "lr": last.get("lr", 0.0),
-            "train_loss": round(last.get("loss", float("nan")), 4),
-            **{k: round(100 * v, 2) for k, v in wers.items()},
-        }
-        self._append_result(row)
-        logger.info(
-            "validation at step %d: %s (best %.2f%% at step %d; %.0f s)",
-            p.step,
-            ", ".join(f"{k} {100 * v:.2f}%" for k, v in wers.items()),
-            100 * p.best_wer,
-            p.best_step,
-            time.monotonic() - start,
-        )
+        log_validation(self.run_dir, p, wers, time.monotonic() - start)
         self._write_metrics()
         return wers
 
-    def _append_result(self, row: dict[str, Any]) -> None:
-        path = self.run_dir / "results.csv"
-        is_new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if is_new:
-                writer.writeheader()
-            writer.writerow(row)
-
     def _write_metrics(self) -> None:
-        p = self.progress
-        metrics = {
-            "name": self.recipe.name,
-            "step": p.step,
-            "epoch": p.epoch,
-            "batch_in_epoch": p.batch_in_epoch,
-            "audio_hours": round(p.audio_seconds / 3600, 3),
-            "train_hours": round(p.train_seconds / 3600, 3),
-            "best_wer_percent": None if math.isinf(p.best_wer) else round(100 * p.best_wer, 2),
-            "best_step": p.best_step,
-            "parameters": self.model.num_parameters,
-            "last": p.history[-1] if p.history else None,
-        }
-        tmp = self.run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, self.run_dir / "metrics.json")
+        write_metrics(self.run_dir, self.recipe.name, self.progress, self.model.num_parameters)
 
     def save_latest(self) -> None:
+        """Write ``checkpoints/latest.pt`` (everything a resume needs) and ``metrics.json``."""
         save_checkpoint(
             self.run_dir / "checkpoints" / "latest.pt",
             self.model,
@@ -717,22 +317,6 @@ class Trainer:
         )
         self._write_metrics()
         logger.info("saved %s at step %d", self.run_dir / "checkpoints" / "latest.pt", self.progress.step)
-
-
-def _with_mel(batch: Batch, mel: Tensor) -> Batch:
-    return Batch(mel, batch.mel_lengths, batch.targets, batch.target_lengths, batch.ids, batch.texts)
-
-
-# --------------------------------------------------------------------------------------------------
-# Entry points
-
-
-def _attach_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("streamer").addHandler(handler)
-    logging.getLogger("streamer").setLevel(logging.INFO)
-    return handler
 
 
 def train(
@@ -747,12 +331,12 @@ def train(
     elif config is not None:
         recipe = load_recipe(config)
         if overrides:
-            recipe = recipe_from_dict(_deep_merge(recipe.to_dict(), overrides))
+            recipe = recipe.with_updates(overrides)
         run_dir = new_run_dir(runs_root, recipe.name)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     else:
         raise ConfigError("streamer train needs --config RECIPE or --resume RUN_DIR")
-    handler = _attach_log(run_dir)
+    handler = attach_log(run_dir)
     try:
         logger.info("run directory %s", run_dir)
         has_latest = (run_dir / "checkpoints" / "latest.pt").is_file()
@@ -762,9 +346,3 @@ def train(
         logging.getLogger("streamer").removeHandler(handler)
         handler.close()
 
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -1,0 +1,123 @@
+"""What a run writes about itself: ``train.log``, the periodic log line, ``results.csv`` and ``metrics.json``.
+
+``metrics.json`` is rewritten atomically after every log line, validation and save, so a dashboard or a
+person can read where a run stands at any moment; ``results.csv`` gains one row per validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamer.training.rundir import Progress
+from streamer.training.step import StepResult
+
+logger = logging.getLogger(__name__)
+
+HISTORY_ENTRIES = 200  # log lines kept in Progress.history (and so in every checkpoint)
+
+
+def attach_log(run_dir: Path) -> logging.Handler:
+    """Copy the ``streamer`` loggers' INFO and above into ``run_dir/train.log``; remove the handler when done."""
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("streamer").addHandler(handler)
+    logging.getLogger("streamer").setLevel(logging.INFO)
+    return handler
+
+
+def log_window(progress: Progress, window: list[StepResult], seconds: float, lr: float) -> dict[str, float]:
+    """Average the steps since the last log line, log them, and keep the entry in ``progress.history``.
+
+    Args:
+        progress: where training stands (after the window's last step).
+        window: the steps since the last log line.
+        seconds: their wall-clock time, for the audio seconds trained per second.
+        lr: the learning rate of the last step.
+    """
+    audio = sum(r.audio_s for r in window)
+    entry = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "loss": float(np.mean([r.loss for r in window])),
+        "transducer_loss": float(np.mean([r.transducer_loss for r in window])),
+        "ctc_loss": float(np.mean([r.ctc_loss for r in window])),
+        "grad_norm": float(np.mean([r.grad_norm for r in window])),
+        "lr": lr,
+        "audio_s_per_s": audio / max(seconds, 1e-9),
+        "audio_hours": progress.audio_seconds / 3600,
+    }
+    progress.history = [*progress.history[-(HISTORY_ENTRIES - 1) :], entry]
+    logger.info(
+        "step %d epoch %d loss %.4f (tdt %.4f ctc %.4f) grad %.2f lr %.2e %.0f audio s/s %.2f h",
+        progress.step,
+        progress.epoch,
+        entry["loss"],
+        entry["transducer_loss"],
+        entry["ctc_loss"],
+        entry["grad_norm"],
+        entry["lr"],
+        entry["audio_s_per_s"],
+        entry["audio_hours"],
+    )
+    return entry
+
+
+def log_validation(run_dir: Path, progress: Progress, wers: dict[str, float], seconds: float) -> None:
+    """Append a validation's row to ``results.csv`` and log it (WERs as fractions, written as percent)."""
+    last = progress.history[-1] if progress.history else {}
+    row = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "audio_hours": round(progress.audio_seconds / 3600, 3),
+        "train_hours": round(progress.train_seconds / 3600, 3),
+        "lr": last.get("lr", 0.0),
+        "train_loss": round(last.get("loss", float("nan")), 4),
+        **{k: round(100 * v, 2) for k, v in wers.items()},
+    }
+    append_result(run_dir, row)
+    logger.info(
+        "validation at step %d: %s (best %.2f%% at step %d; %.0f s)",
+        progress.step,
+        ", ".join(f"{k} {100 * v:.2f}%" for k, v in wers.items()),
+        100 * progress.best_wer,
+        progress.best_step,
+        seconds,
+    )
+
+
+def append_result(run_dir: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to ``results.csv``, writing the header first when the file is new."""
+    path = run_dir / "results.csv"
+    is_new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if is_new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def write_metrics(run_dir: Path, name: str, progress: Progress, parameters: int) -> None:
+    """Rewrite ``metrics.json`` atomically: where the run stands and its last log entry."""
+    metrics = {
+        "name": name,
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "batch_in_epoch": progress.batch_in_epoch,
+        "audio_hours": round(progress.audio_seconds / 3600, 3),
+        "train_hours": round(progress.train_seconds / 3600, 3),
+        "best_wer_percent": None if math.isinf(progress.best_wer) else round(100 * progress.best_wer, 2),
+        "best_step": progress.best_step,
+        "parameters": parameters,
+        "last": progress.history[-1] if progress.history else None,
+    }
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, run_dir / "metrics.json")

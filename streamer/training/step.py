@@ -1,0 +1,146 @@
+"""One optimizer step: the look-ahead a batch trains at, its loss, and forward, backward, clip and AdamW.
+
+Also where the step runs: the training device and whether it has native bfloat16.
+
+Shape legend:
+    B utterances   F mel bins   M mel frames   T encoder frames   U target tokens   D encoder width
+    P prediction/joint width   V vocab incl. blank   N TDT durations
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from streamer.asr.config import ContextSize
+from streamer.asr.model import AsrModel
+from streamer.errors import ConfigError
+from streamer.training.data import Batch
+from streamer.training.recipe import Recipe
+from streamer.training.tdt_loss import TransducerLoss, ctc_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What one step measured (losses as floats, the gradient norm before clipping)."""
+
+    loss: float
+    transducer_loss: float
+    ctc_loss: float
+    grad_norm: float
+    audio_s: float
+    context: ContextSize
+
+
+def sample_context(recipe: Recipe, seed: int) -> ContextSize:
+    """The look-ahead of one batch (NeMo samples uniformly; ``att_context_probs`` may weight them)."""
+    enc = recipe.model.encoder
+    sizes = [(int(a), int(b)) for a, b in enc.att_context_sizes]
+    weights = enc.att_context_probs or None
+    return random.Random(seed).choices(sizes, weights=weights)[0]
+
+
+def compute_loss(
+    model: AsrModel, batch: Batch, ctx: ContextSize, loss_fn: TransducerLoss, recipe: Recipe
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``."""
+    device = next(model.parameters()).device
+    batch = batch_to(batch, device)
+    bf16 = recipe.train.bf16 and bf16_supported(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        enc, enc_len = model.encoder(batch.mel, batch.mel_lengths, ctx)  # (B, T, D)
+        pred = model.decoder(batch.targets)  # (B, U+1, P)
+        assert model.joint is not None
+        logits = model.joint.joint(enc, pred)  # (B, T, U+1, V+N)
+    transducer = loss_fn(logits.float(), batch.targets, enc_len, batch.target_lengths)
+    if model.ctc_decoder is None or recipe.loss.ctc_weight <= 0:
+        return transducer, transducer, None
+    log_probs = model.ctc_decoder(enc.float())  # (B, T, V)
+    ctc = ctc_loss(log_probs, batch.targets, enc_len, batch.target_lengths, recipe.loss.reduction)
+    w = recipe.loss.ctc_weight
+    return (1 - w) * transducer + w * ctc, transducer, ctc
+
+
+def training_device(name: str) -> torch.device:
+    """``train.device``: "auto" is the first CUDA GPU if torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device: {name!r} is not a device (auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but torch {torch.__version__} sees no CUDA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device: {name!r} is not supported (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+@functools.cache
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively on ``device``. On a CPU that is oneDNN's own check (AVX-512
+    bf16 or AMX); without it, autocast emulates bf16 slowly and oneDNN's LSTM refuses it outright, so
+    :func:`compute_loss` runs such a device in float32 whatever ``train.bf16`` says."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on ``device`` (the same batch where they already are)."""
+    if batch.mel.device == device:
+        return batch
+    return Batch(
+        batch.mel.to(device, non_blocking=True),
+        batch.mel_lengths.to(device),
+        batch.targets.to(device, non_blocking=True),
+        batch.target_lengths.to(device),
+        batch.ids,
+        batch.texts,
+    )
+
+
+def with_mel(batch: Batch, mel: Tensor) -> Batch:
+    """The batch with other features of the same shape (SpecAugment's masked copy)."""
+    return Batch(mel, batch.mel_lengths, batch.targets, batch.target_lengths, batch.ids, batch.texts)
+
+
+def train_step(
+    model: AsrModel,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    ctx: ContextSize,
+    loss_fn: TransducerLoss,
+    recipe: Recipe,
+    lr: float,
+) -> StepResult:
+    """Forward, backward, clip, AdamW step (skipped, with a warning, on a non-finite gradient norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total, transducer, ctc = compute_loss(model, batch, ctx, loss_fn, recipe)
+    total.backward()
+    clip = recipe.optim.grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if torch.isfinite(norm):
+        optimizer.step()
+    else:
+        logger.warning("non-finite gradient norm; step skipped")
+    return StepResult(
+        loss=float(total.detach()),
+        transducer_loss=float(transducer.detach()),
+        ctc_loss=float(ctc.detach()) if ctc is not None else 0.0,
+        grad_norm=float(norm),
+        audio_s=batch.audio_seconds,
+        context=ctx,
+    )
