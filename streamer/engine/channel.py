@@ -32,7 +32,7 @@ from streamer.asr.hypothesis import TokenSpan
 from streamer.audio.ring import RingBuffer
 from streamer.engine.endpoint import EndpointConfig
 from streamer.engine.recognizer import Recognizer
-from streamer.engine.session import Clock, Segmenter
+from streamer.engine.segmenting import Clock, Segmenter
 from streamer.protocol import Final, Partial
 
 Event = Partial | Final
