@@ -43,6 +43,20 @@ Who owns what:
   a resume carries to a new link: id, stream, options, engine channel, audio path, result log, tokens.
 - The adapter: its transport, its wire format, its send queue, its idle rule, and what a break means
   (``lost(resumable=...)``: a client that hung up is not held; one whose connection dropped is).
+
+What an adapter does (``streamer.server.listen`` is the example), and nothing more:
+
+1. ``core.connect(sink, protocol=..., name_prefix=...)``; a :class:`~streamer.session.events.Problem` back means
+   refused: say so in its own shape and close. Otherwise run ``session.start_deadline()`` as a task.
+2. Map its start onto :class:`~streamer.session.events.StartOptions` (and a resume onto
+   :class:`~streamer.session.events.ResumeRequest`) and call ``start``; its audio (while ``is_open`` and
+   ``is_started``) onto ``await push_audio(bytes)``, reading nothing more from its transport meanwhile; its
+   end-of-utterance request onto ``finalize()``, its end of audio onto ``await stop()``.
+3. Report its own parse errors with ``session.error(code, message)`` (logged and counted like the core's).
+4. Turn each event its sink is offered into its wire messages: ``Opened``, the engine's partials, finals and
+   warnings, ``Problem``; ``Ended``: send the accounting if any, then close; ``Superseded``: drop the transport.
+5. When its transport ends: ``await lost(resumable)`` if ``is_open``, then ``await wait_for_resume()``, and
+   finally ``core.release(session)`` and cancel the deadline task.
 """
 
 from __future__ import annotations

@@ -126,7 +126,9 @@ class Session:
 
     def start(self, options: StartOptions, resume: ResumeRequest | None = None) -> None:
         """Start a session (or resume the held one ``resume`` names); the client hears ``Opened`` or a
-        ``Problem`` (and, when the session cap is reached, ``Ended``)."""
+        ``Problem`` (and, when the session cap is reached, ``Ended``). Call only while :attr:`is_open`."""
+        if not self.is_open:
+            raise RuntimeError(f"start on a link in phase {self.phase.value!r}; check is_open first")
         if self.channel is not None:
             self.error("already_started", "this session has started already; open a new connection for a new stream")
             return
