@@ -98,6 +98,7 @@ class Daemon:
         self.metrics: Any = None
         self.mqtt: Any = None
         self.sessions: Any = None  # SessionStore: what a resume may replay after a restart
+        self.core: Any = None  # SessionCore: every client's session, whatever its protocol
         self.mic: Any = None
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
@@ -118,6 +119,7 @@ class Daemon:
         from streamer.server.metrics import Metrics
         from streamer.server.tls import server_ssl_context
         from streamer.server.websocket import WebSocketServer
+        from streamer.session import ModelInfo, SessionCore, SessionLimits
 
         settings = self.settings
         auth = TokenAuth.from_settings(settings.server)
@@ -140,15 +142,18 @@ class Daemon:
             max_channels=settings.server.max_sessions + 2, ring_capacity_s=settings.engine.ring_capacity_s,
             lag_warning_s=settings.engine.lag_warning_s, on_step=on_step,
         )
+        channels = self.scheduler.channels
+        metrics.streams.source = lambda: len(channels)
         lags = self.scheduler.lags_s
         metrics.stream_lag_seconds.source = lags
         metrics.max_stream_lag_seconds.source = lambda: max(lags().values(), default=0.0)
         sdnotify.notify("STATUS=warming up")
         await asyncio.to_thread(self.scheduler.warm_up)
-        info = {"model": _model_name(settings.model.spec), "att_context_size": tuple(recognizer.att_context_size),
-                "chunk_s": round(recognizer.chunk_seconds, 3)}
-        self.server = WebSocketServer(settings.server, self.scheduler, self.hub, metrics, self.endpoint, info, auth,
-                                      ssl_context, self.sessions)
+        model = ModelInfo(_model_name(settings.model.spec), tuple(recognizer.att_context_size),
+                          round(recognizer.chunk_seconds, 3))
+        self.core = SessionCore(SessionLimits.from_settings(settings.server), self.scheduler, self.hub, metrics,
+                                self.endpoint, model, sessions)
+        self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
         await self.server.start()
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:

@@ -160,11 +160,6 @@ def test_openmetrics_when_the_accept_header_asks_for_it() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="server/websocket.py's /metrics handler still sends render() as text; it must pass the request's "
-    "Accept header to Metrics.exposition (left to the session-core refactor of server/, issue 17)",
-    strict=True,
-)
 async def test_the_daemon_serves_openmetrics_on_request(start_daemon: Start) -> None:  # noqa: F811
     """GET /metrics with OpenMetrics' Accept header gets OpenMetrics from the running daemon."""
     daemon = await start_daemon()

@@ -35,7 +35,7 @@ class EventSink(Protocol):
 
 class MessageSink(Protocol):
     """Where a stream's messages for its source client go: an :class:`Outbox`, or a session's
-    ``streamer.server.resume.ResultLog``, which keeps them across a reconnect."""
+    ``streamer.session.results.ResultLog``, which keeps them across a reconnect."""
 
     def offer(self, msg: ServerMessage) -> None: ...
 

@@ -1,6 +1,6 @@
 """The finals a resume may replay, kept across a crash: one SQLite database under the state directory.
 
-A ``/v1/listen`` session keeps its last finals in memory (:class:`~streamer.server.resume.ResultLog`) so a
+A session keeps its last finals in memory (:class:`~streamer.session.results.ResultLog`) so a
 client that lost its connection gets what it missed. That memory dies with the process. This journal keeps
 a copy: each session's latest resume token (as a SHA-256 hash, never the token) and its finals, written on
 a thread of its own after they went out (a commit never delays a result). A session that ends with its

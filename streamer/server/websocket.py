@@ -1,13 +1,15 @@
 """WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``.
 
-The protocol is documented in :mod:`streamer.protocol`. One :class:`~streamer.server.listen.ListenSession`
-per ``/v1/listen`` connection carries a session (and may resume a held one); caption subscribers get an
-:class:`~streamer.server.hub.Outbox` each. A failure of one connection closes that connection only
+The protocol is documented in :mod:`streamer.protocol`. Each ``/v1/listen`` connection is a
+:class:`~streamer.server.listen.ListenConnection`, protocol v1's adapter on the session core
+(:mod:`streamer.session`), which carries its session (and may resume a held one); caption subscribers get an
+:class:`~streamer.server.fanout.Outbox` each. A failure of one connection closes that connection only
 (1011); the server keeps running.
 
 Before any endpoint, every request's ``Host`` and ``Origin`` are checked (:mod:`streamer.server.origin`,
 HTTP 403), then its token (:mod:`streamer.server.auth`, 400 or 401); connections still sending their
-request are capped (:mod:`streamer.server.gate`). A ``/v1/listen`` connection takes a place under
+request are capped (:mod:`streamer.server.gate`). The session caps are the core's
+(:class:`~streamer.session.core.SessionCore`): a ``/v1/listen`` connection takes a place under
 ``server.max_sessions`` only once it has started a session; until then it counts under
 ``server.max_pending_connections`` and has ``server.start_timeout_s`` to send ``start``.
 """
@@ -19,27 +21,24 @@ import logging
 import ssl
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from streamer.engine.endpoint import EndpointConfig
-from streamer.protocol import STREAM_NAME, Error, Resume
+from streamer.protocol import STREAM_NAME, Error
 from streamer.resources import web_root
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.fanout import Hub, Outbox
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
-from streamer.server.listen import ListenServices, ListenSession, Phase
-from streamer.server.metrics import CONTENT_TYPE, Metrics
+from streamer.server.listen import serve_listen
+from streamer.server.metrics import Metrics
 from streamer.server.origin import OriginPolicy
-from streamer.server.resume import tokens_match
-from streamer.server.session_journal import SessionStore
 
 if TYPE_CHECKING:
-    from streamer.engine.scheduler import Scheduler
+    from streamer.session import Session, SessionCore
     from streamer.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -57,47 +56,49 @@ readiness on <a href="/readyz">/readyz</a>, metrics on <a href="/metrics">/metri
 
 
 class WebSocketServer:
-    """The port: routes requests, enforces the session caps, shuts down in order.
+    """The port: routes requests, hands ``/v1/listen`` connections to the session core, shuts down in order.
 
     Args:
         settings: the ``[server]`` settings.
-        scheduler: opens, feeds and closes engine channels.
-        hub: result fan-out.
+        core: the session core (sessions, caps, readiness).
+        hub: result fan-out (caption subscribers).
         metrics: the metrics registry.
-        endpoint: default endpointing rules.
-        model_info: ``model``, ``att_context_size``, ``chunk_s`` for ``ready`` messages.
         auth: the accepted tokens; None lets every request in.
         ssl_context: TLS for ``wss://`` and ``https://``; None serves plain ``ws://`` and ``http://``.
-        sessions: what a resume may replay after a restart; None keeps it in memory only.
     """
 
     def __init__(
         self,
         settings: ServerSettings,
-        scheduler: Scheduler,
+        core: SessionCore,
         hub: Hub,
         metrics: Metrics,
-        endpoint: EndpointConfig,
-        model_info: dict[str, Any],
         auth: TokenAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
-        sessions: SessionStore | None = None,
     ) -> None:
-        self.settings, self.scheduler, self.hub, self.metrics = settings, scheduler, hub, metrics
-        self.session_store = sessions or SessionStore(None)
-        self.endpoint, self.model_info = endpoint, model_info
+        self.settings, self.core, self.hub, self.metrics = settings, core, hub, metrics
         self.auth = auth or TokenAuth()
         self.ssl_context = ssl_context
-        self.sessions: set[ListenSession] = set()
-        self.is_ready = False  # /readyz: model warm, sockets bound, not shutting down
         self._server: Server | None = None
         self._policy: OriginPolicy | None = None
         self._accept_errors = AcceptErrors(metrics)
         self.gate = HandshakeGate(settings.max_handshakes, metrics, self._accept_errors)
         self._logged_refusals: set[tuple[str, str]] = set()
         self._web_root = Path(settings.web_root) if settings.web_root else web_root()
-        self._listen_services = ListenServices(settings, scheduler, hub, metrics, endpoint, model_info,
-                                               self.find_resumable, self.is_full_for_new_session, self.session_store)
+
+    @property
+    def is_ready(self) -> bool:
+        """``/readyz`` and new sessions: model warm, sockets bound, not shutting down (the core's flag)."""
+        return self.core.is_ready
+
+    @is_ready.setter
+    def is_ready(self, value: bool) -> None:
+        self.core.is_ready = value
+
+    @property
+    def sessions(self) -> set[Session]:
+        """Every ``/v1/listen`` link from its connection until its handler returns (held sessions too)."""
+        return self.core.sessions
 
     @property
     def port(self) -> int:
@@ -142,41 +143,13 @@ class WebSocketServer:
             self._policy = OriginPolicy(s.host, self.port, s.allowed_hosts, s.allowed_origins)
         return self._policy
 
-    def find_resumable(self, resume: Resume) -> tuple[ListenSession | None, str | None]:
-        """The live or held session that ``resume`` names and may take over, or None and why not."""
-        if self.settings.resume_window_s <= 0:
-            return None, "this server does not keep sessions for a resume (server.resume_window_s is 0)"
-        for session in self.sessions:
-            if session.id != resume.session or session.phase not in (Phase.STREAMING, Phase.HELD):
-                continue
-            if tokens_match(resume.token, session.resume_token):
-                return session, None
-            if resume.token in session.spent_tokens:
-                return None, "this resume token was used already; each 'ready' carries a new one"
-            return None, "the resume token does not match the session's"
-        return None, (f"no such session: it ended, or its resume window of {self.settings.resume_window_s:g} s "
-                      "passed")
-
-    def _live_count(self) -> int:
-        """Started sessions on a connection of their own (not held ones, not connections still awaiting start)."""
-        return sum(s.channel is not None and s.phase is not Phase.HELD for s in self.sessions)
-
-    def _pending_count(self) -> int:
-        """Connections that have not started (or resumed) a session yet."""
-        return sum(s.phase is Phase.AWAITING_START for s in self.sessions)
-
-    def is_full_for_new_session(self) -> bool:
-        """True when a new session would exceed max_sessions: started sessions count, held ones too, while
-        connections that have not started one do not (the asker has not)."""
-        return sum(s.channel is not None for s in self.sessions) >= self.settings.max_sessions
-
     async def shutdown(self) -> None:
         """Stop accepting; flush every session's segment to every sink, send ``end``, close with 1001."""
         self.is_ready = False
         if self._server is None:
             return
         self._server.server.close()  # no new connections
-        await asyncio.gather(*(s.end("shutdown", 1001, "server shutting down") for s in list(self.sessions)))
+        await self.core.shutdown()
 
     async def close(self) -> None:
         """Close caption subscribers (after their queued finals) and every connection left; wait for them."""
@@ -232,11 +205,11 @@ class WebSocketServer:
                 return connection.respond(HTTPStatus.OK, "ready\n")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
         if path == "/metrics":
-            self.metrics.streams.set(len(self.scheduler.channels))
-            self.metrics.sessions_held.set(sum(s.phase is Phase.HELD for s in self.sessions))
+            self.metrics.sessions_held.set(self.core.held_count())
             self.metrics.subscribers.set(self.hub.subscriber_count)
             self.metrics.ready.set(int(self.is_ready))
-            return _with_type(connection.respond(HTTPStatus.OK, self.metrics.render()), CONTENT_TYPE)
+            body, content_type = self.metrics.exposition(request.headers.get("Accept"))
+            return _with_type(connection.respond(HTTPStatus.OK, body), content_type)
         if path in ("/", "/index.html"):
             index = self._web_root / "index.html"
             page = index.read_text(encoding="utf-8") if index.is_file() else PLACEHOLDER_PAGE
@@ -314,42 +287,7 @@ class WebSocketServer:
         await ws.close(1013, "server busy")
 
     async def _listen(self, ws: ServerConnection) -> None:
-        if not self.is_ready:
-            message = "the server is starting or stopping and takes no audio now; try again later"
-            await ws.send(Error("not_ready", message).to_json())
-            await ws.close(1013, "not ready")
-            return
-        # Held sessions count against the cap too, but a connection may come in to resume one of them
-        # (ListenSession refuses it a new session while the cap is reached).
-        if self._live_count() >= self.settings.max_sessions:
-            await self._refuse(ws, "listen", self.settings.max_sessions, "sessions", "max_sessions")
-            return
-        # A connection takes a place under max_sessions only with its start; until then it waits among these.
-        if self._pending_count() >= self.settings.max_pending_connections:
-            await self._refuse(ws, "listen", self.settings.max_pending_connections,
-                               "connections waiting for their 'start'", "max_pending_connections")
-            return
-        session = ListenSession(self._listen_services, ws)
-        self.sessions.add(session)
-        deadline = asyncio.create_task(self._start_deadline(session), name=f"ws-start-deadline-{ws.id}")
-        try:
-            await session.run()
-        finally:
-            deadline.cancel()
-            self.sessions.discard(session)
-
-    async def _start_deadline(self, session: ListenSession) -> None:
-        """End a connection that has not started a session within start_timeout_s (keepalive does not count)."""
-        timeout_s = self.settings.start_timeout_s
-        await asyncio.sleep(timeout_s)
-        if session.phase is not Phase.AWAITING_START:
-            return
-        message = (f"no 'start' within {timeout_s:g} s of connecting (server.start_timeout_s; keepalive does not "
-                   "extend it); open a new connection and send 'start' first")
-        logger.info("session %s: start_timeout: %s", session.id, message)
-        self.metrics.protocol_errors_total.inc(label_value="start_timeout")
-        session.outbox.offer(Error("start_timeout", message))
-        await session.end("start_timeout", 1008, "start timeout")
+        await serve_listen(self.core, self.settings, self.metrics, ws)
 
     async def _captions(self, ws: ServerConnection, stream: str) -> None:
         if not STREAM_NAME.fullmatch(stream):

@@ -1,5 +1,5 @@
-"""The audio path of one ``/v1/listen`` session: the client's frames converted to the model's samples, counted,
-and written to the session's engine channel. A resume carries it over whole to the new connection.
+"""The audio path of one session: the client's bytes converted to the model's samples, counted, and written to
+the session's engine channel. A resume carries it over whole to the new connection.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from streamer.engine.channel import Channel
     from streamer.engine.scheduler import Scheduler
 
-logger = logging.getLogger("streamer.server.listen")  # the session's log: one logger for everything it does
+logger = logging.getLogger("streamer.session")  # the session's log: one logger for everything it does
 
 
 class SessionAudio:

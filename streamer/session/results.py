@@ -1,11 +1,11 @@
-"""Keeping a ``/v1/listen`` session's results for its client across a reconnect (see :mod:`streamer.protocol`).
+"""Keeping a session's results for its client across a reconnect, and the rules of a resume.
 
-A :class:`ResultLog` is the hub's source for a session's stream. While a connection is attached it passes
-every message straight on to that connection's :class:`~streamer.server.fanout.Outbox`; it also keeps the
-session's last finals, because a final written to a socket that then broke may never have arrived. While
-the session is held (no connection), it keeps warnings too and remembers the latest partial. When a new
-connection resumes the session, :meth:`ResultLog.attach` replays what the client asks for, in order.
-Everything runs on the event loop.
+A :class:`ResultLog` is the hub's source for a session's stream. While a client is attached it passes
+every message straight on to that client's sink (the session, then its adapter: for protocol v1 the
+connection's :class:`~streamer.server.fanout.Outbox`); it also keeps the session's last finals, because a final
+written to a socket that then broke may never have arrived. While the session is held (no connection), it
+keeps warnings too and remembers the latest partial. When a new connection resumes the session,
+:meth:`ResultLog.attach` replays what the client asks for, in order. Everything runs on the event loop.
 
 The log lives in memory only, as does the session it belongs to (recognizer state, open segment): a crash
 or ``kill -9`` ends every session, and a client resuming after the restart gets ``resume_failed`` and a
@@ -19,15 +19,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from websockets.asyncio.server import ServerConnection
-from websockets.frames import CloseCode
-
-from streamer.protocol import Final, Partial, ServerMessage, Start
+from streamer.protocol import Final, Partial, ServerMessage
 from streamer.protocol import Warning as WarningMessage
-from streamer.server.fanout import Outbox
 
 if TYPE_CHECKING:
     from streamer.server.session_journal import Orphan
+    from streamer.session.events import ClientSink, StartOptions
 
 TOKEN_BYTES = 32  # 256 random bits, URL-safe base64: unguessable, and safe in a URL or a header
 
@@ -42,7 +39,7 @@ def tokens_match(given: str, expected: str | None) -> bool:
     return expected is not None and secrets.compare_digest(given.encode(), expected.encode())
 
 
-def start_mismatch(session: Start, stream: str, resuming: Start) -> str | None:
+def start_mismatch(session: StartOptions, stream: str, resuming: StartOptions) -> str | None:
     """Why ``resuming`` cannot continue a session opened with ``session`` on ``stream``; None when it can.
 
     The audio format must be the same (the server's converter and clock carry on); ``stream`` and
@@ -57,19 +54,6 @@ def start_mismatch(session: Start, stream: str, resuming: Start) -> str | None:
     if resuming.endpointing and resuming.endpointing != session.endpointing:
         return "this start's endpointing differs from the session's (leave it out to keep the session's rules)"
     return None
-
-
-def may_hold(ws: ServerConnection, resume_window_s: float, is_slow: bool) -> bool:
-    """True when ``ws`` broke in a way that lets a resume continue its session (with the window above 0).
-
-    A close frame from the client means it hung up; a close for a slow consumer (``is_slow``) or a frame too
-    large is the server's verdict. Neither is held. A drop without a close frame (or a keepalive timeout) is.
-    """
-    closing = ws.protocol
-    if resume_window_s <= 0 or is_slow or closing.close_rcvd is not None:
-        return False
-    sent = closing.close_sent
-    return sent is None or sent.code not in (CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG)
 
 
 def orphan_replay(orphan: Orphan, next_segment: int) -> tuple[str, list[ServerMessage]]:
@@ -101,7 +85,7 @@ class ResultLog:
         self._on_final = on_final
         self._kept: deque[ServerMessage] = deque(maxlen=max(1, max_kept))  # finals; warnings while held
         self._partial: Partial | None = None  # the open segment's latest partial
-        self._outbox: Outbox | None = None
+        self._sink: ClientSink | None = None
 
     def offer(self, msg: ServerMessage) -> None:
         """Called by the hub on the loop for each of the stream's messages; never awaits."""
@@ -110,33 +94,33 @@ class ResultLog:
         else:
             if isinstance(msg, Final):
                 self._partial = None
-            if isinstance(msg, Final) or self._outbox is None:
+            if isinstance(msg, Final) or self._sink is None:
                 self._kept.append(msg)
-        if self._outbox is not None:
-            self._outbox.offer(msg)
+        if self._sink is not None:
+            self._sink.offer(msg)
         if isinstance(msg, Final) and self._on_final is not None:
             self._on_final(msg)  # after it went out: a journal write never delays a result
 
     def detach(self) -> None:
         """The connection broke: keep results until :meth:`attach`."""
-        self._outbox = None
+        self._sink = None
 
-    def attach(self, outbox: Outbox, next_segment: int) -> int:
-        """Send ``outbox`` the finals from ``next_segment`` on, warnings kept while held, the latest partial,
+    def attach(self, sink: ClientSink, next_segment: int) -> int:
+        """Send ``sink`` the finals from ``next_segment`` on, warnings kept while held, the latest partial,
         then everything live. Returns how many messages were replayed."""
         replay = [m for m in self._kept if not isinstance(m, Final) or m.segment >= next_segment]
         finals = [m.segment for m in self._kept if isinstance(m, Final)]
         oldest = finals[0] if finals else None
         if oldest is not None and oldest > next_segment:  # the bound let some go: say so, never silently
             missing = oldest - next_segment
-            outbox.offer(WarningMessage(
+            sink.offer(WarningMessage(
                 "results_lost", f"the finals of segments {next_segment}-{oldest - 1} are no longer kept and are "
                 f"not replayed ({missing} final(s))", replay[0].stream if replay else None,
             ), replay=True)
-        for msg in replay:  # a burst on top of the outbox's bound: the log alone may hold that many
-            outbox.offer(msg, replay=True)
+        for msg in replay:  # a burst on top of the sink's bound: the log alone may hold that many
+            sink.offer(msg, replay=True)
         if self._partial is not None:
-            outbox.offer(self._partial)
+            sink.offer(self._partial)
         self._kept = deque((m for m in self._kept if isinstance(m, Final)), maxlen=self._kept.maxlen)
-        self._outbox = outbox
+        self._sink = sink
         return len(replay)
