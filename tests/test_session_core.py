@@ -24,7 +24,7 @@ from streamer.engine.endpoint import EndpointConfig
 from streamer.engine.recognizer import Recognizer
 from streamer.engine.scheduler import Scheduler
 from streamer.protocol import Final, Partial, Warning
-from streamer.server.hub import Hub
+from streamer.server.fanout import Hub
 from streamer.server.metrics import Metrics
 from streamer.server.session_journal import SessionStore
 from streamer.session import (
@@ -376,7 +376,7 @@ def test_the_core_imports_no_transport_and_no_torch() -> None:
     import sys
 
     package = Path(__file__).resolve().parents[1] / "streamer" / "session"
-    forbidden = ("websockets", "aiomqtt", "socket", "ssl", "http", "streamer.server.hub", "streamer.server.websocket",
+    forbidden = ("websockets", "aiomqtt", "socket", "ssl", "http", "streamer.server.fanout", "streamer.server.websocket",
                  "streamer.server.listen", "streamer.server.mqtt")
     found = []
     for path in sorted(package.glob("*.py")):
