@@ -14,7 +14,6 @@ Shape legend::
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
