@@ -22,9 +22,9 @@ from streamer.asr.config import ContextSize, EncoderConfig
 from streamer.errors import ConfigError
 
 
-def fill_end(joined: Tensor, new: Tensor) -> Tensor:
-    """Write ``new`` into the last frames (dim 2, time) of ``joined``, whose first frames hold the cache."""
-    joined.narrow(2, joined.size(2) - new.size(2), new.size(2)).copy_(new)
+def fill_end(joined: Tensor, new: Tensor, dim: int = 2) -> Tensor:
+    """Write ``new`` into the last frames (along time, ``dim``) of ``joined``, whose first frames hold the cache."""
+    joined.narrow(dim, joined.size(dim) - new.size(dim), new.size(dim)).copy_(new)
     return joined
 
 
@@ -58,31 +58,35 @@ class ConvModule(nn.Module):
 
     def forward(self, x: Tensor, pad_mask: Tensor | None, joined: Tensor | None) -> Tensor:
         """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded. Offline ``joined`` is None; streaming it is
-        [B, D, K-1+T] whose first K-1 frames hold the cached inputs: this chunk's inputs are written after
-        them (the caller keeps the last K-1 frames as the next cache). Returns the output [B, T, D]."""
+        [B, K-1+T, D] (time-major) whose first K-1 frames hold the cached inputs: this chunk's inputs are
+        written after them (the caller keeps the last K-1 frames as the next cache). Returns [B, T, D]."""
         # Pointwise convs as linears on [B, T, D]: same maths, no transposes, faster for short chunks.
         pw1 = self.pointwise_conv1
-        h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1).transpose(1, 2)
+        h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1)  # [B, T, D]
         if pad_mask is not None:
-            h = h.masked_fill(pad_mask.unsqueeze(1), 0.0)
+            h = h.masked_fill(pad_mask.unsqueeze(2), 0.0)
         left, right = self.context
         if joined is None:
-            h = F.pad(h, (left, right))
+            h = self._depthwise(F.pad(h.transpose(1, 2), (left, right)))  # [B, D, T]
+            if isinstance(self.batch_norm, nn.LayerNorm):
+                h = self.batch_norm(h.transpose(1, 2))
+            else:
+                h = self.batch_norm(h).transpose(1, 2)
         else:
-            h = fill_end(joined, h)
+            h = fill_end(joined, h, dim=1)
             if right:
-                h = F.pad(h, (0, right))
-        h = self._depthwise(h)
-        if isinstance(self.batch_norm, nn.LayerNorm):
-            h = self.batch_norm(h.transpose(1, 2))
-        else:
-            h = self.batch_norm(h).transpose(1, 2)
+                h = F.pad(h, (0, 0, 0, right))
+            h = self._depthwise_time_major(h)  # [B, T, D]
+            if isinstance(self.batch_norm, nn.LayerNorm):
+                h = self.batch_norm(h)
+            else:
+                h = self.batch_norm(h.transpose(1, 2)).transpose(1, 2)
         pw2 = self.pointwise_conv2
         return F.linear(F.silu(h), pw2.weight.squeeze(-1), pw2.bias)
 
     def _depthwise(self, h: Tensor) -> Tensor:
-        """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs (streaming chunks) use an
-        unfold-and-sum, which avoids PyTorch's slow grouped-conv path for tiny outputs."""
+        """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs use an unfold-and-sum, which
+        avoids PyTorch's slow grouped-conv path for tiny outputs."""
         conv = self.depthwise_conv
         k = conv.kernel_size[0]
         t_out = h.size(2) - k + 1
@@ -90,6 +94,19 @@ class ConvModule(nn.Module):
             return conv(h)
         out = (h.unfold(2, k, 1) * conv.weight[:, 0, None, :]).sum(-1)
         return out if conv.bias is None else out + conv.bias[:, None]
+
+    def _depthwise_time_major(self, h: Tensor) -> Tensor:
+        """Depthwise conv over a padded, time-major [B, T+K-1, D] -> [B, T, D]: one multiply-add per tap
+        over contiguous channels (a streaming chunk is a few frames; K taps of [B, T, D] beat any conv
+        kernel and the unfold, whose sum runs over a strided axis of K)."""
+        conv = self.depthwise_conv
+        k = conv.kernel_size[0]
+        t_out = h.size(1) - k + 1
+        taps = conv.weight[:, 0, :].t()  # [K, D]
+        out = h[:, :t_out] * taps[0]
+        for j in range(1, k):
+            out.addcmul_(h[:, j : j + t_out], taps[j])
+        return out if conv.bias is None else out + conv.bias
 
 
 class ConformerLayer(nn.Module):
@@ -117,7 +134,7 @@ class ConformerLayer(nn.Module):
         joined: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """One block. Offline ``joined`` is None. Streaming it is (keys [B,H,C+T,dk], values [B,H,C+T,dk],
-        conv inputs [B,D,K-1+T]) whose first frames hold the cached ones; the block writes this chunk's
+        conv inputs [B,K-1+T,D]) whose first frames hold the cached ones; the block writes this chunk's
         after them and attends / convolves over the whole (the caller keeps the last frames as caches)."""
         r = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
         xn = self.norm_self_att(r)

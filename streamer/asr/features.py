@@ -213,7 +213,9 @@ class FilterbankFeatures(nn.Module):
         spec = torch.fft.rfft(frames * window, dim=-1)  # (B, M, n_fft//2+1): torch.stft's, transposed
         # NeMo: sqrt first, then the power. Element-wise, so computed before the transpose to (B, bins, M)
         # (the same values; the pairs summed are then adjacent in memory).
-        magnitude = torch.view_as_real(spec).pow(2).sum(-1).sqrt()
+        parts = torch.view_as_real(spec)
+        re, im = parts[..., 0], parts[..., 1]
+        magnitude = (re * re + im * im).sqrt()  # what pow(2).sum(-1) computes, bit for bit, without a reduction
         power = (magnitude.pow(cfg.mag_power) if cfg.mag_power != 1.0 else magnitude).transpose(1, 2)
         if pad_single_column and num_frames == 1:
             # A one-column matmul takes BLAS's matrix-vector route, whose summation order differs from the
