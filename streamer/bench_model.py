@@ -5,6 +5,12 @@ rate, and ``streamer bench --save-model`` writing it as a ``.nemo`` that every c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streamer.asr.encoder import FastConformerEncoder
+
 LARGE_STREAMING = dict(
     feat_in=80, n_layers=17, d_model=512, n_heads=8, ff_expansion_factor=4, subsampling_factor=8,
     subsampling_conv_channels=256, causal_downsampling=True, conv_kernel_size=9,
@@ -14,6 +20,25 @@ LARGE_STREAMING = dict(
 )
 LARGE_DECODER = dict(vocab_size=1024, pred_hidden=640, pred_rnn_layers=1, joint_hidden=640,
                      durations=(0, 1, 2, 3, 4), joint_dropout_layer=True)
+
+
+def encoder_settings(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`LARGE_STREAMING` with ``overrides`` (``streamer bench --encoder-set``) applied."""
+    return {**LARGE_STREAMING, **(overrides or {})}
+
+
+def random_encoder(overrides: Mapping[str, Any] | None = None) -> FastConformerEncoder:
+    """The encoder every engine in ``streamer bench`` runs: :func:`encoder_settings`, weights drawn from seed 0.
+
+    Built the same way for our step and for the ONNX export, so both hold the same weights.
+    """
+    import torch
+
+    from streamer.asr.config import EncoderConfig
+    from streamer.asr.encoder import FastConformerEncoder
+
+    torch.manual_seed(0)
+    return FastConformerEncoder(EncoderConfig(**encoder_settings(overrides))).eval()
 
 
 def calibrate_emission(greedy, enc, enc_len, tokens_per_frame: float, iterations: int = 30) -> float:
