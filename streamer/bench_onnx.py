@@ -71,7 +71,7 @@ class SteadyStep(nn.Module):
     """Tensors in, tensors out: one cache-aware step with every stream continuing with a full chunk.
 
     ``forward(mel (B, F, chunk_mel_frames), mel_tail (B, F, s+1), attn_k (L, B, H, C, dk), attn_v (L, B, H, C, dk),
-    conv_tail (L, B, D, K-1))`` returns ``(out (B, R+1, D), new_mel_tail, new_attn_k, new_attn_v, new_conv_tail)``.
+    conv_tail (L, B, K-1, D))`` returns ``(out (B, R+1, D), new_mel_tail, new_attn_k, new_attn_v, new_conv_tail)``.
     The bookkeeping fields of :class:`EncoderState` (``mel_seen``, ``attn_len``) are fixed at their steady-state
     values: full caches, past the first chunk.
     """

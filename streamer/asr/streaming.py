@@ -39,7 +39,7 @@ from torch import Tensor
 
 from streamer.asr.attention import rel_positional_table
 from streamer.asr.config import ContextSize, EncoderConfig
-from streamer.asr.conformer import ConformerLayer
+from streamer.asr.conformer import ConformerLayer, Joins
 from streamer.asr.growbuffer import GrowBuffers
 from streamer.asr.subsampling import ConvSubsampling
 from streamer.errors import ConfigError
@@ -227,8 +227,11 @@ class StreamingEncoder:
         k_join = grow.extend(state.attn_k, t, dim=3, slack=self._slack)
         v_join = grow.extend(state.attn_v, t, dim=3, slack=self._slack)
         conv_join = grow.extend(state.conv_tail, t, dim=2, slack=self._slack)
+        joins = [Joins(k_join[li], v_join[li], conv_join[li]) for li in range(len(self._layers))]
         for li, layer in enumerate(self._layers):
-            x = layer(x, self._pos_proj[li], att_mask, pad_mask, joined=(k_join[li], v_join[li], conv_join[li]))
+            x = layer(x, self._pos_proj[li], att_mask, pad_mask, joins=joins[li])
+        if torch.jit.is_tracing():  # the layers built new joins instead of filling these (conformer.fill_end)
+            k_join, v_join, conv_join = (torch.stack([getattr(j, f) for j in joins]) for f in ("k", "v", "conv"))
         # Next window's left context: the last s+1 rows of this window that hold audio.
         keep = self.tail_mel_frames
         if bool((end == window.size(2)).all()):
