@@ -25,6 +25,7 @@ from streamer.asr.state import stack, unstack
 from streamer.asr.streaming import EncoderState, StreamingEncoder
 from streamer.asr.transducer import TransducerState
 from streamer.asr.words import Word, words_from_tokens
+from streamer.engine.cuda_graphs import BucketedEncoder
 from streamer.errors import ConfigError
 
 
@@ -187,6 +188,9 @@ class Recognizer:
         model: AsrModel,
         att_context_size: ContextSize | None = None,
         decoder: DecoderKind | None = None,
+        *,
+        cuda_graphs: bool = True,
+        max_batch: int = 1,
     ) -> None:
         if model.config.features.normalize not in ("NA", "None", "none", ""):
             raise ConfigError(
@@ -202,6 +206,11 @@ class Recognizer:
         self.kind = model.check_decoder(decoder)
         self.streaming: StreamingEncoder = model.encoder.streaming(att_context_size)
         self.greedy = model.greedy_decoder(self.kind)
+        # On CUDA the encoder step runs at batch buckets, as CUDA graphs (engine.cuda_graphs); batches above
+        # ``max_batch`` are split. None: the plain step (the CPU, or graphs turned off).
+        self.runner: BucketedEncoder | None = None
+        if self.device.type == "cuda" and cuda_graphs:
+            self.runner = BucketedEncoder(self.streaming, max_batch)
 
     @property
     def att_context_size(self) -> ContextSize:
@@ -242,9 +251,14 @@ class Recognizer:
             for i, (s, n) in enumerate(work):
                 mel[i, :, :n] = s.pending[:, :n]
             n_new = torch.tensor([n for _, n in work])
-            if self.device.type != "cpu":
-                mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
-            out, out_len, enc_state = self.streaming.step(mel, n_new, stack([s.enc_state for s, _ in work]))
+            if self.runner is not None:
+                out, out_len, enc_state = self.runner.step(mel, n_new, [s.enc_state for s, _ in work])
+            else:
+                if self.device.type != "cpu":
+                    mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
+                mel = mel.to(self.streaming.dtype)  # float16/bfloat16 encoders (model.dtype); else a no-op
+                out, out_len, enc_state = self.streaming.step(mel, n_new, stack([s.enc_state for s, _ in work]))
+                out = out.float()  # the decoders stay float32
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
             spans, dec_state = self.greedy.step(dec_in, out_len, stack([s.dec_state for s, _ in work]))
             for (s, n), es, ds, span in zip(work, unstack(enc_state), unstack(dec_state), spans, strict=True):
