@@ -42,6 +42,7 @@ class Row:
     p95_ms: float
     rtfx_total: float
     threads: int
+    device: str = "cpu"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -179,6 +180,8 @@ def run_nemo_worker(python: str, ctx, streams, steps, warmup, threads) -> Row:
 def format_table(rows: list[Row]) -> str:
     cols = ["impl", "scope", "dtype", "params_m", "att_context_size", "chunk_ms", "streams", "p50_ms",
             "p95_ms", "rtfx_total"]
+    if any(r.device != "cpu" for r in rows):
+        cols.insert(1, "device")
     data = [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
@@ -212,8 +215,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: model.threads when set, else all cores)")
-    p.add_argument("--dtypes", default="float32,int8",
-                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations)")
+    p.add_argument("--dtypes", default=None,
+                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations); on CUDA "
+                        "float32, float16, bfloat16 (default: float32,int8 on the CPU, all three on CUDA)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: model.device); CUDA rows time the step as the daemon runs "
+                        "it there: pinned copies and CUDA graphs per batch bucket, see --cuda-graphs")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
+                   help="on CUDA: replay the step as CUDA graphs (on), run it op by op (off), or both side by side")
     p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
     p.add_argument("--tokens-per-s", type=float, default=4.0,
                    help="labels per second of audio the random-weight decoder is biased to emit, about "
@@ -223,6 +232,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="auto: include NeMo when importable here or via --nemo-python")
     p.add_argument("--nemo-python", default=os.environ.get("STREAMER_NEMO_PYTHON"),
                    help="python of a venv with nemo_toolkit[asr]==3.0.0 (env STREAMER_NEMO_PYTHON)")
+    p.add_argument("--probe-wav", default=None,
+                   help="with --save-model on a machine without espeak-ng: speech to pace the decoder on")
+    p.add_argument("--offline", action="store_true",
+                   help="instead: offline RTFx of a parakeet-tdt-0.6b-shaped model (random weights) on a batch of "
+                        "long utterances (--offline-batch, --utterance-s), features and decoding included")
+    p.add_argument("--offline-batch", type=int, default=64, help="with --offline: utterances per batch")
+    p.add_argument("--utterance-s", type=float, default=20.0, help="with --offline: seconds per utterance")
+    p.add_argument("--offline-layers", type=int, default=None,
+                   help="with --offline: encoder layers instead of the model's 24 (a quick run)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--save-model", metavar="PATH.nemo",
                    help="instead of measuring, write this 114M configuration as a .nemo with random weights, "
@@ -249,14 +267,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     if args.save_model:
-        print(save_large_model(args.save_model, args.tokens_per_s or 4.0))
+        print(save_large_model(args.save_model, args.tokens_per_s or 4.0, args.probe_wav))
         return 0
-    model = load_settings_from_args(args, {}).model  # bench builds its own random-weight model
+    model = load_settings_from_args(args, {"device": ("model", "device")}).model  # bench builds its own model
     threads = args.threads or model.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     contexts = parse_contexts(args.att_context_sizes, model.att_context_size)
     streams_list = [int(s) for s in args.streams.split(",") if s]
-    use_nemo = args.nemo == "auto" and (nemo_importable() or bool(args.nemo_python))
+    on_cuda = model.device.startswith("cuda")
+    use_nemo = args.nemo == "auto" and not on_cuda and (nemo_importable() or bool(args.nemo_python))
     rows: list[Row] = []
 
     def emit(row: Row) -> None:
@@ -267,9 +286,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  measured {row.impl} {row.scope} {row.dtype} [{row.att_context_size}] x{row.streams}: "
                   f"p50 {row.p50_ms} ms", file=sys.stderr, flush=True)
 
+    if args.offline:
+        from streamer.bench_offline import offline_rows
+
+        offline_rows(args, model.device, (args.dtypes or "float32").split(","), emit)
+        contexts = []  # measured
+    elif on_cuda:
+        from streamer.bench_gpu import cuda_rows
+
+        args.device = model.device
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs]
+        cuda_rows(args, contexts, streams_list, (args.dtypes or "float32,float16,bfloat16").split(","), modes, emit)
+        contexts = []  # measured
     for ctx in contexts:
         for n in streams_list:
-            for dt in args.dtypes.split(","):
+            for dt in (args.dtypes or "float32,int8").split(","):
                 emit(measure_streamer(ctx, n, args.steps, args.warmup, dt, with_decoder=False))
             if not args.no_decoder:
                 emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True,

@@ -203,12 +203,11 @@ class BucketedEncoder:
             bucket.n_new[:n].copy_(n_new)
         for f in fields(EncoderState):
             dim = EncoderState.BATCH_DIM[f.name]
-            target = getattr(bucket.state, f.name).narrow(dim, 0, n)
             parts = [getattr(s, f.name) for s in states]
-            if len(parts) == 1:
-                target.copy_(parts[0])
-            else:
-                torch.cat(parts, dim=dim, out=target)
+            # One cat into fresh memory, then one copy: cat straight into the (strided) rows would copy the
+            # parts one kernel each.
+            rows = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+            getattr(bucket.state, f.name).narrow(dim, 0, n).copy_(rows)
 
     def _staging(self, n: int) -> tuple[Tensor, Tensor]:
         """The first ``n`` rows of the pinned host buffers, once the previous copy out of them is done."""
