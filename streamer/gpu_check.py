@@ -51,6 +51,9 @@ class Plan:
     offline_layers: int | None
     steps_offline: int
     threads: int | None = None  # torch threads of every command (None: torch's default)
+    load_generators: int = 1  # loadtest processes sharing one N (one Python process cannot feed 2000 clients)
+    load_min_share: int = 32  # clients per generator at least
+    load_frame_ms: float = 40.0
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
 
@@ -61,9 +64,10 @@ def make_plan(device: str, quick: bool, stages: list[str]) -> Plan:
                     2, 1, ["bundled"], [1, 2], 3.0, "float32", ["float32"], 1, 2.0, 1, 1, threads=1, stages=stages)
     cuda = device.startswith("cuda")
     halves = ["float32", "float16", "bfloat16"] if cuda else ["float32"]
-    return Plan(device, False, {"parity": 60, "bench": 120, "loadtest": 150, "offline": 70},
-                [2**k for k in range(11)], halves, 10, 3, ["bundled", "114M"], [16, 64, 256, 1024, 2048], 12.0,
-                "float16" if cuda else "float32", halves, 128 if cuda else 4, 20.0, None, 3, stages=stages)
+    return Plan(device, False, {"parity": 75, "bench": 100, "loadtest": 170, "offline": 60},
+                [2**k for k in range(11)], halves, 10, 3, ["114M", "bundled"], [32, 256, 1024, 2048], 10.0,
+                "float16" if cuda else "float32", halves, 128 if cuda else 4, 20.0, None, 3, stages=stages,
+                load_generators=4 if cuda else 1, load_frame_ms=80.0 if cuda else 40.0)
 
 
 @dataclass

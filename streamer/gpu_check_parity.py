@@ -63,9 +63,10 @@ def on_device(model: AsrModel, device: torch.device, dtype: torch.dtype) -> AsrM
 
 
 def stream_all(model: AsrModel, audios: Sequence[np.ndarray], kind: str | None, ctx: tuple[int, int] | None,
-               buckets: bool) -> list[Tokens]:
+               buckets: bool, info: dict[str, Any] | None = None) -> list[Tokens]:
     """Every audio as a stream of one recognizer, pushed 100 ms at a time and stepped together (as the daemon
-    batches them); ``buckets`` forces the bucketed runner on a CPU recognizer (on CUDA it is there anyway)."""
+    batches them); ``buckets`` forces the bucketed runner on a CPU recognizer (on CUDA it is there anyway).
+    ``info["graphs"]`` says whether CUDA graphs ran (a failed capture falls back to running without)."""
     rec = Recognizer(model, ctx, kind, max_batch=len(audios))  # type: ignore[arg-type]
     if buckets and rec.runner is None:
         rec.runner = BucketedEncoder(rec.streaming, len(audios), use_graphs=False)
@@ -81,6 +82,8 @@ def stream_all(model: AsrModel, audios: Sequence[np.ndarray], kind: str | None, 
     for stream in streams:
         stream.input_finished()
     rec.run_to_end(streams)
+    if info is not None:
+        info["graphs"] = rec.runner is not None and rec.runner.use_graphs
     return [(s.tokens.token_ids, s.tokens.token_frames, s.tokens.token_durations) for s in streams]
 
 
@@ -153,9 +156,11 @@ def check_speech(device: torch.device, halves: list[torch.dtype], quick: bool, w
     model = AsrModel.load("streamer-tdt-small")
     ctx = (70, 1)
     cpu = stream_all(model, clips, None, ctx, buckets=False)
-    got = stream_all(on_device(model, device, torch.float32), clips, None, ctx, buckets=True)
+    info: dict[str, Any] = {}
+    got = stream_all(on_device(model, device, torch.float32), clips, None, ctx, buckets=True, info=info)
     same = sum(a == b for a, b in zip(cpu, got, strict=True))
-    out: dict[str, Any] = {"source": source, "streams": len(clips), "device_equals_cpu": same, "half": {}}
+    out: dict[str, Any] = {"source": source, "streams": len(clips), "device_equals_cpu": same, "half": {},
+                           "cuda_graphs": info["graphs"]}
     for d in halves:
         hyp = stream_all(on_device(model, device, d), clips, None, ctx, buckets=True)
         out["half"][str(d).removeprefix("torch.")] = agreement([(c[0], h[0]) for c, h in zip(cpu, hyp, strict=True)])

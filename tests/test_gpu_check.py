@@ -127,3 +127,30 @@ def test_the_script_runs_every_stage_on_the_cpu_and_ends_with_the_table(tmp_path
     assert {r["streams"] for r in data["bench"]} == {1, 2} and all(r["p50_ms"] > 0 for r in data["bench"])
     assert [r["streams"] for r in data["loadtest"]["bundled"]] == [1, 2]
     assert {r["scope"] for r in data["offline"]} == {"offline", "offline+tdt"}
+
+
+def test_merge_rows_sums_counts_and_keeps_the_worst_tail() -> None:
+    from streamer.gpu_check_stages import merge_rows
+
+    def row(p50: int, p95: int, passed: bool, errors: list[str]) -> dict:
+        return {"streams": 2, "partials": 10, "lag_ms": {"p50": p50, "p95": p95, "max": p95 + 5},
+                "final_extra_ms": {"p50": None, "p95": None, "max": None}, "finals": 3, "dropped_s": 0.5,
+                "errors": errors, "cpu_percent": 40 + p50, "rss_mb": 300, "passed": passed}
+
+    merged = merge_rows(6, [row(10, 50, True, []), row(30, 400, False, ["x"]), row(20, 90, True, [])])
+    assert merged["streams"] == 6 and merged["generators"] == 3 and merged["partials"] == 30
+    assert merged["lag_ms"] == {"p50": 20, "p95": 400, "max": 405} and merged["final_extra_ms"]["p95"] is None
+    assert merged["dropped_s"] == 1.5 and merged["errors"] == ["x"] and not merged["passed"]
+    assert merge_rows(2, [row(10, 50, True, [])])["generators"] == 1
+
+
+@pytest.mark.slow
+def test_several_load_generators_share_one_daemon(tmp_path: Path) -> None:
+    """Two loadtest processes of one client each against one daemon: distinct stream names, both rows merged."""
+    plan = make_plan("cpu", True, ["loadtest"])
+    plan.load_generators, plan.load_min_share, plan.load_ladder = 2, 1, [2]
+    report = Report()
+    run_stage("loadtest", plan, tmp_path, report)
+    (run,) = report.data["loadtest"]["bundled"]
+    assert run["generators"] == 2 and run["streams"] == 2 and not run["errors"], report.rows
+    assert [p["streams"] for p in run["parts"]] == [1, 1] and run["passed"]

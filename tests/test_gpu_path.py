@@ -169,3 +169,21 @@ def test_half_precision_on_cuda_loads_and_recognizes(tiny_nemo: Path, speech_wav
     stream.input_finished()
     rec.run_to_end([stream])
     assert stream.tokens.token_ids
+
+
+# ---------------------------------------------------------------- streamer bench's device rows, run on the CPU
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_bench_device_rows_time_the_bucketed_and_the_plain_step(model: AsrModel, graphs: bool) -> None:
+    """The measurement behind ``streamer bench --device cuda``, on the CPU: with graphs asked for it runs the
+    bucketed step without capture, and the decoder row calibrates the joint and decodes every step."""
+    from streamer.bench_gpu import measure_device
+
+    enc = copy.deepcopy(model.encoder)
+    greedy = copy.deepcopy(model).greedy_decoder("tdt")
+    for dec in (None, greedy):
+        r = measure_device(enc, dec, 123, (70, 1), 3, steps=2, warmup=1, dtype_name="float32", graphs=graphs)
+        assert r["impl"] == ("streamer/buckets" if graphs else "streamer/eager")
+        assert r["scope"] == ("encoder" if dec is None else "encoder+tdt")
+        assert len(r["times"]) == 2 and all(t > 0 for t in r["times"]) and r["streams"] == 3
