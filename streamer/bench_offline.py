@@ -30,9 +30,9 @@ def build_parakeet(device: Any, dtype: Any, n_layers: int | None = None) -> Any:
     cfg = ModelConfig(features=FeatureConfig(**PARAKEET_FEATURES), encoder=EncoderConfig(**enc),
                       transducer=TransducerConfig(**PARAKEET_DECODER), model_class="EncDecRNNTBPEModel")
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device(device):  # parameters are made (and randomly initialised) there, fast on a GPU
         model = AsrModel(cfg).eval()
-    return to_precision(model, dtype)
+    return to_precision(model.to(device), dtype)  # .to: buffers made from numpy (the mel filterbank) start on the CPU
 
 
 def measure_offline(model: Any, dtype_name: str, batch: int, utterance_s: float, steps: int, warmup: int,

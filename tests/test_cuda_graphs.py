@@ -226,6 +226,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_replay_equals_the_plain_step_on_cuda(model: AsrModel) -> None:
+    from streamer.asr.precision import exact_float32_on_cuda
+
+    exact_float32_on_cuda()
     gpu = copy.deepcopy(model).to_device("cuda").encoder.streaming(CTX)
     runner = BucketedEncoder(gpu, max_batch=8)
     assert runner.use_graphs

@@ -70,6 +70,13 @@ def check_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def exact_float32_on_cuda() -> None:
+    """Make CUDA float32 mean float32: cuDNN's convolutions default to TF32 (a 10-bit mantissa) on Ampere and
+    later GPUs, enough to change tokens against the CPU. Process-wide: a daemon runs one model."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def encoder_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the model's encoder computes in."""
     return next(model.encoder.parameters()).dtype  # type: ignore[union-attr]
@@ -78,12 +85,16 @@ def encoder_dtype(model: nn.Module) -> torch.dtype:
 def to_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Put ``model.encoder`` in ``dtype`` and keep the rest in float32; returns ``model`` (changed in place).
 
+    float32 on a CUDA model turns TF32 off (:func:`exact_float32_on_cuda`), so that it gives the CPU's tokens.
+
     The encoder's offline ``forward`` gets hooks that cast its input to ``dtype`` and its output back to
     float32, so every caller (``transcribe_offline``, ``eval``) keeps passing and getting float32. The
     streaming step casts at the same two places (:class:`~streamer.engine.recognizer.Recognizer`). Call it
     once, before building a ``StreamingEncoder``, which copies projections in the encoder's dtype.
     """
     if dtype is torch.float32:
+        if next(model.parameters()).device.type == "cuda":
+            exact_float32_on_cuda()
         return model
     encoder: nn.Module = model.encoder  # type: ignore[assignment]
     encoder.to(dtype)
