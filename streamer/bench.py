@@ -60,6 +60,14 @@ def summarize(impl, scope, dtype, params, ctx, chunk_s, streams, times, threads)
     )
 
 
+def row_of(m: dict) -> Row:
+    """A :class:`Row` from a measurement of :mod:`streamer.bench_gpu` or :mod:`streamer.bench_offline`."""
+    row = summarize(m["impl"], m["scope"], m["dtype"], m["params"], m["ctx"], m["chunk_s"], m["streams"], m["times"],
+                    m["threads"])
+    row.device = m["device"]
+    return row
+
+
 def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder, tokens_per_s=4.0) -> Row:
     """Our steady-state step: full caches, every stream continuing with a full chunk."""
     import torch
@@ -289,14 +297,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.offline:
         from streamer.bench_offline import offline_rows
 
-        offline_rows(args, model.device, (args.dtypes or "float32").split(","), emit)
+        for r in offline_rows(args, model.device, (args.dtypes or "float32").split(",")):
+            emit(row_of(r))
         contexts = []  # measured
     elif on_cuda:
         from streamer.bench_gpu import cuda_rows
 
         args.device = model.device
         modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs]
-        cuda_rows(args, contexts, streams_list, (args.dtypes or "float32,float16,bfloat16").split(","), modes, emit)
+        for r in cuda_rows(args, contexts, streams_list, (args.dtypes or "float32,float16,bfloat16").split(","),
+                           modes):
+            emit(row_of(r))
         contexts = []  # measured
     for ctx in contexts:
         for n in streams_list:

@@ -11,7 +11,7 @@ The model is built once per precision and reused for every batch size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -108,34 +108,32 @@ def measure_device(
 
 
 def cuda_rows(args: Any, contexts: list[tuple[int, int]], streams_list: list[int], dtypes: list[str],
-              graph_modes: list[bool], emit: Callable[[Any], None]) -> None:
-    """Measure every (precision, look-ahead, batch, graphs) on the CUDA device ``args.device``; ``emit`` each row
-    (a :class:`streamer.bench.Row`). Encoder+TDT rows (float32 decoder) come unless ``--no-decoder``."""
+              graph_modes: list[bool]) -> Iterator[dict[str, Any]]:
+    """Measure every (precision, look-ahead, batch, graphs) on the device ``args.device``, yielding each
+    measurement (:func:`measure_device`'s dict plus ``device``). Encoder+TDT rows (float32 decoder) come unless
+    ``args.no_decoder``.
+
+    Raises:
+        ConfigError: the device cannot run here, or a precision it cannot run (int8 is the CPU's).
+    """
     import torch
 
     from streamer.asr.precision import DTYPES, check_device, check_dtype
-    from streamer.bench import summarize
+    from streamer.errors import ConfigError
 
     device = check_device(args.device)
     for name in dtypes:
-        dtype = check_dtype(name, device) if name in DTYPES else None
-        if dtype is None:
-            from streamer.errors import ConfigError
-
+        if name not in DTYPES:
             raise ConfigError(f"--dtypes {name}: on {device} use float32, float16 or bfloat16")
-        encoder, greedy, params, dec_params = build_large(device, dtype, with_decoder=not args.no_decoder)
+        encoder, greedy, params, dec_params = build_large(device, check_dtype(name, device), not args.no_decoder)
         for ctx in contexts:
             for n in streams_list:
                 for graphs in graph_modes:
-                    rows = [measure_device(encoder, None, params, ctx, n, args.steps, args.warmup, name, graphs)]
+                    yield {**measure_device(encoder, None, params, ctx, n, args.steps, args.warmup, name, graphs),
+                           "device": str(device)}
                     if greedy is not None:
-                        rows.append(measure_device(encoder, greedy, params + dec_params, ctx, n, args.steps,
-                                                   args.warmup, name, graphs, args.tokens_per_s))
-                    for r in rows:
-                        row = summarize(r["impl"], r["scope"], r["dtype"], r["params"], r["ctx"], r["chunk_s"],
-                                        r["streams"], r["times"], r["threads"])
-                        row.device = str(device)
-                        emit(row)
+                        yield {**measure_device(encoder, greedy, params + dec_params, ctx, n, args.steps,
+                                                args.warmup, name, graphs, args.tokens_per_s), "device": str(device)}
         del encoder, greedy
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -12,6 +12,7 @@ with the joint biased to emit ``--tokens-per-s`` labels as speech would (random 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from streamer.bench_model import PARAKEET_DECODER, PARAKEET_ENCODER, PARAKEET_FEATURES, calibrate_emission
@@ -82,23 +83,23 @@ def _encode_only(model: Any, audio: Any, lengths: Any, device: Any) -> tuple[Any
     return model.encoder(feats, lens)
 
 
-def offline_rows(args: Any, device_name: str, dtypes: list[str], emit: Any) -> None:
-    """Measure each precision in ``dtypes`` on ``device_name``; ``emit`` a :class:`streamer.bench.Row` each."""
+def offline_rows(args: Any, device_name: str, dtypes: list[str]) -> Iterator[dict[str, Any]]:
+    """Measure each precision in ``dtypes`` on ``device_name``, yielding :func:`measure_offline`'s dicts plus
+    ``device``.
+
+    Raises:
+        ConfigError: the device or a precision cannot run here.
+    """
     import torch
 
     from streamer.asr.precision import check_device, check_dtype
-    from streamer.bench import summarize
 
     device = check_device(device_name)
     for name in dtypes:
         model = build_parakeet(device, check_dtype(name, device), args.offline_layers)
         for with_decoder in ([False] if args.no_decoder else [False, True]):
-            r = measure_offline(model, name, args.offline_batch, args.utterance_s, args.steps, args.warmup,
-                                with_decoder, args.tokens_per_s)
-            row = summarize(r["impl"], r["scope"], r["dtype"], r["params"], r["ctx"], r["chunk_s"], r["streams"],
-                            r["times"], r["threads"])
-            row.device = str(device)
-            emit(row)
+            yield {**measure_offline(model, name, args.offline_batch, args.utterance_s, args.steps, args.warmup,
+                                     with_decoder, args.tokens_per_s), "device": str(device)}
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamer.gpu_check import Plan, Report
+from streamer.gpu_check_plan import Plan, Report
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nemo"
 

@@ -51,7 +51,7 @@ def mixed_state(streaming: StreamingEncoder, batch: int, steps: int) -> EncoderS
     with torch.inference_mode():
         for k in range(steps):
             need = streaming.chunk_frames(state)
-            _, _, state = streaming.step(chunk(streaming, need, 100 + k), need, state)
+            _, _, state = streaming.step(chunk(streaming, need, 100 + k).to(streaming.device), need, state)
     rows = unstack(state)
     rows[1] = streaming.init_state(1)
     return stack(rows)

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamer.gpu_check import Report, Row, format_table, main, make_plan
+from streamer.gpu_check import main
 from streamer.gpu_check_parity import agreement, edit_distance
+from streamer.gpu_check_plan import Report, Row, format_table, make_plan
 from streamer.gpu_check_stages import json_lines, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -188,3 +188,23 @@ def test_bench_device_rows_time_the_bucketed_and_the_plain_step(model: AsrModel,
         assert r["impl"] == ("streamer/buckets" if graphs else "streamer/eager")
         assert r["scope"] == ("encoder" if dec is None else "encoder+tdt")
         assert len(r["times"]) == 2 and all(t > 0 for t in r["times"]) and r["streams"] == 3
+
+
+def test_bench_device_loop_emits_rows_with_their_device() -> None:
+    """``cuda_rows`` (what ``streamer bench --device cuda`` runs) driven on the CPU for one tiny row; the table
+    gains a device column as soon as a row is not on the CPU."""
+    import argparse
+
+    from streamer.bench import format_table, row_of
+    from streamer.bench_gpu import cuda_rows
+
+    args = argparse.Namespace(device="cpu", no_decoder=True, steps=1, warmup=1, tokens_per_s=4.0)
+    rows = [row_of(r) for r in cuda_rows(args, [(70, 1)], [1], ["float32"], [True])]
+    (row,) = rows
+    assert (row.device, row.impl, row.streams, row.dtype) == ("cpu", "streamer/buckets", 1, "float32")
+    assert row.p50_ms > 0 and row.params_m > 100  # the 114M configuration's encoder
+    assert "device" not in format_table(rows).splitlines()[0]
+    row.device = "cuda:0"
+    assert format_table(rows).splitlines()[0].split(" | ")[1].strip() == "device"
+    with pytest.raises(ConfigError, match="--dtypes int8"):
+        next(cuda_rows(args, [(70, 1)], [1], ["int8"], [True]))
