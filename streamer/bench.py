@@ -28,7 +28,7 @@ from typing import Any
 from streamer.asr import clocks
 from streamer.asr.config import EncoderConfig
 from streamer.bench_model import LARGE_DECODER, calibrate_emission, encoder_settings, random_encoder, save_large_model
-from streamer.bench_table import Row, format_table, summarize
+from streamer.bench_table import Row, format_table, row_of, summarize
 from streamer.config_args import DefaultsHelpFormatter, add_settings_args, parse_context
 from streamer.config_args import settings_from_args as load_settings_from_args
 from streamer.errors import ConfigError
@@ -179,8 +179,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: model.threads when set, else all cores)")
-    p.add_argument("--dtypes", default="float32,int8",
-                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations)")
+    p.add_argument("--dtypes", default=None,
+                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations); on CUDA "
+                        "float32, float16, bfloat16 (default: float32,int8 on the CPU, all three on CUDA)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: model.device); CUDA rows time the step as the daemon runs "
+                        "it there: pinned copies and CUDA graphs per batch bucket, see --cuda-graphs")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
+                   help="on CUDA: replay the step as CUDA graphs (on), run it op by op (off), or both side by side")
     p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
     p.add_argument("--tokens-per-s", type=float, default=4.0,
                    help="labels per second of audio the random-weight decoder is biased to emit, about "
@@ -198,6 +204,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one setting of the 114M encoder configuration, e.g. n_layers=6 (repeatable; "
                         "KEY a field of EncoderConfig, VALUE a Python literal)")
+    p.add_argument("--probe-wav", default=None,
+                   help="with --save-model on a machine without espeak-ng: speech to pace the decoder on")
+    p.add_argument("--offline", action="store_true",
+                   help="instead: offline RTFx of a parakeet-tdt-0.6b-shaped model (random weights) on a batch of "
+                        "long utterances (--offline-batch, --utterance-s), features and decoding included")
+    p.add_argument("--offline-batch", type=int, default=64, help="with --offline: utterances per batch")
+    p.add_argument("--utterance-s", type=float, default=20.0, help="with --offline: seconds per utterance")
+    p.add_argument("--offline-layers", type=int, default=None,
+                   help="with --offline: encoder layers instead of the model's 24 (a quick run)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--save-model", metavar="PATH.nemo",
                    help="instead of measuring, write this 114M configuration as a .nemo with random weights, "
@@ -273,18 +288,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     if args.save_model:
-        print(save_large_model(args.save_model, args.tokens_per_s or 4.0))
+        print(save_large_model(args.save_model, args.tokens_per_s or 4.0, args.probe_wav))
         return 0
-    model = load_settings_from_args(args, {}).model  # bench builds its own random-weight model
+    model = load_settings_from_args(args, {"device": ("model", "device")}).model  # bench builds its own model
     contexts = parse_contexts(args.att_context_sizes, model.att_context_size)
     streams_list = [int(s) for s in args.streams.split(",") if s]
     overrides = parse_encoder_overrides(args.encoder_set)
     threads = args.threads or model.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    use_nemo = args.nemo == "auto" and (nemo_importable() or bool(args.nemo_python))
+    on_cuda = model.device.startswith("cuda")
+    use_nemo = args.nemo == "auto" and not on_cuda and (nemo_importable() or bool(args.nemo_python))
     from streamer import bench_onnx
 
-    use_onnx = args.onnx == "auto" and bench_onnx.onnx_importable()
+    use_onnx = args.onnx == "auto" and not on_cuda and not args.offline and bench_onnx.onnx_importable()
     rows: list[Row] = []
     notes: list[str] = []
     status = 0
@@ -297,6 +313,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  measured {row.impl} {row.scope} {row.dtype} [{row.att_context_size}] x{row.streams}: "
                   f"p50 {row.p50_ms} ms", file=sys.stderr, flush=True)
 
+    if args.offline:
+        from streamer.bench_offline import offline_rows
+
+        for r in offline_rows(args, model.device, (args.dtypes or "float32").split(",")):
+            emit(row_of(r))
+        contexts = []  # measured
+    elif on_cuda:
+        from streamer.bench_gpu import cuda_rows
+
+        args.device = model.device
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs]
+        for r in cuda_rows(args, contexts, streams_list, (args.dtypes or "float32,float16,bfloat16").split(","),
+                           modes):
+            emit(row_of(r))
+        contexts = []  # measured
     with onnx_workdir(args.onnx_dir if use_onnx else None) as onnx_dir:
         for ctx in contexts:
             engine = None
@@ -307,7 +338,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 if not engine.is_correct:
                     status, engine = 1, None  # a wrong export is not timed; the exit status says so
             for n in streams_list:
-                for dt in args.dtypes.split(","):
+                for dt in (args.dtypes or "float32,int8").split(","):
                     emit(measure_streamer(ctx, n, args.steps, args.warmup, dt, with_decoder=False, encoder=overrides))
                 if not args.no_decoder:
                     emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True,

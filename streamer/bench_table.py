@@ -30,6 +30,7 @@ class Row:
     rtfx_total: float  # audio seconds per compute second, all streams together
     threads: int
     max_abs_diff: float | None = None  # onnxruntime rows: largest deviation from our float32 step
+    device: str = "cpu"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -61,6 +62,14 @@ def summarize(
     )
 
 
+def row_of(m: dict) -> Row:
+    """A :class:`Row` from a measurement of :mod:`streamer.bench_gpu` or :mod:`streamer.bench_offline`."""
+    row = summarize(m["impl"], m["scope"], m["dtype"], m["params"], m["ctx"], m["chunk_s"], m["streams"], m["times"],
+                    m["threads"])
+    row.device = m["device"]
+    return row
+
+
 COLUMNS = ("impl", "scope", "dtype", "params_m", "att_context_size", "chunk_ms", "streams", "p50_ms", "p95_ms",
            "rtfx_total", "max_abs_diff")
 
@@ -75,9 +84,12 @@ def _cell(value: object) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """The rows as a Markdown-style table, one line per row."""
-    data = [[_cell(getattr(r, c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(COLUMNS)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))]
+    cols = list(COLUMNS)
+    if any(r.device != "cpu" for r in rows):
+        cols.insert(1, "device")
+    data = [[_cell(getattr(r, c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))
     lines += [" | ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)) for d in data]
     return "\n".join(lines)

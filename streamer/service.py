@@ -130,7 +130,8 @@ class Daemon:
         metrics.session_journal_unsaved.source = lambda: sessions.unsaved
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
-            self.recognizer = await asyncio.to_thread(load_recognizer, serving_model_settings(settings.model))
+            self.recognizer = await asyncio.to_thread(load_recognizer, serving_model_settings(settings.model),
+                                                      settings.engine)
         recognizer = self.recognizer
         self.hub = Hub(self.mqtt, on_event=metrics.count_result)
 
@@ -332,6 +333,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_settings_args(p)
     p.add_argument("--model", help="model spec (model.spec)")
     p.add_argument("--device", help="torch device (model.device)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="encoder precision (model.dtype)")
     p.add_argument("--threads", type=int, help="torch threads (model.threads)")
     p.add_argument("--att-context-size", type=parse_context, metavar="L,R", help="look-ahead (model.att_context_size)")
     p.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), help="decoding head (model.decoder)")
@@ -343,7 +345,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 SERVE_FLAGS: dict[str, Key] = {
-    **MODEL_FLAGS, "device": ("model", "device"), "host": ("server", "host"), "port": ("server", "port"),
+    **MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype"), "host": ("server", "host"),
+    "port": ("server", "port"),
 }
 
 

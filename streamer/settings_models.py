@@ -6,6 +6,7 @@ name here is imported from.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -35,9 +36,31 @@ class ModelSettings(_Section):
     att_context_size: tuple[int, int] | None = Field(None, description="[left, right] attention context; None: first")
     decoder: Literal["tdt", "rnnt", "ctc"] | None = Field(None, description="decoding head; None: the model's own")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the encoder's weights and activations; float16 and bfloat16 on CUDA only"
+    )
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: serve leaves one core to the event loop, others use all"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_cpu_or_cuda(cls, device: str) -> str:
+        problem = device_problem(device)
+        if problem:
+            raise ValueError(problem)
+        return device.strip()
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is no ``model.device``, or None when its form is right (whether the machine has it is
+    checked when the model loads, :func:`streamer.asr.precision.check_device`)."""
+    if DEVICE_PATTERN.fullmatch(name.strip()):
+        return None
+    return f"{name!r} is not a device streamer runs on: use cpu, cuda or cuda:N (N: the GPU's index)"
 
 
 def token_problem(token: str) -> str | None:
@@ -148,6 +171,10 @@ class EngineSettings(_Section):
     )
     lag_warning_s: float = Field(
         2.0, gt=0, description="a live stream this far behind real time gets warning falling_behind"
+    )
+    cuda_graphs: bool = Field(
+        True, description="on CUDA, replay the encoder step as CUDA graphs at batch buckets 1, 2, 4, ...; "
+        "ignored on the CPU"
     )
 
 

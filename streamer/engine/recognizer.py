@@ -26,6 +26,7 @@ from streamer.asr.model import AsrModel, DecoderKind
 from streamer.asr.streaming import EncoderState, StreamingEncoder
 from streamer.asr.transducer import TransducerState
 from streamer.asr.words import Word, words_from_tokens
+from streamer.engine.cuda_graphs import BucketedEncoder
 from streamer.engine.residence import Residence, gather, settle
 from streamer.errors import ConfigError
 
@@ -198,6 +199,9 @@ class Recognizer:
         model: AsrModel,
         att_context_size: ContextSize | None = None,
         decoder: DecoderKind | None = None,
+        *,
+        cuda_graphs: bool = True,
+        max_batch: int = 1,
     ) -> None:
         if model.config.features.normalize not in ("NA", "None", "none", ""):
             raise ConfigError(
@@ -213,6 +217,11 @@ class Recognizer:
         self.kind = model.check_decoder(decoder)
         self.streaming: StreamingEncoder = model.encoder.streaming(att_context_size)
         self.greedy = model.greedy_decoder(self.kind)
+        # On CUDA the encoder step runs at batch buckets, as CUDA graphs (engine.cuda_graphs); batches above
+        # ``max_batch`` are split. None: the plain step (the CPU, or graphs turned off).
+        self.runner: BucketedEncoder | None = None
+        if self.device.type == "cuda" and cuda_graphs:
+            self.runner = BucketedEncoder(self.streaming, max_batch)
 
     @property
     def att_context_size(self) -> ContextSize:
@@ -268,9 +277,14 @@ class Recognizer:
             for i, (s, n) in enumerate(work):
                 mel[i, :, :n] = s.pending[:, :n]
             n_new = torch.tensor([n for _, n in work])
-            if self.device.type != "cpu":
-                mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
-            out, out_len, enc_state = self.streaming.step(mel, n_new, enc_state)
+            if self.runner is not None:
+                out, out_len, enc_state = self.runner.step(mel, n_new, [enc_state])
+            else:
+                if self.device.type != "cpu":
+                    mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
+                mel = mel.to(self.streaming.dtype)  # float16/bfloat16 encoders (model.dtype); else a no-op
+                out, out_len, enc_state = self.streaming.step(mel, n_new, enc_state)
+                out = out.float()  # the decoders stay float32
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
             spans, dec_state = self.greedy.step(dec_in, out_len, dec_state)
             settle([s.home for s, _ in work], range(len(work)), enc_state, dec_state)
