@@ -99,6 +99,7 @@ class Daemon:
         self.mqtt: Any = None
         self.sessions: Any = None  # SessionStore: what a resume may replay after a restart
         self.core: Any = None  # SessionCore: every client's session, whatever its protocol
+        self.wyoming: Any = None  # WyomingServer, with [wyoming] enabled
         self.mic: Any = None
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
@@ -156,6 +157,11 @@ class Daemon:
                                 self.endpoint, model, sessions)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
         await self.server.start()
+        if settings.wyoming.enabled:
+            from streamer.adapters.wyoming import WyomingServer
+
+            self.wyoming = WyomingServer(settings.wyoming, settings.server, self.core)
+            await self.wyoming.start()
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
         """Serve until ``stop`` is set, then shut down in order; returns the exit status (0, or 1 on a failure)."""
@@ -198,6 +204,8 @@ class Daemon:
         if failures:
             sdnotify.notify("STOPPING=1", f"STATUS=failed: {failures[0]}")
             await server.close()
+            if self.wyoming is not None:
+                await self.wyoming.close()
             return 1
         return 0
 
@@ -210,13 +218,17 @@ class Daemon:
                 task.cancel()
         if self.mic is not None:
             await self.mic.stop()  # delivers the resampler's tail first
+        if self.wyoming is not None:
+            self.wyoming.stop_accepting()
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT_S):
-                await server.shutdown()  # /v1/listen: final, end, 1001
+                await server.shutdown()  # every session (/v1/listen: final, end, 1001; Wyoming: transcript)
                 await scheduler.close_all("shutdown")  # microphone, file
         except TimeoutError:
             logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
         await server.close()  # caption subscribers get their finals, then 1001
+        if self.wyoming is not None:
+            await self.wyoming.close()
         if self.mqtt is not None:
             await self.mqtt.close()  # delivers the outbox, publishes "offline"
         for task in tasks:
@@ -234,6 +246,8 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
         daemon = Daemon(settings)
         await daemon.start()
         print(f"streamer: listening on {daemon.server.url}", flush=True)
+        if daemon.wyoming is not None:
+            print(f"streamer: wyoming on {daemon.wyoming.url}", flush=True)
         if port_file is not None:
             port_file.write_text(f"{daemon.port}\n")
         return await daemon.run(stop, source)

@@ -240,6 +240,26 @@ class MicSettings(_Section):
     name: str = Field("mic", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+class WyomingSettings(_Section):
+    """[wyoming]: speech-to-text for Home Assistant over the Wyoming protocol (its own TCP port)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(10300, ge=0, le=65535, description="TCP port (10300 is Wyoming's custom for speech-to-text)")
+    zeroconf: bool = Field(False, description="advertise _wyoming._tcp.local. over mDNS for Home Assistant")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], min_length=1, description="the model's languages, as 'info' lists them"
+    )
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_are_tags(cls, languages: list[str]) -> list[str]:
+        for language in languages:
+            if not language or len(language) > 35 or not all(c.isalnum() or c in "-_" for c in language):
+                raise ValueError(f"{language!r} is no language tag: give tags like 'en' or 'en-US'")
+        return languages
+
+
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
 
 
@@ -255,6 +275,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     mic: MicSettings = MicSettings()
     state: StateSettings = StateSettings()
+    wyoming: WyomingSettings = WyomingSettings()
 
     @classmethod
     def settings_customise_sources(
