@@ -100,6 +100,7 @@ class Daemon:
         self.sessions: Any = None  # SessionStore: what a resume may replay after a restart
         self.core: Any = None  # SessionCore: every client's session, whatever its protocol
         self.mic: Any = None
+        self.hermes: Any = None  # HermesAdapter, with hermes.enabled
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
     @property
@@ -155,6 +156,10 @@ class Daemon:
                                 self.endpoint, model, sessions)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
         await self.server.start()
+        if settings.hermes.enabled:
+            from streamer.adapters.hermes import HermesAdapter
+
+            self.hermes = HermesAdapter(settings.hermes, settings.mqtt, self.core, settings.server.idle_timeout_s)
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
         """Serve until ``stop`` is set, then shut down in order; returns the exit status (0, or 1 on a failure)."""
@@ -167,6 +172,8 @@ class Daemon:
                 tasks.append(tg.create_task(scheduler.run(), name="scheduler"))
                 if self.mqtt is not None:
                     tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                if self.hermes is not None:
+                    tasks.append(tg.create_task(self.hermes.run(), name="hermes"))
                 tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)
@@ -216,6 +223,9 @@ class Daemon:
         except TimeoutError:
             logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
         await server.close()  # caption subscribers get their finals, then 1001
+        for adapter in (self.hermes,):  # their sessions' last results went out with server.shutdown
+            if adapter is not None:
+                await adapter.close()
         if self.mqtt is not None:
             await self.mqtt.close()  # delivers the outbox, publishes "offline"
         for task in tasks:
