@@ -100,6 +100,7 @@ class Daemon:
         self.sessions: Any = None  # SessionStore: what a resume may replay after a restart
         self.core: Any = None  # SessionCore: every client's session, whatever its protocol
         self.mic: Any = None
+        self.vosk: Any = None  # VoskServer, with vosk.enabled
         self.hermes: Any = None  # HermesAdapter, with hermes.enabled
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
@@ -156,6 +157,11 @@ class Daemon:
                                 self.endpoint, model, sessions)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
         await self.server.start()
+        if settings.vosk.enabled:
+            from streamer.adapters.vosk import VoskServer
+
+            self.vosk = VoskServer(settings.vosk, settings.server, self.core, auth, ssl_context)
+            await self.vosk.start()
         if settings.hermes.enabled:
             from streamer.adapters.hermes import HermesAdapter
 
@@ -223,7 +229,7 @@ class Daemon:
         except TimeoutError:
             logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
         await server.close()  # caption subscribers get their finals, then 1001
-        for adapter in (self.hermes,):  # their sessions' last results went out with server.shutdown
+        for adapter in (self.vosk, self.hermes):  # their sessions' last results went out with server.shutdown
             if adapter is not None:
                 await adapter.close()
         if self.mqtt is not None:
