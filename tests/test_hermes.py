@@ -24,6 +24,8 @@ import pytest
 import soundfile as sf
 import soxr
 
+from streamer.errors import ConfigError
+from streamer.settings import load_settings
 from streamer.training.evaluate import word_error_rate
 from tests.fixtures_realpeers import Mosquitto
 from tests.serve_process import TIMEOUT, Served, serve
@@ -81,7 +83,7 @@ class Rhasspy:
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", broker.port)
         for topic in ("hermes/asr/textCaptured", "hermes/asr/partialTextCaptured", "hermes/error/asr",
-                      "rhasspy/asr/#"):
+                      "rhasspy/asr/#", "streamer/box/+/final"):
             self.client.subscribe(topic, qos=1)
         self.client.loop_start()
 
@@ -151,12 +153,14 @@ async def test_rhasspy_gets_the_spoken_words_from_two_sites_at_once(
 ) -> None:
     """Kitchen: Rhasspy's defaults (stopOnSilence), 16-bit mono frames at espeak-ng's 22.05 kHz: the first pause
     ends the session with textCaptured, words, times and confidences, and audioCaptured. Office, at the same time:
-    stopOnSilence false, float stereo at 44.1 kHz, two sentences: one textCaptured with both, on stopListening."""
+    stopOnSilence false, float stereo at 44.1 kHz, two sentences: one textCaptured with both, on stopListening.
+    Both are streams like any other: their finals are on the daemon's own MQTT topics too."""
     (first, rate), (second, _) = spoken[FIRST], spoken[SECOND]
     office_rate = 44100
     office = soxr.resample(np.concatenate([first, silence(1.5, rate), second]), rate, office_rate)
     rhasspy = Rhasspy(mosquitto_broker)
-    async with hermes_daemon(tmp_path, mosquitto_broker) as served:
+    async with hermes_daemon(tmp_path, mosquitto_broker, STREAMER_MQTT__ENABLED="true",
+                             STREAMER_MQTT__DEVICE_ID="box") as served:
         await ready(served)
         rhasspy.start_listening("kitchen", "k1", lang="en", sendAudioCaptured=True)
         rhasspy.start_listening("office", "o1", stopOnSilence=False)
@@ -174,6 +178,7 @@ async def test_rhasspy_gets_the_spoken_words_from_two_sites_at_once(
         captured = rhasspy.raw("/audioCaptured")
         partials = rhasspy.of("hermes/asr/partialTextCaptured")
         texts = rhasspy.of("hermes/asr/textCaptured")
+        stream_finals = {site: rhasspy.of(f"streamer/box/hermes-{site}/final") for site in ("kitchen", "office")}
     rhasspy.close()
 
     check_words(kitchen["text"], FIRST)
@@ -195,6 +200,8 @@ async def test_rhasspy_gets_the_spoken_words_from_two_sites_at_once(
     audio, captured_rate = sf.read(io.BytesIO(wav_payload), dtype="float32")
     assert captured_rate == rate and len(audio) > len(first)
     assert not rhasspy.of("hermes/error/asr")
+    assert stream_finals["kitchen"][0]["text"] == kitchen["text"]
+    assert " ".join(f["text"] for f in stream_finals["office"]) == office_text["text"]
 
 
 async def test_bad_input_gets_hermes_errors_and_the_other_sites_keep_working(
@@ -269,15 +276,26 @@ async def test_bad_input_gets_hermes_errors_and_the_other_sites_keep_working(
 async def test_sigterm_flushes_an_open_session_as_text_captured(
     tmp_path: Path, mosquitto_broker: Mosquitto, spoken: dict[str, tuple[np.ndarray, int]]
 ) -> None:
-    """A session still listening when the daemon is stopped gets its textCaptured, with the words, before exit 0."""
+    """A session still listening when the daemon is stopped gets its textCaptured, with the words, before exit 0.
+    With hermes.site_ids, another site's startListening and audio are left alone."""
     first, rate = spoken[FIRST]
     rhasspy = Rhasspy(mosquitto_broker)
-    async with hermes_daemon(tmp_path, mosquitto_broker) as served:
+    async with hermes_daemon(tmp_path, mosquitto_broker, STREAMER_HERMES__SITE_IDS='["den"]') as served:
         await ready(served)
         rhasspy.start_listening("den", "d1", stopOnSilence=False)
-        await rhasspy.stream("den", np.concatenate([silence(0.3, rate), first, silence(0.2, rate)]), rate)
+        rhasspy.start_listening("porch", "p1", stopOnSilence=False)
+        utterance = np.concatenate([silence(0.3, rate), first, silence(0.2, rate)])
+        await asyncio.gather(rhasspy.stream("den", utterance, rate), rhasspy.stream("porch", utterance, rate))
         assert not rhasspy.of("hermes/asr/textCaptured")
         assert await served.terminate() == 0
     captured = await rhasspy.wait_for("hermes/asr/textCaptured", "d1", timeout_s=5)
     rhasspy.close()
     check_words(captured["text"], FIRST)
+    assert [m["sessionId"] for m in rhasspy.of("hermes/asr/textCaptured")] == ["d1"]
+    assert "hermes-porch" not in served.log.read_text()
+
+
+@pytest.mark.parametrize("site", ["", "a/b", "a+", "#", "a\0b"])
+def test_a_site_id_that_is_no_topic_level_is_a_config_error(site: str) -> None:
+    with pytest.raises(ConfigError, match="hermes.site_ids"):
+        load_settings(overrides={"hermes": {"site_ids": ["kitchen", site]}})

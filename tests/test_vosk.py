@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 import soundfile as sf
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer.training.evaluate import word_error_rate
-from tests.fixtures_realpeers import free_port
+from tests.fixtures_realpeers import Mosquitto, free_port
 from tests.serve_process import TIMEOUT, serve
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
@@ -94,14 +95,25 @@ def check_words(text: str, said: str) -> None:
     assert wer <= MAX_WER, f"{errors}/{words} word errors: heard {text!r} for {said!r}"
 
 
-async def test_vosk_clients_get_the_spoken_words(tmp_path: Path, speech: tuple[bytes, int]) -> None:
+@pytest.mark.broker
+async def test_vosk_clients_get_the_spoken_words(tmp_path: Path, speech: tuple[bytes, int],
+                                                 mosquitto_broker: Mosquitto) -> None:
     """words on (vosk-server's default), sent in real time: partials, then a result with conf/start/end/word per
     utterance; sent as fast as replies come (the others): every final not yet sent comes with eof's reply. words
     off: text only; max_alternatives: Vosk's alternatives shape; no config: the rate of vosk.sample_rate. Four
-    clients at once."""
+    clients at once. Their sessions are streams like any other: their finals are on the daemon's MQTT topics."""
     pcm, rate = speech
     port = free_port()
-    async with serve(tmp_path, vosk_env(port, STREAMER_VOSK__SAMPLE_RATE=str(rate))):
+    published: list[tuple[str, dict[str, Any]]] = []
+    watcher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    watcher.on_message = lambda client, userdata, m: published.append((m.topic, json.loads(m.payload)))
+    watcher.connect("127.0.0.1", mosquitto_broker.port)
+    watcher.subscribe("streamer/box/+/final", qos=1)
+    watcher.loop_start()
+    env = vosk_env(port, STREAMER_VOSK__SAMPLE_RATE=str(rate), STREAMER_MQTT__ENABLED="true",
+                   STREAMER_MQTT__HOST="127.0.0.1", STREAMER_MQTT__PORT=str(mosquitto_broker.port),
+                   STREAMER_MQTT__DEVICE_ID="box")
+    async with serve(tmp_path, env):
         default, plain, alternatives, unconfigured = await asyncio.gather(
             vosk_test_client(url(port), pcm, rate, realtime=True),
             vosk_test_client(url(port), pcm, rate, {"words": False}),
@@ -125,6 +137,11 @@ async def test_vosk_clients_get_the_spoken_words(tmp_path: Path, speech: tuple[b
     check_words(" ".join(a[0]["text"] for a in picked if a[0]["text"]), f"{FIRST} {SECOND}")
     assert all(set(w) == {"start", "end", "word"} for a in picked for w in a[0].get("result", []))
     check_words(heard(unconfigured), f"{FIRST} {SECOND}")
+    watcher.loop_stop()
+    watcher.disconnect()
+    streams = {topic.split("/")[2] for topic, _ in published}
+    assert len(streams) == 4 and all(s.startswith("vosk-") for s in streams), streams
+    assert sum(f["text"] == finals[0]["text"] for _, f in published) >= 1
 
 
 async def expect_close(websocket: Any) -> tuple[list[dict[str, Any]], int | None, str | None]:
