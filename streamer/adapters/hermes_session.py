@@ -45,7 +45,7 @@ logger = logging.getLogger("streamer.adapters.hermes")
 Publish = Callable[[str, bytes, int], None]  # topic, payload, QoS: queued, never awaits
 Notify = Callable[[str, "Listening"], None]  # what a session tells its site's worker
 MAX_CAPTURED_S = 60.0  # audio kept for audioCaptured
-MAX_QUEUED_ITEMS = 2000  # a site's messages waiting for its worker (about a minute of audio frames)
+MAX_QUEUED_FRAMES = 2000  # a site's audio frames waiting for its worker (about two minutes of Rhasspy's)
 
 
 def stream_name(site_id: str) -> str:
@@ -146,9 +146,10 @@ class SiteWorker:
 
     def __init__(self, site_id: str, core: SessionCore, publish: Publish, idle_timeout_s: float) -> None:
         self.site_id, self.core, self._publish, self.idle_timeout_s = site_id, core, publish, idle_timeout_s
-        self.queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue(MAX_QUEUED_ITEMS)
+        self.queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()  # control messages are never dropped
         self.current: Listening | None = None
         self.pending_starts = 0  # start messages queued and not yet handled
+        self.queued_frames = 0  # audio frames queued and not yet handled: at most MAX_QUEUED_FRAMES
         self.dropped_frames = 0
         self._deadline: asyncio.Task[None] | None = None
         self._last_audio = time.monotonic()
@@ -163,18 +164,18 @@ class SiteWorker:
         self._last_audio = time.monotonic()
 
     def put(self, kind: str, item: object) -> None:
-        """Queue a message for the worker (loop thread, never awaits); a frame beyond the bound is dropped."""
-        if kind == "start":
+        """Queue a message for the worker (loop thread, never awaits); an audio frame beyond the bound is dropped."""
+        if kind == "audio":
+            if self.queued_frames >= MAX_QUEUED_FRAMES:
+                self.dropped_frames += 1
+                if self.dropped_frames == 1:
+                    logger.warning("site %s: %d audio frames wait for its worker; dropping the newest", self.site_id,
+                                   MAX_QUEUED_FRAMES)
+                return
+            self.queued_frames += 1
+        elif kind == "start":
             self.pending_starts += 1
-        try:
-            self.queue.put_nowait((kind, item))
-        except asyncio.QueueFull:
-            if kind == "start":
-                self.pending_starts -= 1
-            self.dropped_frames += 1
-            if self.dropped_frames == 1:
-                logger.warning("site %s: its messages wait for recognition beyond %d; dropping the newest",
-                               self.site_id, MAX_QUEUED_ITEMS)
+        self.queue.put_nowait((kind, item))
 
     async def run(self) -> None:
         """Handle the site's messages until cancelled."""
@@ -216,6 +217,7 @@ class SiteWorker:
                 return
             await self._finish(listening)
         elif kind == "audio":
+            self.queued_frames -= 1
             payload, session_id = item  # type: ignore[misc]
             await self._audio(payload, session_id)
         elif kind == "captured":  # stopOnSilence: its final went out; end the core session
