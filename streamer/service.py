@@ -101,6 +101,8 @@ class Daemon:
         self.core: Any = None  # SessionCore: every client's session, whatever its protocol
         self.wyoming: Any = None  # WyomingServer, with [wyoming] enabled
         self.mic: Any = None
+        self.vosk: Any = None  # VoskServer, with vosk.enabled
+        self.hermes: Any = None  # HermesAdapter, with hermes.enabled
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
     @property
@@ -162,6 +164,15 @@ class Daemon:
 
             self.wyoming = WyomingServer(settings.wyoming, settings.server, self.core)
             await self.wyoming.start()
+        if settings.vosk.enabled:
+            from streamer.adapters.vosk import VoskServer
+
+            self.vosk = VoskServer(settings.vosk, settings.server, self.core, auth, ssl_context)
+            await self.vosk.start()
+        if settings.hermes.enabled:
+            from streamer.adapters.hermes import HermesAdapter
+
+            self.hermes = HermesAdapter(settings.hermes, settings.mqtt, self.core, settings.server.idle_timeout_s)
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
         """Serve until ``stop`` is set, then shut down in order; returns the exit status (0, or 1 on a failure)."""
@@ -174,6 +185,8 @@ class Daemon:
                 tasks.append(tg.create_task(scheduler.run(), name="scheduler"))
                 if self.mqtt is not None:
                     tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                if self.hermes is not None:
+                    tasks.append(tg.create_task(self.hermes.run(), name="hermes"))
                 tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)
@@ -204,10 +217,15 @@ class Daemon:
         if failures:
             sdnotify.notify("STOPPING=1", f"STATUS=failed: {failures[0]}")
             await server.close()
-            if self.wyoming is not None:
-                await self.wyoming.close()
+            await self._close_adapters()
             return 1
         return 0
+
+    async def _close_adapters(self) -> None:
+        """Close the other protocols' servers (Wyoming, Vosk) and the Hermes client."""
+        for adapter in (self.wyoming, self.vosk, self.hermes):
+            if adapter is not None:
+                await adapter.close()
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop input, flush every segment to every sink, close clients and MQTT, then end the tasks."""
@@ -227,8 +245,7 @@ class Daemon:
         except TimeoutError:
             logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
         await server.close()  # caption subscribers get their finals, then 1001
-        if self.wyoming is not None:
-            await self.wyoming.close()
+        await self._close_adapters()  # their sessions' last results went out with server.shutdown
         if self.mqtt is not None:
             await self.mqtt.close()  # delivers the outbox, publishes "offline"
         for task in tasks:
@@ -248,6 +265,8 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
         print(f"streamer: listening on {daemon.server.url}", flush=True)
         if daemon.wyoming is not None:
             print(f"streamer: wyoming on {daemon.wyoming.url}", flush=True)
+        if daemon.vosk is not None:
+            print(f"streamer: vosk on {daemon.vosk.url}", flush=True)
         if port_file is not None:
             port_file.write_text(f"{daemon.port}\n")
         return await daemon.run(stop, source)

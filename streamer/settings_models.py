@@ -208,6 +208,33 @@ class MqttSettings(_Section):
     keepalive_s: int = Field(30, ge=1)
 
 
+class HermesSettings(_Section):
+    """[hermes]: Rhasspy's Hermes ASR over MQTT (``streamer.adapters.hermes``), on the broker of [mqtt]."""
+
+    enabled: bool = False
+    site_ids: list[str] = Field(default_factory=list, description="the sites (siteId) served; empty: every site")
+
+    @field_validator("site_ids")
+    @classmethod
+    def _site_ids_are_topic_levels(cls, site_ids: list[str]) -> list[str]:
+        for site in site_ids:
+            if not site or any(c in site for c in "+#/\0"):
+                raise ValueError(f"{site!r} is no site id: it must be non-empty, without '+', '#', '/' or NUL "
+                                 "(it is an MQTT topic level)")
+        return site_ids
+
+
+class VoskSettings(_Section):
+    """[vosk]: the Vosk server's WebSocket protocol on a port of its own (``streamer.adapters.vosk``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(2700, ge=0, le=65535)
+    sample_rate: int = Field(
+        8000, ge=8000, le=48000, description="the rate of a client that sends no config (vosk-server's default)"
+    )
+
+
 class StateSettings(_Section):
     """[state]: where the daemon keeps what must survive a restart (the MQTT outbox journal)."""
 
@@ -276,6 +303,8 @@ class Settings(BaseSettings):
     mic: MicSettings = MicSettings()
     state: StateSettings = StateSettings()
     wyoming: WyomingSettings = WyomingSettings()
+    hermes: HermesSettings = HermesSettings()
+    vosk: VoskSettings = VoskSettings()
 
     @classmethod
     def settings_customise_sources(
