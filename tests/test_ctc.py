@@ -133,6 +133,6 @@ def test_empty_chunk_and_state_batching() -> None:
     state = greedy.init_state(2)
     spans, same = greedy.step(torch.zeros(2, 0, BLANK + 1), torch.tensor([0, 0]), state)
     assert spans == [TokenSpan(), TokenSpan()] and same is state
-    parts = unstack(CTCState(torch.tensor([1, BLANK]), torch.tensor([4, 9])))
+    parts = unstack(CTCState(torch.tensor([1, BLANK]), torch.tensor([4, 9]), torch.tensor([0, 3])))
     assert [int(p.frames_done) for p in parts] == [4, 9]
     assert stack(parts).last_label.tolist() == [1, BLANK]

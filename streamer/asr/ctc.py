@@ -4,6 +4,11 @@ Greedy CTC takes the argmax of every frame, merges repeats and drops blanks (nem
 state keeps the previous frame's argmax, so a run of one token that crosses a chunk boundary is emitted
 once, exactly as when the whole sequence is decoded at once.
 
+Hotwords (:mod:`streamer.asr.boosting`) follow NeMo's greedy CTC fusion: a frame whose argmax is blank or repeats
+the last label keeps it; any other frame emits the non-blank token, other than the last label, that scores best
+with the tree's bonus added. The choice changes what the next frame repeats, so boosted rows are decoded frame
+by frame; the other rows take the vectorised path, unchanged.
+
 Shape legend:
     B streams in the batch   T encoder frames (80 ms)   D encoder width   V vocab incl. blank
     (``cfg.vocab_size`` is V - 1: the blank id, which is the last class)
@@ -17,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from streamer.asr.boosting import Boost
 from streamer.asr.config import CTCConfig
 from streamer.asr.hypothesis import TokenSpan
 
@@ -39,10 +45,11 @@ class ConvASRDecoder(nn.Module):
 class CTCState:
     """Greedy CTC state of a batch of streams."""
 
-    last_label: Tensor  # (B,) int64 argmax of the last valid frame decoded (blank initially)
+    last_label: Tensor  # (B,) int64 label chosen at the last valid frame decoded (blank initially)
     frames_done: Tensor  # (B,) int64 encoder frames decoded so far
+    boost_node: Tensor  # (B,) int64 node of the stream's hotword tree (streamer.asr.boosting); 0 without one
 
-    BATCH_DIM: ClassVar[dict[str, int]] = {"last_label": 0, "frames_done": 0}
+    BATCH_DIM: ClassVar[dict[str, int]] = {"last_label": 0, "frames_done": 0, "boost_node": 0}
 
 
 class GreedyCTCDecoder:
@@ -54,10 +61,12 @@ class GreedyCTCDecoder:
     def init_state(self, batch: int, device: torch.device | None = None) -> CTCState:
         """State of ``batch`` fresh streams: no frame seen, previous argmax = blank."""
         blank = torch.full((batch,), self.cfg.vocab_size, dtype=torch.long, device=device)
-        return CTCState(last_label=blank, frames_done=torch.zeros_like(blank))
+        return CTCState(last_label=blank, frames_done=torch.zeros_like(blank), boost_node=torch.zeros_like(blank))
 
     @torch.inference_mode()
-    def step(self, log_probs: Tensor, lengths: Tensor, state: CTCState) -> tuple[list[TokenSpan], CTCState]:
+    def step(
+        self, log_probs: Tensor, lengths: Tensor, state: CTCState, boost: Boost | None = None
+    ) -> tuple[list[TokenSpan], CTCState]:
         """Decode the next chunk of every stream.
 
         A token is emitted at the first frame of each run of equal non-blank argmaxes; its frame is
@@ -68,6 +77,7 @@ class GreedyCTCDecoder:
                 length are ignored.
             lengths: ``(B,)`` valid frames per stream (``<= T``; 0 is allowed).
             state: State of the same B streams after their previous chunks.
+            boost: The hotword trees of the B streams (:meth:`Boost.of`), or None when none has any.
 
         Returns:
             The new tokens of every stream, and the new state.
@@ -80,9 +90,12 @@ class GreedyCTCDecoder:
         previous = torch.cat([state.last_label[:, None], label[:, :-1]], dim=1)  # (B, T)
         valid = torch.arange(frames, device=log_probs.device)[None, :] < lengths[:, None]  # (B, T)
         emit = valid & (label != self.cfg.vocab_size) & (label != previous)
+        node = state.boost_node
+        if boost is not None:
+            node = self._boost_rows(log_probs, lengths, state, boost, label, logprob, emit)
         last_index = (lengths - 1).clamp(min=0)[:, None]
         last_label = torch.where(lengths > 0, label.gather(1, last_index)[:, 0], state.last_label)
-        new_state = CTCState(last_label=last_label, frames_done=state.frames_done + lengths)
+        new_state = CTCState(last_label=last_label, frames_done=state.frames_done + lengths, boost_node=node)
 
         emit, label, logprob = emit.cpu(), label.cpu(), logprob.cpu()
         offsets = state.frames_done.cpu().tolist()
@@ -101,3 +114,36 @@ class GreedyCTCDecoder:
                 )
             )
         return spans, new_state
+
+    def _boost_rows(
+        self, log_probs: Tensor, lengths: Tensor, state: CTCState, boost: Boost, label: Tensor, logprob: Tensor,
+        emit: Tensor,
+    ) -> Tensor:
+        """Decode the rows with hotwords frame by frame, overwriting their ``label``, ``logprob`` and ``emit``
+        ``(B, T)`` in place; returns every row's tree node after the chunk ``(B,)``."""
+        blank = self.cfg.vocab_size
+        if boost.vocab_size != blank:
+            raise ValueError(f"hotword trees for {boost.vocab_size} tokens; this decoder has {blank}")
+        node = state.boost_node.clone()
+        rows = (boost.offsets >= 0).nonzero()[:, 0]  # (R,)
+        if rows.numel() == 0:
+            return node
+        local, last = node[rows], state.last_label[rows]  # (R,) each
+        for frame in range(log_probs.shape[1]):
+            lp = log_probs[rows, frame]  # (R, V)
+            raw = label[rows, frame]
+            keep = (raw == blank) | (raw == last)  # blank or a repeat: the model's decision stands
+            fused = lp.clone()
+            fused[:, :blank] += boost.bonus(boost.nodes(rows, local))
+            fused.scatter_(1, last[:, None], float("-inf"))  # never the repeat of the last label
+            chosen = torch.where(keep, raw, fused[:, :blank].argmax(dim=-1))
+            valid = frame < lengths[rows]
+            emits = valid & ~keep
+            moved = boost.advance(boost.nodes(rows, local), chosen)
+            local = torch.where(emits, moved, local)
+            last = torch.where(valid, chosen, last)
+            label[rows, frame] = chosen
+            logprob[rows, frame] = lp.gather(1, chosen[:, None])[:, 0]
+            emit[rows, frame] = emits
+        node[rows] = local
+        return node

@@ -43,6 +43,9 @@ class Tokenizer:
             i for i, piece in enumerate(self._pieces)
             if processor.is_control(i) or (not processor.is_unknown(i) and _TAG_PIECE.match(piece))
         )
+        self._is_cased = any(
+            char.isupper() for i, piece in enumerate(self._pieces) if i not in self._special_ids for char in piece
+        )
         self._punctuation = frozenset(
             char
             for piece in self._pieces
@@ -98,6 +101,16 @@ class Tokenizer:
         if not 0 <= token_id < len(self._pieces):
             raise IndexError(f"token id {token_id} outside the vocabulary (0..{len(self._pieces) - 1})")
         return self._pieces[token_id]
+
+    @property
+    def unknown_id(self) -> int:
+        """The id SentencePiece gives text it cannot spell (``<unk>``)."""
+        return int(self._sp.unk_id())
+
+    @property
+    def is_cased(self) -> bool:
+        """True if some text piece has an upper-case letter (the model writes capitals)."""
+        return self._is_cased
 
     def piece_to_id(self, piece: str) -> int | None:
         """The id of ``piece``, or None if the vocabulary lacks it."""

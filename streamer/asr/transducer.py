@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from streamer.asr.boosting import Boost
 from streamer.asr.config import TransducerConfig
 from streamer.asr.hypothesis import TokenSpan
 from streamer.errors import UnsupportedCheckpointError
@@ -169,6 +170,7 @@ class TransducerState:
     time_jump: Tensor  # (B,) int64, TDT frames to skip at the start of the next chunk (0 for RNNT)
     frames_done: Tensor  # (B,) int64, encoder frames decoded so far (offset of the next chunk's frame 0)
     score: Tensor  # (B,) float, running NeMo CPU ``Hypothesis.score`` (sum of the tokens' logprobs)
+    boost_node: Tensor  # (B,) int64, node of the stream's hotword tree (streamer.asr.boosting); 0 without one
 
     BATCH_DIM: ClassVar[dict[str, int]] = {
         "h": 1,
@@ -178,6 +180,7 @@ class TransducerState:
         "time_jump": 0,
         "frames_done": 0,
         "score": 0,
+        "boost_node": 0,
     }
 
 
@@ -214,6 +217,11 @@ class GreedyTransducerDecoder:
     argmax is unchanged by it except in exact float ties). Departure from NeMo: NeMo's batched TDT loop
     records some wrong ``token_duration`` values when B > 1 (nemo-reference.md §7.5); here each token
     keeps the duration predicted with it, which is what NeMo gives for B = 1.
+
+    Hotwords (:mod:`streamer.asr.boosting`): rows of a :class:`Boost` get NeMo's greedy phrase boosting; the
+    other rows' decisions are never touched, so they decode exactly as without it. Departure from NeMo: a
+    boosted token's logprob, confidence and the running score stay the model's own (NeMo's label-looping
+    score adds the bonus), so confidences keep their meaning.
     """
 
     def __init__(self, decoder: RNNTDecoder, joint: RNNTJoint) -> None:
@@ -237,18 +245,29 @@ class GreedyTransducerDecoder:
             time_jump=zeros,
             frames_done=zeros.clone(),
             score=torch.zeros(batch, dtype=h.dtype, device=h.device),
+            boost_node=zeros.clone(),
         )
 
-    def _choose(self, rows: Tensor, frame: Tensor, logits: Tensor, durations: Tensor) -> _Choices:
+    def _choose(
+        self, rows: Tensor, frame: Tensor, logits: Tensor, durations: Tensor, nodes: Tensor | None, boost: Boost | None
+    ) -> _Choices:
         """Greedy decisions from raw joint logits ``(R, V + N)`` evaluated at ``frame``.
 
-        ``durations`` ``(N,)`` are the TDT durations on the logits' device (empty for RNNT).
+        ``durations`` ``(N,)`` are the TDT durations on the logits' device (empty for RNNT). ``nodes`` ``(R,)``:
+        the rows' joined-table nodes in ``boost`` (-1: no hotwords); None with ``boost`` None.
         """
         blank = self.cfg.blank_id
         logp = logits.log_softmax(dim=-1)  # NeMo's CPU joint output
         tokens = logp[:, : blank + 1]  # (R, V) tokens + blank
         logprob, label = tokens.max(dim=-1)
         is_blank = label == blank
+        if boost is not None and nodes is not None:
+            # NeMo's greedy fusion keeps the model's blank / non-blank decision; the bonus picks the token.
+            boosted = ((nodes >= 0) & ~is_blank).nonzero()[:, 0]  # (R',)
+            if boosted.numel() > 0:
+                pick = (tokens[boosted, :blank] + boost.bonus(nodes[boosted])).argmax(dim=-1)  # (R',)
+                label[boosted] = pick
+                logprob[boosted] = tokens[boosted, pick]
         if self.cfg.is_tdt:
             duration = durations[logp[:, blank + 1 :].argmax(dim=-1)]
             duration = torch.where(is_blank & (duration == 0), 1, duration)  # blank always advances
@@ -258,7 +277,8 @@ class GreedyTransducerDecoder:
         return _Choices(rows, frame, label, duration, logprob, confidence)
 
     def _search(
-        self, fe: Tensor, g: Tensor, t: Tensor, lengths: Tensor, rows: Tensor, durations: Tensor
+        self, fe: Tensor, g: Tensor, t: Tensor, lengths: Tensor, rows: Tensor, durations: Tensor,
+        node: Tensor, boost: Boost | None,
     ) -> _Choices:
         """Move each stream in ``rows`` forward from frame ``t`` until the joint gives a non-blank label.
 
@@ -272,6 +292,8 @@ class GreedyTransducerDecoder:
             lengths: ``(B,)`` valid frames.
             rows: ``(R,)`` streams to search (at least one), all with ``t < length``.
             durations: ``(N,)`` TDT durations on the device.
+            node: ``(B,)`` every stream's node in its own hotword tree (blanks do not move it).
+            boost: the batch's hotword trees, or None.
 
         Returns:
             The labels found, one per stream that found one.
@@ -280,7 +302,8 @@ class GreedyTransducerDecoder:
         while rows.numel() > 0:
             frame = t[rows]
             logits = self.joint.joint_after_projection(fe[rows, frame], g[rows])  # (R, V+N)
-            choice = self._choose(rows, frame, logits, durations)
+            nodes = boost.nodes(rows, node[rows]) if boost is not None else None
+            choice = self._choose(rows, frame, logits, durations, nodes, boost)
             t[rows] = frame + choice.duration
             is_label = choice.label != self.cfg.blank_id
             found.append(choice.take(is_label))
@@ -289,7 +312,7 @@ class GreedyTransducerDecoder:
 
     @torch.inference_mode()
     def step(
-        self, enc: Tensor, enc_lengths: Tensor, state: TransducerState
+        self, enc: Tensor, enc_lengths: Tensor, state: TransducerState, boost: Boost | None = None
     ) -> tuple[list[TokenSpan], TransducerState]:
         """Decode the next chunk of encoder frames of every stream.
 
@@ -297,16 +320,20 @@ class GreedyTransducerDecoder:
             enc: ``(B, T, D)`` encoder output; frames at or beyond a stream's length are ignored.
             enc_lengths: ``(B,)`` valid frames per stream (``<= T``; 0 is allowed).
             state: State of the same B streams after their previous chunks.
+            boost: The hotword trees of the B streams (:meth:`Boost.of`), or None when none has any.
 
         Returns:
             The new tokens of every stream (frames are absolute), and the new state.
         """
+        if boost is not None and boost.vocab_size != self.cfg.blank_id:
+            raise ValueError(f"hotword trees for {boost.vocab_size} tokens; this decoder has {self.cfg.blank_id}")
         lengths = enc_lengths.to(device=enc.device, dtype=torch.long)
         fe = self.joint.project_encoder(enc)  # (B, T, J)
         durations = self._durations.to(enc.device)  # (N,)
         # Working copies, updated in place row by row.
         h, c, g = state.h.clone(), state.c.clone(), state.g.clone()
         score, last_label, t = state.score.clone(), state.last_label.clone(), state.time_jump.clone()
+        node = state.boost_node.clone() if boost is not None else state.boost_node
         # Labels emitted at ``label_frame`` in this call. A frame never spans two chunks (TDT only carries
         # a skip, and a label with duration 0 keeps t below the length), so counting restarts per call.
         label_frame = torch.full_like(t, -1)
@@ -314,13 +341,16 @@ class GreedyTransducerDecoder:
         emitted: list[_Choices] = []
         rows = (t < lengths).nonzero()[:, 0]  # (R,) streams with frames left
         while rows.numel() > 0:
-            found = self._search(fe, g, t, lengths, rows, durations)
+            found = self._search(fe, g, t, lengths, rows, durations, node, boost)
             rows = found.rows  # streams without a label have run out of frames
             if rows.numel() == 0:
                 break
             emitted.append(found)
             score[rows] += found.logprob
             last_label[rows] = found.label
+            if boost is not None:  # only an emitted label moves a hotword tree
+                nodes = boost.nodes(rows, node[rows])
+                node[rows] = torch.where(nodes >= 0, boost.advance(nodes.clamp(min=0), found.label), node[rows])
             y, h_rows, c_rows = self.decoder.predict(found.label, h[:, rows], c[:, rows])
             h[:, rows], c[:, rows], g[rows] = h_rows, c_rows, self.joint.project_prednet(y)
             # max_symbols: after that many labels on one frame, move on as if a blank was emitted.
@@ -337,6 +367,7 @@ class GreedyTransducerDecoder:
             time_jump=t - lengths,
             frames_done=state.frames_done + lengths,
             score=score,
+            boost_node=node,
         )
         return self._spans(emitted, state.frames_done, enc.shape[0]), new_state
 

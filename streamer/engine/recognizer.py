@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from streamer.asr import clocks
+from streamer.asr.boosting import Boost, PhraseTree
 from streamer.asr.config import ContextSize
 from streamer.asr.ctc import CTCState, GreedyCTCDecoder
 from streamer.asr.features import FeatureState
@@ -134,6 +135,7 @@ class Stream:
     frames_done: int = 0  # encoder frames decoded so far: the stream's position on the encoder clock
     input_done: bool = False  # no more audio will come
     flushed: bool = False  # everything was recognized
+    hotwords: PhraseTree | None = None  # phrases to boost (streamer.engine.hotwords); set before the first step
 
     def accept_waveform(self, samples: np.ndarray) -> None:
         """Append 16 kHz mono float32 samples (copied; their features are computed at the next step,
@@ -286,7 +288,8 @@ class Recognizer:
                 out, out_len, enc_state = self.streaming.step(mel, n_new, enc_state)
                 out = out.float()  # the decoders stay float32
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
-            spans, dec_state = self.greedy.step(dec_in, out_len, dec_state)
+            boost = Boost.of([s.hotwords for s, _ in work], self.device)
+            spans, dec_state = self.greedy.step(dec_in, out_len, dec_state, boost)
             settle([s.home for s, _ in work], range(len(work)), enc_state, dec_state)
             for (s, n), frames, span in zip(work, out_len.tolist(), spans, strict=True):
                 s.pending = s.pending[:, n:]
