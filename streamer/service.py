@@ -155,8 +155,8 @@ class Daemon:
         await asyncio.to_thread(self.scheduler.warm_up)
         model = ModelInfo(_model_name(settings.model.spec), tuple(recognizer.att_context_size),
                           round(recognizer.chunk_seconds, 3))
-        self.core = SessionCore(SessionLimits.from_settings(settings.server), self.scheduler, self.hub, metrics,
-                                self.endpoint, model, sessions)
+        limits = SessionLimits.from_settings(settings.server, settings.engine)
+        self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
         await self.server.start()
         if settings.wyoming.enabled:

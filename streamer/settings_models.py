@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from streamer.engine.endpoint import EndpointConfig
+from streamer.protocol.limits import DEFAULT_HOTWORD_WEIGHT, MAX_HOTWORD_WEIGHT, MAX_HOTWORDS
 
 ENV_PREFIX = "STREAMER_"
 
@@ -175,6 +176,14 @@ class EngineSettings(_Section):
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay the encoder step as CUDA graphs at batch buckets 1, 2, 4, ...; "
         "ignored on the CPU"
+    )
+    hotword_weight: float = Field(
+        DEFAULT_HOTWORD_WEIGHT, ge=0, le=MAX_HOTWORD_WEIGHT,
+        description="how hard a session's hotwords are boosted when its start names no weight (NeMo's "
+        "boosting_tree_alpha; 0: not at all)",
+    )
+    max_hotwords: int = Field(
+        100, ge=0, le=MAX_HOTWORDS, description="the most hotword phrases one session may list; 0: none"
     )
 
 

@@ -17,8 +17,9 @@ import soxr
 import torch
 
 from streamer.asr.model import AsrModel
-from streamer.engine.hotwords import DEFAULT_WEIGHT, Hotwords, compile_hotwords
+from streamer.engine.hotwords import Hotwords, compile_hotwords
 from streamer.engine.recognizer import Recognizer, Stream
+from streamer.protocol.limits import DEFAULT_HOTWORD_WEIGHT
 from tests.tiny import tiny_model
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
@@ -33,7 +34,7 @@ def speak(text: str, folder: Path, voice: str = "en-us") -> np.ndarray:
 
 
 def recognize(rec: Recognizer, audios: list[np.ndarray], hotwords: list[list[str] | None],
-              weight: float = DEFAULT_WEIGHT) -> list[Stream]:
+              weight: float = DEFAULT_HOTWORD_WEIGHT) -> list[Stream]:
     """Every audio as a stream of one batch (all fed at once, stepped together to the end)."""
     streams = []
     for audio, words in zip(audios, hotwords, strict=True):
@@ -72,6 +73,23 @@ def test_the_bundled_model_hears_a_name_only_with_it_listed(
     assert name not in plain.transcript().text.split()
     words = boosted.transcript().text.split()
     assert name in words and "call" in words, words
+
+
+@needs_model
+def test_the_default_weight_leaves_sentences_without_the_phrases_alone(bundled: AsrModel, tmp_path: Path) -> None:
+    """Everyday sentences (those of the default-model test) with a list of names and phrases they do not hold, at
+    the default weight: the same text as without the list (TDT, the model's own decoder). With the CTC head one
+    word of the four sentences changes ("going" becomes "ging": the phrases' first piece "▁g" earns its bonus)."""
+    rec = Recognizer(bundled)
+    spoken = [("en-us", "please turn off the lights in the kitchen"),
+              ("en", "what is the weather going to be like tomorrow"),
+              ("en-us", "set a timer for ten minutes"), ("en", "i will call you back in the afternoon")]
+    audios = [speak(text, tmp_path, voice) for voice, text in spoken]
+    names = ["gertrude", "kowalski", "margaret", "rosalind", "humphrey", "lysander", "reginald", "archibald",
+             "cornelius", "matilda", "garage door", "living room"]
+    plain = recognize(rec, audios, [None] * 4)
+    boosted = recognize(rec, audios, [names] * 4)
+    assert [s.transcript().text for s in boosted] == [s.transcript().text for s in plain]
 
 
 @needs_model

@@ -66,6 +66,21 @@ def test_start_with_resume_round_trips_and_checks_its_fields() -> None:
     assert "resume_token" not in json.loads(Ready("s", "k", "m", (70, 1), 16000, 0.16, {}).to_json())
 
 
+def test_start_with_hotwords_round_trips_tidied_and_ready_reports_them() -> None:
+    """Hotwords parse to a tuple with whitespace tidied and repeats dropped (case kept); the weight is a float. A
+    ready carries them back only when the session has some, so a session without them gets the ready it always did."""
+    msg = parse_client_message('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": '
+                               '["  Kitchen   lights ", "Lysander", "Kitchen lights"], "hotword_weight": 2}')
+    assert isinstance(msg, Start) and msg.hotwords == ("Kitchen lights", "Lysander") and msg.hotword_weight == 2.0
+    assert parse_client_message(msg.to_json()) == msg
+    assert "hotwords" not in json.loads(Start(16000, "pcm_s16le").to_json())  # an older server takes it
+    ready = Ready("s", "k", "m", (70, 1), 16000, 0.16, {}, hotwords=("Lysander",), hotword_weight=1.0)
+    assert json.loads(ready.to_json())["hotwords"] == ["Lysander"]
+    assert parse_server_message(ready.to_json()) == ready
+    plain = json.loads(Ready("s", "k", "m", (70, 1), 16000, 0.16, {}).to_json())
+    assert not {"hotwords", "hotword_weight"} & set(plain)
+
+
 @pytest.mark.parametrize("cls", [Finalize, Stop, KeepAlive])
 def test_control_messages_round_trip(cls: type) -> None:
     """finalize, stop and keepalive are bare {"type": ...} objects."""
@@ -117,6 +132,26 @@ def test_control_messages_round_trip(cls: type) -> None:
          "bad_message", "number of seconds"),
         ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "endpointing": {"max_segment_s": NaN}}',
          "bad_message", "number of seconds"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": "abc"}', "bad_message",
+         "'hotwords' must be a list of strings"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": ["a", 1]}', "bad_message",
+         "'hotwords' must be a list of strings"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": null}', "bad_message",
+         "'hotwords' must be a list of strings"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": ["a", " "]}', "bad_message",
+         "an empty phrase"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": ["' + "y" * 101 + '"]}',
+         "bad_message", "has 101 characters, over the limit of 100"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": ["a\\u0000b"]}', "bad_message",
+         "control character"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotwords": ['
+         + ",".join(f'"w{i}"' for i in range(1001)) + "]}", "bad_message", "has 1001 phrases"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotword_weight": -1}', "bad_message",
+         "'hotword_weight' must be a number from 0 to 10"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotword_weight": true}', "bad_message",
+         "'hotword_weight' must be a number"),
+        ('{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "hotword_weight": Infinity}',
+         "bad_message", "'hotword_weight' must be a number"),
     ],
 )
 def test_parse_errors_name_the_problem(text: str | bytes, code: str, fragment: str) -> None:

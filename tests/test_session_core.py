@@ -388,3 +388,31 @@ def test_the_core_imports_no_transport_and_no_torch() -> None:
     code = "import sys, streamer.session; print(sorted({'torch', 'websockets', 'aiomqtt'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+async def test_hotwords_are_checked_reported_and_kept_by_a_resume(recognizer: Recognizer) -> None:
+    """More than max_hotwords or a bad weight is refused without a session; a start's hotwords are tidied, reported in
+    Opened with the server's weight, the unspellable ones named in a warning; a resume keeps them."""
+    async with running(recognizer, SessionLimits(max_hotwords=2, hotword_weight=1.5)) as (core, _):
+        session, client = connect(core)
+        session.start(StartOptions(RATE, "pcm_s16le", hotwords=["a", "b", "c"]))
+        session.start(StartOptions(RATE, "pcm_s16le", hotwords=["a"], hotword_weight=float("nan")))
+        problems = client.of(Problem)
+        assert [p.code for p in problems] == ["bad_message"] * 2 and not session.is_started
+        assert "at most 2 (engine.max_hotwords)" in problems[0].message and "hotword_weight" in problems[1].message
+        session.start(StartOptions(RATE, "pcm_s16le", hotwords=[" Kitchen   lights", "ΩΩ"]))
+        (opened,) = client.of(Opened)
+        assert opened.hotwords == ("Kitchen lights",) and opened.hotword_weight == 1.5
+        (warning,) = client.of(Warning)
+        assert warning.code == "hotwords_ignored" and "'ΩΩ'" in warning.message
+        await session.lost(resumable=True)
+        again, resumed = connect(core)
+        assert opened.resume_token is not None
+        again.start(StartOptions(RATE, "pcm_s16le"), ResumeRequest(opened.session, opened.resume_token))
+        (reopened,) = resumed.of(Opened)
+        assert reopened.resumed and reopened.hotwords == ("Kitchen lights",) and reopened.hotword_weight == 1.5
+        plain, plain_client = connect(core)
+        plain.start(StartOptions(RATE, "pcm_s16le"))
+        assert plain_client.of(Opened)[0].hotwords is None
+        await again.stop()
+        await plain.stop()

@@ -4,7 +4,9 @@ Messages are :mod:`streamer.adapters.vosk_messages`'. A connection is one core s
 ``/v1/captions`` and MQTT like any other), which starts with the first audio frame or with a config that names
 ``sample_rate`` (else at ``vosk.sample_rate``, vosk-server's 8000 by default). Frames in, core calls out: audio →
 ``push_audio`` (s16le mono; a frame may end mid-sample, the byte waits for the next frame, so odd byte counts lose
-nothing), ``{"reset" : 1}`` → ``finalize``, ``{"eof" : 1}`` → ``stop``. Core events in, Vosk replies out: each
+nothing), ``{"reset" : 1}`` → ``finalize``, ``{"eof" : 1}`` → ``stop``. The config's ``phrase_list`` is the session's
+hotwords (a list the core refuses, too long say, is a bad config); like vosk-server, a config that comes after the
+session started changes nothing for it. Core events in, Vosk replies out: each
 audio frame or command gets one reply, built from what the core offered so far: the oldest final not yet sent, else
 the open utterance's latest partial. After ``eof`` the reply is every final not yet sent, as one, and the connection
 closes with 1000. A client that can wait is never thinned (back-pressure, as protocol v1 without ``live``).
@@ -217,9 +219,12 @@ class VoskConnection:
 
     async def _on_text(self, session: Session, text: str) -> None:
         if vosk.is_config(text):
+            phrases = self.config.phrase_list
             try:
                 for note in vosk.apply_config(self.config, text):
                     logger.info("vosk session %s: %s", session.id, note)
+                if session.is_started and self.config.phrase_list != phrases:  # vosk-server does the same
+                    logger.info("vosk session %s: a phrase_list after the session started is not applied", session.id)
             except MessageError as exc:
                 session.error(exc.code, str(exc))
                 await self._fatal(session, f"bad config: {exc}")
@@ -238,7 +243,7 @@ class VoskConnection:
 
     async def _start(self, session: Session) -> bool:
         """Start the core session at the configured rate; False (after an error and the close) when it refused."""
-        session.start(StartOptions(self.config.sample_rate, "pcm_s16le", 1))
+        session.start(StartOptions(self.config.sample_rate, "pcm_s16le", 1, hotwords=self.config.phrase_list))
         if session.is_started:
             return True
         problem = self.problems[-1] if self.problems else Problem("unsupported_audio", "the session did not start")

@@ -1,7 +1,8 @@
 """The Vosk server's WebSocket messages (vosk-server ``websocket/asr_server.py``): what a client sends, what it gets.
 
 Client → server: an optional text message ``{"config": {"sample_rate": 16000, "words": true, "max_alternatives": 0,
-"phrase_list": [...]}}`` (vosk-server looks for ``config`` anywhere in the text; so do we, then parse it), binary
+"phrase_list": [...]}}`` (vosk-server looks for ``config`` anywhere in the text; so do we, then parse it;
+``phrase_list`` becomes the session's hotwords: boosted, where Vosk's grammar would allow nothing else), binary
 frames of s16le mono audio, ``{"reset" : 1}`` (end the utterance now, keep going) and ``{"eof" : 1}`` (the end).
 vosk-server compares the last two with these exact strings; we parse them as JSON, so any spacing works.
 
@@ -24,7 +25,7 @@ from typing import Any
 from streamer.protocol import Final, MessageError
 from streamer.protocol.limits import load_client_object, show
 
-PHRASE_LIST_NOTE = "phrase_list is accepted and not used yet (per-session hotwords are separate work)"
+VOSK_UNKNOWN = "[unk]"  # Vosk's grammar entry for "anything else": not a phrase to boost
 
 
 @dataclass(slots=True)
@@ -34,7 +35,7 @@ class VoskConfig:
     sample_rate: int
     words: bool = True
     max_alternatives: int = 0
-    phrase_list: list[str] = field(default_factory=list)
+    phrase_list: list[str] = field(default_factory=list)  # the session's hotwords (Vosk's "[unk]" left out)
     has_rate: bool = False  # the client named its rate
 
 
@@ -77,8 +78,7 @@ def apply_config(config: VoskConfig, text: str) -> list[str]:
         phrases = body["phrase_list"]
         if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases):
             raise MessageError("bad_config", f"'phrase_list' must be a list of strings, got {show(phrases)}")
-        config.phrase_list = phrases
-        notes.append(PHRASE_LIST_NOTE)
+        config.phrase_list = [p for p in phrases if p.strip() != VOSK_UNKNOWN]
     if "model" in body:
         notes.append("'model' is ignored: the daemon's model serves every connection")
     return notes

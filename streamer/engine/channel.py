@@ -31,6 +31,7 @@ from streamer.asr.clocks import window_reach
 from streamer.asr.hypothesis import TokenSpan
 from streamer.audio.ring import RingBuffer
 from streamer.engine.endpoint import EndpointConfig
+from streamer.engine.hotwords import CompiledHotwords, Hotwords, compile_hotwords
 from streamer.engine.recognizer import Recognizer
 from streamer.engine.segmenting import Clock, Segmenter
 from streamer.protocol import Final, Partial
@@ -62,10 +63,12 @@ class Channel:
         endpoint: this stream's endpointing rules.
         ring_capacity_s: audio the ring holds (before a live channel drops the oldest).
         is_live: True: drop the oldest audio when the ring is full; False: the writer waits for room.
+        hotwords: words and phrases to boost in this stream (checked already), or None.
     """
 
     def __init__(
-        self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True
+        self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True,
+        hotwords: Hotwords | None = None,
     ) -> None:
         model = recognizer.model
         self.recognizer, self.name, self.endpoint, self.is_live = recognizer, name, endpoint, is_live
@@ -82,6 +85,11 @@ class Channel:
         self.is_lag_warned = False  # a falling_behind warning went out and the backlog has not shrunk since
         # inference side (read by the loop only between steps)
         self.stream = recognizer.create_stream(name)
+        # compiled here, before the stream's first step (a tree of 100 phrases takes a few milliseconds)
+        self.hotwords: CompiledHotwords | None = None
+        if hotwords is not None and hotwords.phrases:
+            self.hotwords = compile_hotwords(model.tokenizer, hotwords, recognizer.device)
+            self.stream.hotwords = self.hotwords.tree
         self.clock = Clock(self.sample_rate_hz)
         self.segmenter = Segmenter(model, name, endpoint, self.clock)
         self._fed = 0  # samples given to the recognizer, padding included

@@ -14,18 +14,16 @@ import torch
 
 from streamer.asr.boosting import PhraseTree
 from streamer.asr.tokenizer import Tokenizer
-
-# The default weight (NeMo's ``boosting_tree_alpha``) and its bounds; ``engine.hotword_weight`` sets the default.
-DEFAULT_WEIGHT = 1.0
-MAX_WEIGHT = 10.0
+from streamer.protocol.limits import DEFAULT_HOTWORD_WEIGHT
 
 
 @dataclass(frozen=True, slots=True)
 class Hotwords:
-    """What a session asked to boost: its phrases (checked by :func:`streamer.protocol.check_hotwords`) and weight."""
+    """What a session asked to boost: its phrases (checked by :func:`streamer.protocol.check_hotwords`) and the
+    weight (NeMo's ``boosting_tree_alpha``; :data:`streamer.protocol.limits.DEFAULT_HOTWORD_WEIGHT` by default)."""
 
     phrases: tuple[str, ...]
-    weight: float = DEFAULT_WEIGHT
+    weight: float = DEFAULT_HOTWORD_WEIGHT
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,8 +36,10 @@ import numpy as np
 
 from streamer.engine.channel import Channel, Event, Work
 from streamer.engine.endpoint import EndpointConfig
+from streamer.engine.hotwords import Hotwords
 from streamer.engine.recognizer import Recognizer
 from streamer.protocol import Warning as WarningMessage
+from streamer.protocol.limits import DEFAULT_HOTWORD_WEIGHT
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,10 @@ class Scheduler:
             (self._ready_live if channel.is_live else self._ready_waiting).append(channel)
             self._has_ready.set()
 
-    def open(self, name: str, endpoint: EndpointConfig, is_live: bool = True) -> Channel:
-        """A new channel for stream ``name``; ``is_live``: see :class:`Channel`.
+    def open(self, name: str, endpoint: EndpointConfig, is_live: bool = True, hotwords: Sequence[str] = (),
+             hotword_weight: float = DEFAULT_HOTWORD_WEIGHT) -> Channel:
+        """A new channel for stream ``name``; ``is_live``: see :class:`Channel`; ``hotwords`` (checked by
+        :func:`streamer.protocol.check_hotwords`) are boosted at ``hotword_weight`` (:mod:`streamer.engine.hotwords`).
 
         Raises:
             ValueError: a channel of that name is open, or ``max_channels`` are.
@@ -119,7 +123,8 @@ class Scheduler:
             raise ValueError(f"stream {name!r} is already open")
         if len(self.channels) >= self._max_channels - 1:
             raise ValueError(f"{len(self.channels)} streams are open, the maximum")
-        channel = Channel(self.recognizer, name, endpoint, self.ring_capacity_s, is_live)
+        words = Hotwords(tuple(hotwords), hotword_weight) if hotwords else None
+        channel = Channel(self.recognizer, name, endpoint, self.ring_capacity_s, is_live, words)
         self.channels[name] = channel
         self._closed[channel] = asyncio.Event()
         return channel

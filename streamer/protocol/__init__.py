@@ -22,11 +22,12 @@ Session on ``/v1/listen``
    client only. ``endpointing`` overrides the server's rules for this session (see
    ``streamer.engine.endpoint``). ``resume`` continues a session whose connection dropped (see
    "Resuming a session"). ``live`` (default false) says whether the source can wait (see "Flow
-   control"). Unknown fields are errors.
+   control"). ``hotwords`` and ``hotword_weight`` boost words and phrases (see "Hotwords"). Unknown fields
+   are errors.
 2. The server answers :class:`Ready` (session id, stream, model, protocol version, att_context_size,
    sample rate, the step period ``chunk_s``, the effective endpointing rules and ``live``; when the server keeps
    sessions across reconnects, also ``resume_token``, ``resume_window_s``, ``resumed`` and ``audio_s``:
-   see "Resuming a session" below).
+   see "Resuming a session" below; with hotwords, ``hotwords`` and ``hotword_weight``).
 3. The client sends binary frames of audio in the declared encoding, of any length: the audio is a byte
    stream, and a frame may end in the middle of a sample (or of a sample frame of several channels), whose
    remaining bytes come first in the next frame. Only audio that ends on an incomplete sample frame loses
@@ -44,6 +45,19 @@ counting audio the server dropped and not counting silence it padded in to flush
 beyond the audio received so far (a partial's ``end`` is capped there, though its last token's predicted
 duration may reach further). Endpointing rules are checked on every encoder frame (80 ms), not only at the
 end of each model step, so a pause ends its segment whatever the look-ahead.
+
+Hotwords
+========
+
+``"hotwords": ["Lysander", "kitchen lights"]`` in ``start`` makes the recognizer prefer these words and phrases
+for this session (names, product words, commands), and ``"hotword_weight": 1.5`` sets how hard (0 to
+``MAX_HOTWORD_WEIGHT``, 10; default ``engine.hotword_weight``, 1.0). At most ``engine.max_hotwords`` phrases (100;
+never more than ``MAX_HOTWORDS``, 1000), each at most ``MAX_HOTWORD_CHARS`` (100) characters without control
+characters; whitespace is tidied and repeats count once. Breaking a rule gets ``bad_message`` naming it, and no
+session starts (send a corrected ``start``). ``ready`` reports the phrases boosted and the weight. A phrase the
+model's vocabulary cannot spell is not boosted: warning ``hotwords_ignored`` names it. A resumed session keeps
+the hotwords it started with. How the boost works (NeMo's phrase boosting in greedy decoding) is in
+``streamer.asr.boosting``.
 
 Flow control
 ============
@@ -162,7 +176,8 @@ Every number the server writes is valid JSON: a value it cannot state as a finit
 A :class:`Warning` discards nothing the client sent: ``audio_dropped`` (a live session: the server fell
 behind and dropped ``seconds`` of the oldest audio), ``falling_behind`` (a live session is ``seconds``
 behind real time), ``audio_clipped`` (``pcm_f32le`` samples beyond [-1, 1] were clipped to it; said once
-per session), ``empty_frame`` (an empty binary frame was ignored),
+per session), ``empty_frame`` (an empty binary frame was ignored), ``hotwords_ignored`` (phrases the model
+cannot spell, not boosted),
 ``results_lost`` (a resumed session could not replay every final from ``next_segment`` on: the server
 keeps the last ``server.max_pending_messages``).
 
@@ -210,11 +225,16 @@ the finals kept for a replay to that client (they were published to MQTT, and re
 from __future__ import annotations
 
 from streamer.protocol.limits import (
+    MAX_HOTWORD_CHARS,
+    MAX_HOTWORD_WEIGHT,
+    MAX_HOTWORDS,
     MAX_ID_CHARS,
     MAX_INT_DIGITS,
     MAX_JSON_DEPTH,
     MAX_NUMBER_CHARS,
     MAX_TEXT_BYTES,
+    check_hotword_weight,
+    check_hotwords,
 )
 from streamer.protocol.messages import (
     BYTES_PER_SAMPLE,
@@ -261,6 +281,9 @@ __all__ = [
     "KeepAlive",
     "MAX_CHANNELS",
     "MAX_ENDPOINT_S",
+    "MAX_HOTWORDS",
+    "MAX_HOTWORD_CHARS",
+    "MAX_HOTWORD_WEIGHT",
     "MAX_ID_CHARS",
     "MAX_INT_DIGITS",
     "MAX_JSON_DEPTH",
@@ -280,6 +303,8 @@ __all__ = [
     "Stop",
     "Warning",
     "WordTiming",
+    "check_hotword_weight",
+    "check_hotwords",
     "parse_client_message",
     "parse_server_message",
     "to_dict",

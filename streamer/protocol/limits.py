@@ -21,6 +21,17 @@ MAX_JSON_DEPTH = 16
 MAX_INT_DIGITS = 32
 MAX_NUMBER_CHARS = 64
 MAX_ID_CHARS = 256  # resume.session and resume.token (the server's are 12 and 43 characters)
+# Hotwords (``start.hotwords`` and every other protocol's list): at most this many phrases, whatever
+# ``engine.max_hotwords`` allows, each of at most MAX_HOTWORD_CHARS characters; a weight in [0, MAX_HOTWORD_WEIGHT].
+MAX_HOTWORDS = 1000
+MAX_HOTWORD_CHARS = 100
+MAX_HOTWORD_WEIGHT = 10.0
+# The weight of a session that names none, unless engine.hotword_weight says otherwise: NeMo's boosting_tree_alpha
+# (see streamer.asr.boosting). At 1.0 the bundled model hears names it misses without them, and everyday sentences
+# that hold none of the listed phrases stay as they were (tests/test_hotwords_model.py); at 2.0 more names come
+# out right but more unrelated words turn into listed ones.
+DEFAULT_HOTWORD_WEIGHT = 1.0
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
 def load_client_object(text: str | bytes) -> dict[str, Any]:
@@ -112,6 +123,53 @@ def _check_strings(value: Any) -> None:
     elif isinstance(value, list):
         for item in value:
             _check_strings(item)
+
+
+def check_hotwords(value: Any, max_count: int = MAX_HOTWORDS, where: str = "hotwords") -> tuple[str, ...]:
+    """A list of hotword phrases, checked and tidied: whitespace runs become one space, the ends are stripped, and
+    a repeated phrase counts once. Case is kept (the engine spells a phrase the way the model writes).
+
+    Args:
+        value: what the client sent.
+        max_count: the most phrases allowed (the server's ``engine.max_hotwords``, at most :data:`MAX_HOTWORDS`).
+        where: the field's name, for the error message.
+
+    Raises:
+        MessageError: ``bad_message`` naming the field: not a list of strings, too many phrases, an empty one, one
+            over :data:`MAX_HOTWORD_CHARS` characters or with a control character.
+    """
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+        raise MessageError("bad_message", f"{where!r} must be a list of strings (words or phrases), got {show(value)}")
+    phrases = list(dict.fromkeys(" ".join(p.split()) for p in value))
+    limit = min(max_count, MAX_HOTWORDS)
+    if phrases and limit <= 0:
+        raise MessageError("bad_message", f"this server takes no hotwords (engine.max_hotwords is 0); leave out "
+                           f"{where!r}")
+    if len(phrases) > limit:
+        raise MessageError("bad_message", f"{where!r} has {len(phrases)} phrases; this server takes at most {limit} "
+                           "(engine.max_hotwords); send the ones that matter most")
+    for phrase in phrases:
+        if not phrase:
+            raise MessageError("bad_message", f"{where!r} holds an empty phrase; send words")
+        if len(phrase) > MAX_HOTWORD_CHARS:
+            raise MessageError("bad_message", f"the phrase {show(phrase, 40)} in {where!r} has {len(phrase)} "
+                               f"characters, over the limit of {MAX_HOTWORD_CHARS}")
+        if _CONTROL.search(phrase) is not None:
+            raise MessageError("bad_message", f"the phrase {show(phrase, 40)} in {where!r} holds a control character")
+    return tuple(phrases)
+
+
+def check_hotword_weight(value: Any, where: str = "hotword_weight") -> float:
+    """A hotword weight: a finite number in ``[0, MAX_HOTWORD_WEIGHT]`` (0 boosts nothing).
+
+    Raises:
+        MessageError: ``bad_message`` naming the field.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_HOTWORD_WEIGHT:
+        raise MessageError("bad_message", f"{where!r} must be a number from 0 to {MAX_HOTWORD_WEIGHT:g}, got "
+                           f"{show(value)}")
+    return float(value)
 
 
 def show(value: Any, max_chars: int = 100) -> str:

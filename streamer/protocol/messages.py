@@ -61,6 +61,8 @@ class Start:
     version: int = PROTOCOL_VERSION
     resume: Resume | None = None
     live: bool = False
+    hotwords: tuple[str, ...] | None = None  # None: left out on the wire (an older server refuses the field)
+    hotword_weight: float | None = None
     type: ClassVar[str] = "start"
 
     @property
@@ -114,7 +116,8 @@ class Ready:
     The resume fields are None (left out on the wire) when the server does not keep sessions:
     ``resume_token`` resumes this session once, within ``resume_window_s`` of a dropped connection;
     ``resumed`` is true when this ``start`` resumed one; ``audio_s`` is the audio received in the session
-    so far (exact; re-send from there).
+    so far (exact; re-send from there). ``hotwords`` (the phrases boosted) and ``hotword_weight`` are there only
+    when the session has hotwords.
     """
 
     session: str
@@ -130,6 +133,8 @@ class Ready:
     resumed: bool | None = None
     audio_s: float | None = None
     live: bool = False
+    hotwords: tuple[str, ...] | None = None
+    hotword_weight: float | None = None
     type: ClassVar[str] = "ready"
 
     def to_json(self) -> str:

@@ -10,7 +10,7 @@ import re
 from dataclasses import fields
 from typing import Any
 
-from streamer.protocol.limits import MAX_ID_CHARS, load_client_object, show
+from streamer.protocol.limits import MAX_ID_CHARS, check_hotword_weight, check_hotwords, load_client_object, show
 from streamer.protocol.messages import (
     ENCODINGS,
     ENDPOINT_KEYS,
@@ -81,6 +81,8 @@ def parse_server_message(text: str | bytes) -> ServerMessage:
             kwargs["token_ids"] = tuple(kwargs.get("token_ids", ()))
         if cls is Ready:
             kwargs["att_context_size"] = tuple(kwargs.get("att_context_size", ()))
+            if kwargs.get("hotwords") is not None:
+                kwargs["hotwords"] = tuple(kwargs["hotwords"])
         return cls(**kwargs)
     except TypeError as exc:
         raise MessageError("bad_message", f"{obj.get('type')}: {exc}") from exc
@@ -118,7 +120,7 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
 
 def _parse_start(obj: dict[str, Any]) -> Start:
     allowed = {"sample_rate", "encoding", "channels", "stream", "interim_results", "endpointing", "version", "resume",
-               "live"}
+               "live", "hotwords", "hotword_weight"}
     _no_extra(obj, allowed, "start")
     version = _int(obj, "version", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
@@ -156,7 +158,11 @@ def _parse_start(obj: dict[str, Any]) -> Start:
         raise MessageError("bad_message", f"'live' must be true or false, got {show(live)}")
     resume = _parse_resume(obj["resume"]) if obj.get("resume") is not None else None
     endpointing = _parse_endpointing(obj.get("endpointing", {}))
-    return Start(rate, encoding, channels, stream, interim, endpointing, version, resume, live)
+    hotwords = check_hotwords(obj["hotwords"]) if "hotwords" in obj else None  # the server's own cap: the core's
+    weight = obj.get("hotword_weight")
+    if weight is not None:
+        weight = check_hotword_weight(weight)
+    return Start(rate, encoding, channels, stream, interim, endpointing, version, resume, live, hotwords, weight)
 
 
 def _parse_resume(value: Any) -> Resume:

@@ -98,7 +98,7 @@ def may_hold(ws: ServerConnection, is_slow: bool) -> bool:
 def start_options(start: Start) -> StartOptions:
     """A v1 ``start`` as the core's options."""
     return StartOptions(start.sample_rate, start.encoding, start.channels, start.stream, start.interim_results,
-                        start.live, start.endpointing)
+                        start.live, start.endpointing, start.hotwords or (), start.hotword_weight)
 
 
 def ready_message(opened: Opened) -> Ready:
@@ -106,11 +106,12 @@ def ready_message(opened: Opened) -> Ready:
     model = opened.model
     if opened.resume_window_s <= 0:
         return Ready(opened.session, opened.stream, model.model, model.att_context_size, opened.sample_rate,
-                     model.chunk_s, opened.endpointing, live=opened.live)
+                     model.chunk_s, opened.endpointing, live=opened.live, hotwords=opened.hotwords,
+                     hotword_weight=opened.hotword_weight)
     return Ready(opened.session, opened.stream, model.model, model.att_context_size, opened.sample_rate,
                  model.chunk_s, opened.endpointing, resume_token=opened.resume_token,
                  resume_window_s=opened.resume_window_s, resumed=opened.resumed, audio_s=opened.received_s,
-                 live=opened.live)
+                 live=opened.live, hotwords=opened.hotwords, hotword_weight=opened.hotword_weight)
 
 
 def end_message(accounting: Accounting) -> End:

@@ -13,7 +13,7 @@ numbers, and protocol v1 sends them as they are). The core adds :class:`Opened`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +35,9 @@ class StartOptions:
         live: True: the source cannot wait (drop the oldest audio when the server falls behind); False: the
             core's ``push_audio`` waits for room (back-pressure).
         endpointing: overrides of the server's endpointing rules for this session.
+        hotwords: words and phrases to boost, as the client sent them (the core checks them against
+            ``engine.max_hotwords`` and :func:`streamer.protocol.check_hotwords`).
+        hotword_weight: how hard; None: the server's ``engine.hotword_weight``.
     """
 
     sample_rate: int
@@ -44,6 +47,8 @@ class StartOptions:
     interim_results: bool = True
     live: bool = False
     endpointing: Mapping[str, float] = field(default_factory=dict)
+    hotwords: Sequence[str] = ()
+    hotword_weight: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,9 @@ class Opened:
         resumed: True for a resume.
         received_s: seconds of whole sample frames received so far (0 for a new session): a resuming client
             re-sends its audio from here.
+        hotwords: the phrases the session boosts (its start's, tidied, less those the model cannot spell);
+            None when its start listed none.
+        hotword_weight: their weight; None when its start listed none.
     """
 
     session: str
@@ -92,6 +100,8 @@ class Opened:
     resume_token: str | None
     resumed: bool
     received_s: float
+    hotwords: tuple[str, ...] | None = None
+    hotword_weight: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from streamer.audio.convert import PcmConverter
 from streamer.errors import AudioError, ConfigError
-from streamer.protocol import STREAM_NAME, Final, Partial
+from streamer.protocol import STREAM_NAME, Final, MessageError, Partial, check_hotword_weight, check_hotwords
 from streamer.protocol import Warning as WarningMessage
 from streamer.session.audio import SessionAudio
 from streamer.session.events import (
@@ -137,11 +137,17 @@ class Session:
         try:
             converter = PcmConverter(options.sample_rate, options.encoding, options.channels)
             endpoint = self.core.endpoint.with_overrides(options.endpointing)
+            hotwords = check_hotwords(list(options.hotwords), self.core.limits.max_hotwords)
+            weight = self.core.limits.hotword_weight if options.hotword_weight is None else \
+                check_hotword_weight(options.hotword_weight)
         except AudioError as exc:
             self.error("unsupported_audio", str(exc))
             return
         except ConfigError as exc:
             self.error("bad_message", str(exc))
+            return
+        except MessageError as exc:
+            self.error(exc.code, str(exc))
             return
         name = options.stream or f"{self._name_prefix}-{self.id}"
         if not STREAM_NAME.fullmatch(name):
@@ -155,7 +161,7 @@ class Session:
             self._refuse_busy()
             return
         try:
-            channel = scheduler.open(name, endpoint, is_live=options.live)
+            channel = scheduler.open(name, endpoint, is_live=options.live, hotwords=hotwords, hotword_weight=weight)
         except ValueError as exc:  # every channel is taken (sessions + microphone + file)
             self.error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
             return
@@ -167,8 +173,14 @@ class Session:
         self.core.hub.set_source(name, self.results)
         self.core.metrics.sessions_total.inc()
         self.offer(self._opened(resumed=False))
-        logger.info("session %s: stream %s, %d Hz %s x%d", self.id, name, options.sample_rate, options.encoding,
-                    options.channels)
+        compiled = channel.hotwords
+        if compiled is not None and compiled.unspellable:
+            self.offer(WarningMessage(
+                "hotwords_ignored", f"the model's vocabulary cannot spell {len(compiled.unspellable)} hotword(s), "
+                f"which are not boosted: {', '.join(repr(p) for p in compiled.unspellable[:10])}"
+                f"{' ...' if len(compiled.unspellable) > 10 else ''}", name))
+        logger.info("session %s: stream %s, %d Hz %s x%d, %d hotword(s)", self.id, name, options.sample_rate,
+                    options.encoding, options.channels, len(hotwords))
 
     def _refuse_busy(self) -> None:
         cap = self.core.limits.max_sessions
@@ -186,9 +198,10 @@ class Session:
                 self.spent_tokens.add(self.resume_token)
             self.resume_token = new_token()
             self.core.journal.token(self.id, self.stream, self.resume_token)
+        compiled = self.channel.hotwords
         return Opened(self.id, self.stream, self.core.model, self.options.sample_rate, self.channel.endpoint.to_dict(),
                       self.channel.is_live, window_s, self.resume_token if window_s > 0 else None, resumed,
-                      self.received_s)
+                      self.received_s, compiled.phrases if compiled else None, compiled.weight if compiled else None)
 
     @property
     def received_s(self) -> float:

@@ -4,8 +4,12 @@ Events, as the ``wyoming`` package (1.10) defines them:
 
 - ``describe`` → ``info`` (:mod:`.info`); ``ping`` → ``pong``; ``select-program`` naming ``streamer`` is accepted.
 - ``transcribe`` {name?, language?, context?, transcript_names?, transcript_terms?}: the language of the next
-  utterances (checked against ``wyoming.languages``). ``name`` and ``context`` are accepted and ignored (one model
-  serves every connection), and so are the hotword lists (per-session hotwords are not built yet).
+  utterances (checked against ``wyoming.languages``) and their hotwords: the names, then the terms (names take
+  priority, as the ``wyoming`` package says), each utterance a session with these as its
+  :attr:`~streamer.session.events.StartOptions.hotwords` until the next ``transcribe`` replaces them. Beyond
+  ``engine.max_hotwords`` the first ones are kept (names first), and a phrase the core would refuse (empty, too long,
+  a control character) is left out, each said in an ``error`` event while the utterance goes on. ``name`` and
+  ``context`` are accepted and ignored (one model serves every connection).
 - ``audio-start`` {rate, width, channels} opens an utterance: a core session with those as
   :class:`~streamer.session.events.StartOptions` (width 1: ``pcm_u8``, 2: ``pcm_s16le``, 4: ``pcm_s32le``; the core
   converts, resamples and mixes the channels down, and refuses what it cannot). A session that can wait: audio is
@@ -32,6 +36,7 @@ from streamer.adapters.wyoming.framing import EventReader, FramingError, Wyoming
 from streamer.adapters.wyoming.info import PROGRAM
 from streamer.adapters.wyoming.outbox import Outbox
 from streamer.adapters.wyoming.utterance import AudioFormat, Utterance, error_event
+from streamer.protocol import MessageError, check_hotwords
 from streamer.session import Problem, SessionCore, StartOptions
 
 if TYPE_CHECKING:
@@ -61,6 +66,7 @@ class WyomingConnection:
         self.events = EventReader(reader, settings.max_frame_bytes)
         self.outbox = Outbox(writer, settings.max_pending_messages, settings.close_timeout_s)
         self.language = languages[0]  # of the next utterance
+        self.hotwords: list[str] = []  # of the next utterances: the last transcribe's names and terms
         self.utterance: Utterance | None = None  # between audio-start and audio-stop
         self.is_in_sync = True  # the last header parsed (see FramingError.in_sync)
         self.orphan_chunks = 0  # audio-chunk events dropped since the last audio-start, audio-stop or other event
@@ -167,6 +173,7 @@ class WyomingConnection:
         if self.utterance is not None:
             self._error("bad_event", "'transcribe' during an utterance; send it before 'audio-start' (it was ignored)")
             return
+        self.hotwords = self._hotwords(data)
         language = data.get("language")
         if language is None:
             return
@@ -178,6 +185,31 @@ class WyomingConnection:
             self._error("unsupported_language", f"the model speaks {', '.join(self.languages)}, not {language!r}; "
                         f"the audio will be transcribed as {self.languages[0]!r}")
         self.language = ours or self.languages[0]
+
+    def _hotwords(self, data: dict[str, Any]) -> list[str]:
+        """``transcribe``'s names, then its terms, as the core takes them (what it would refuse is left out, said)."""
+        phrases: list[str] = []
+        for key in ("transcript_names", "transcript_terms"):  # names first: they take priority
+            value = data.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                self._error("bad_event", f"'{key}' of 'transcribe' must be a list of strings; it was ignored")
+                continue
+            phrases += value
+        kept: list[str] = []
+        for phrase in phrases:
+            try:
+                kept += check_hotwords([phrase])
+            except MessageError as exc:
+                self._error("bad_event", f"{exc}; that phrase is not boosted")
+        kept = list(dict.fromkeys(kept))
+        cap = self.core.limits.max_hotwords
+        if len(kept) > cap:
+            self._error("too_many_hotwords", f"'transcribe' lists {len(kept)} names and terms; this server boosts at "
+                        f"most {cap} (engine.max_hotwords): the first {cap} are used, names first")
+            kept = kept[:cap]
+        return kept
 
     def _our_language(self, language: str) -> str | None:
         """The model's language that ``language`` names: the same tag, or its primary subtag ("en-US" → "en")."""
@@ -208,7 +240,7 @@ class WyomingConnection:
             self._error(session.code, f"{session.message}; the utterance's audio is dropped")
             return
         utterance.session = session
-        session.start(StartOptions(audio.rate, ENCODINGS[audio.width], audio.channels))
+        session.start(StartOptions(audio.rate, ENCODINGS[audio.width], audio.channels, hotwords=self.hotwords))
         if not session.is_started:  # refused (the core said why): this utterance's audio goes nowhere
             self.core.release(session)
             utterance.session = None
