@@ -219,6 +219,12 @@ class Boost:
         out.scatter_(1, self.tokens[nodes], self.scores[nodes])
         return out[:, : self.vocab_size]
 
+    def rows_bonus(self, rows: Tensor, local: Tensor) -> Tensor:
+        """The weighted bonus ``(R, V - 1)`` of batch rows ``rows (R,)`` at own-tree nodes ``local (R,)``; all 0 for
+        rows without hotwords."""
+        nodes = self.nodes(rows, local)
+        return self.bonus(nodes.clamp(min=0)).masked_fill_((nodes < 0)[:, None], 0.0)
+
     def advance(self, nodes: Tensor, labels: Tensor) -> Tensor:
         """Own-tree nodes ``(R,)`` after emitting ``labels (R,)`` in joined-table nodes ``nodes (R,)`` (all >= 0)."""
         match = self.tokens[nodes] == labels[:, None]  # (R, K): at most one listed entry per token

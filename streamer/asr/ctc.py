@@ -92,7 +92,7 @@ class GreedyCTCDecoder:
         emit = valid & (label != self.cfg.vocab_size) & (label != previous)
         node = state.boost_node
         if boost is not None:
-            node = self._boost_rows(log_probs, lengths, state, boost, label, logprob, emit)
+            node = self._boost_rows(log_probs, valid, state, boost, label, logprob, emit)
         last_index = (lengths - 1).clamp(min=0)[:, None]
         last_label = torch.where(lengths > 0, label.gather(1, last_index)[:, 0], state.last_label)
         new_state = CTCState(last_label=last_label, frames_done=state.frames_done + lengths, boost_node=node)
@@ -116,11 +116,16 @@ class GreedyCTCDecoder:
         return spans, new_state
 
     def _boost_rows(
-        self, log_probs: Tensor, lengths: Tensor, state: CTCState, boost: Boost, label: Tensor, logprob: Tensor,
+        self, log_probs: Tensor, valid: Tensor, state: CTCState, boost: Boost, label: Tensor, logprob: Tensor,
         emit: Tensor,
     ) -> Tensor:
         """Decode the rows with hotwords frame by frame, overwriting their ``label``, ``logprob`` and ``emit``
-        ``(B, T)`` in place; returns every row's tree node after the chunk ``(B,)``."""
+        ``(B, T)`` in place (``valid (B, T)``: the frames within each row's length); returns every row's tree node
+        after the chunk ``(B,)``.
+
+        Only frames where some boosted row's argmax is a token need a look: a blank stands whatever the tree says.
+        The label before a frame is read back from ``label``, which holds the choices made so far.
+        """
         blank = self.cfg.vocab_size
         if boost.vocab_size != blank:
             raise ValueError(f"hotword trees for {boost.vocab_size} tokens; this decoder has {blank}")
@@ -128,22 +133,23 @@ class GreedyCTCDecoder:
         rows = (boost.offsets >= 0).nonzero()[:, 0]  # (R,)
         if rows.numel() == 0:
             return node
-        local, last = node[rows], state.last_label[rows]  # (R,) each
-        for frame in range(log_probs.shape[1]):
+        raw, live = label[rows], valid[rows]  # (R, T) each: the model's argmax, frames within the length
+        local = node[rows]  # (R,)
+        for frame in ((raw != blank) & live).any(dim=0).nonzero()[:, 0].tolist():
+            last = label[rows, frame - 1] if frame > 0 else state.last_label[rows]  # (R,) the label chosen before
+            keep = (raw[:, frame] == blank) | (raw[:, frame] == last)  # blank or a repeat: the model's call stands
+            if bool(keep.all()):
+                emit[rows, frame] = False
+                continue
             lp = log_probs[rows, frame]  # (R, V)
-            raw = label[rows, frame]
-            keep = (raw == blank) | (raw == last)  # blank or a repeat: the model's decision stands
             fused = lp.clone()
             fused[:, :blank] += boost.bonus(boost.nodes(rows, local))
             fused.scatter_(1, last[:, None], float("-inf"))  # never the repeat of the last label
-            chosen = torch.where(keep, raw, fused[:, :blank].argmax(dim=-1))
-            valid = frame < lengths[rows]
-            emits = valid & ~keep
-            moved = boost.advance(boost.nodes(rows, local), chosen)
-            local = torch.where(emits, moved, local)
-            last = torch.where(valid, chosen, last)
-            label[rows, frame] = chosen
-            logprob[rows, frame] = lp.gather(1, chosen[:, None])[:, 0]
+            chosen = torch.where(keep, raw[:, frame], fused[:, :blank].argmax(dim=-1))
+            emits = live[:, frame] & ~keep
+            local = torch.where(emits, boost.advance(boost.nodes(rows, local), chosen), local)
+            label[rows, frame] = torch.where(live[:, frame], chosen, raw[:, frame])
+            logprob[rows, frame] = lp.gather(1, label[rows, frame][:, None])[:, 0]
             emit[rows, frame] = emits
         node[rows] = local
         return node

@@ -205,6 +205,31 @@ class _Choices:
         return _Choices(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(_Choices)))
 
 
+@dataclass(slots=True)
+class _Fusion:
+    """The hotword bonuses of a batch during one step: each row's bonus for every token at its tree's current node,
+    kept up to date as labels are emitted (so the search loop only reads it)."""
+
+    boost: Boost
+    boosted: Tensor  # (B,) bool: the row has hotwords
+    bonus: Tensor  # (B, V) float: the bonus of each token now (0 in rows without hotwords)
+
+    @classmethod
+    def start(cls, boost: Boost, node: Tensor) -> _Fusion:
+        rows = torch.arange(node.shape[0], device=node.device)
+        return cls(boost, boost.offsets >= 0, boost.rows_bonus(rows, node))
+
+    def emitted(self, node: Tensor, rows: Tensor, labels: Tensor) -> None:
+        """Rows ``rows`` emitted ``labels``: move their trees (``node (B,)``, in place) and update their bonuses."""
+        boosted = self.boosted[rows]  # (R,)
+        if not bool(boosted.any()):
+            return
+        rows, labels = rows[boosted], labels[boosted]
+        moved = self.boost.advance(self.boost.nodes(rows, node[rows]), labels)
+        node[rows] = moved
+        self.bonus[rows] = self.boost.bonus(self.boost.nodes(rows, moved))
+
+
 class GreedyTransducerDecoder:
     """Stateful batched greedy RNNT / TDT decoding (NeMo 3.0.0 ``greedy_batch``, label looping).
 
@@ -249,25 +274,26 @@ class GreedyTransducerDecoder:
         )
 
     def _choose(
-        self, rows: Tensor, frame: Tensor, logits: Tensor, durations: Tensor, nodes: Tensor | None, boost: Boost | None
+        self, rows: Tensor, frame: Tensor, logits: Tensor, durations: Tensor, fusion: _Fusion | None
     ) -> _Choices:
         """Greedy decisions from raw joint logits ``(R, V + N)`` evaluated at ``frame``.
 
-        ``durations`` ``(N,)`` are the TDT durations on the logits' device (empty for RNNT). ``nodes`` ``(R,)``:
-        the rows' joined-table nodes in ``boost`` (-1: no hotwords); None with ``boost`` None.
+        ``durations`` ``(N,)`` are the TDT durations on the logits' device (empty for RNNT); ``fusion``: the
+        batch's hotword bonuses, or None.
         """
         blank = self.cfg.blank_id
         logp = logits.log_softmax(dim=-1)  # NeMo's CPU joint output
         tokens = logp[:, : blank + 1]  # (R, V) tokens + blank
         logprob, label = tokens.max(dim=-1)
         is_blank = label == blank
-        if boost is not None and nodes is not None:
-            # NeMo's greedy fusion keeps the model's blank / non-blank decision; the bonus picks the token.
-            boosted = ((nodes >= 0) & ~is_blank).nonzero()[:, 0]  # (R',)
-            if boosted.numel() > 0:
-                pick = (tokens[boosted, :blank] + boost.bonus(nodes[boosted])).argmax(dim=-1)  # (R',)
-                label[boosted] = pick
-                logprob[boosted] = tokens[boosted, pick]
+        if fusion is not None:
+            # NeMo's greedy fusion keeps the model's blank / non-blank decision; the bonus picks the token. Rows
+            # without hotwords keep their decision as it is (not recomputed), so nothing about them can change.
+            keep = is_blank | ~fusion.boosted[rows]  # (R,)
+            if not bool(keep.all()):  # most decisions are blanks: then there is nothing to pick
+                pick = (tokens[:, :blank] + fusion.bonus[rows]).max(dim=-1).indices  # (R,)
+                label = torch.where(keep, label, pick)
+                logprob = torch.where(keep, logprob, tokens.gather(1, pick[:, None])[:, 0])
         if self.cfg.is_tdt:
             duration = durations[logp[:, blank + 1 :].argmax(dim=-1)]
             duration = torch.where(is_blank & (duration == 0), 1, duration)  # blank always advances
@@ -278,7 +304,7 @@ class GreedyTransducerDecoder:
 
     def _search(
         self, fe: Tensor, g: Tensor, t: Tensor, lengths: Tensor, rows: Tensor, durations: Tensor,
-        node: Tensor, boost: Boost | None,
+        fusion: _Fusion | None,
     ) -> _Choices:
         """Move each stream in ``rows`` forward from frame ``t`` until the joint gives a non-blank label.
 
@@ -292,8 +318,7 @@ class GreedyTransducerDecoder:
             lengths: ``(B,)`` valid frames.
             rows: ``(R,)`` streams to search (at least one), all with ``t < length``.
             durations: ``(N,)`` TDT durations on the device.
-            node: ``(B,)`` every stream's node in its own hotword tree (blanks do not move it).
-            boost: the batch's hotword trees, or None.
+            fusion: the batch's hotword bonuses (blanks do not change them), or None.
 
         Returns:
             The labels found, one per stream that found one.
@@ -302,8 +327,7 @@ class GreedyTransducerDecoder:
         while rows.numel() > 0:
             frame = t[rows]
             logits = self.joint.joint_after_projection(fe[rows, frame], g[rows])  # (R, V+N)
-            nodes = boost.nodes(rows, node[rows]) if boost is not None else None
-            choice = self._choose(rows, frame, logits, durations, nodes, boost)
+            choice = self._choose(rows, frame, logits, durations, fusion)
             t[rows] = frame + choice.duration
             is_label = choice.label != self.cfg.blank_id
             found.append(choice.take(is_label))
@@ -334,6 +358,7 @@ class GreedyTransducerDecoder:
         h, c, g = state.h.clone(), state.c.clone(), state.g.clone()
         score, last_label, t = state.score.clone(), state.last_label.clone(), state.time_jump.clone()
         node = state.boost_node.clone() if boost is not None else state.boost_node
+        fusion = _Fusion.start(boost, node) if boost is not None else None
         # Labels emitted at ``label_frame`` in this call. A frame never spans two chunks (TDT only carries
         # a skip, and a label with duration 0 keeps t below the length), so counting restarts per call.
         label_frame = torch.full_like(t, -1)
@@ -341,16 +366,15 @@ class GreedyTransducerDecoder:
         emitted: list[_Choices] = []
         rows = (t < lengths).nonzero()[:, 0]  # (R,) streams with frames left
         while rows.numel() > 0:
-            found = self._search(fe, g, t, lengths, rows, durations, node, boost)
+            found = self._search(fe, g, t, lengths, rows, durations, fusion)
             rows = found.rows  # streams without a label have run out of frames
             if rows.numel() == 0:
                 break
             emitted.append(found)
             score[rows] += found.logprob
             last_label[rows] = found.label
-            if boost is not None:  # only an emitted label moves a hotword tree
-                nodes = boost.nodes(rows, node[rows])
-                node[rows] = torch.where(nodes >= 0, boost.advance(nodes.clamp(min=0), found.label), node[rows])
+            if fusion is not None:  # only an emitted label moves a hotword tree
+                fusion.emitted(node, rows, found.label)
             y, h_rows, c_rows = self.decoder.predict(found.label, h[:, rows], c[:, rows])
             h[:, rows], c[:, rows], g[rows] = h_rows, c_rows, self.joint.project_prednet(y)
             # max_symbols: after that many labels on one frame, move on as if a blank was emitted.
