@@ -284,7 +284,8 @@ async def test_bad_start_fields_are_named_and_a_corrected_start_goes_on(start_da
     daemon = await start_daemon()
     data, rate = pcm
     rule = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-    allowed = "channels, encoding, endpointing, interim_results, live, resume, sample_rate, stream, version"
+    allowed = ("channels, encoding, endpointing, hotword_weight, hotwords, interim_results, live, resume, sample_rate, "
+               "stream, version")
     cases: list[tuple[dict[str, Any], str]] = [
         ({"rate": 1}, f"unknown field 'rate' in 'start'; allowed: {allowed}"),
         ({"stream": "kitchen", "endpoint": {}}, f"unknown field 'endpoint' in 'start'; allowed: {allowed}"),
