@@ -153,7 +153,8 @@ class Daemon:
                           round(recognizer.chunk_seconds, 3))
         self.core = SessionCore(SessionLimits.from_settings(settings.server), self.scheduler, self.hub, metrics,
                                 self.endpoint, model, sessions)
-        self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
+        self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context,
+                                      settings.deepgram)
         await self.server.start()
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:

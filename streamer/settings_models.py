@@ -213,6 +213,15 @@ class MicSettings(_Section):
     name: str = Field("mic", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+class DeepgramSettings(_Section):
+    """[deepgram]: the Deepgram-compatible live API on the main port (``streamer.adapters.deepgram``)."""
+
+    enabled: bool = True
+    idle_timeout_s: float = Field(
+        10.0, gt=0, description="a connection without audio or a text message this long is closed (NET-0001)"
+    )
+
+
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
 
 
@@ -228,6 +237,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     mic: MicSettings = MicSettings()
     state: StateSettings = StateSettings()
+    deepgram: DeepgramSettings = DeepgramSettings()
 
     @classmethod
     def settings_customise_sources(
