@@ -287,6 +287,16 @@ class WyomingSettings(_Section):
         return languages
 
 
+
+class DeepgramSettings(_Section):
+    """[deepgram]: the Deepgram-compatible live API on the main port (``streamer.adapters.deepgram``)."""
+
+    enabled: bool = True
+    idle_timeout_s: float = Field(
+        10.0, gt=0, description="a connection without audio or a text message this long is closed (NET-0001)"
+    )
+
+
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
 
 
@@ -305,6 +315,7 @@ class Settings(BaseSettings):
     wyoming: WyomingSettings = WyomingSettings()
     hermes: HermesSettings = HermesSettings()
     vosk: VoskSettings = VoskSettings()
+    deepgram: DeepgramSettings = DeepgramSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -31,11 +31,12 @@ from streamer.asr.clocks import window_reach
 from streamer.asr.hypothesis import TokenSpan
 from streamer.audio.ring import RingBuffer
 from streamer.engine.endpoint import EndpointConfig
+from streamer.engine.pause import Pause
 from streamer.engine.recognizer import Recognizer
 from streamer.engine.segmenting import Clock, Segmenter
 from streamer.protocol import Final, Partial
 
-Event = Partial | Final
+Event = Partial | Final | Pause
 MAX_PENDING_REQUESTS = 8  # finalize requests beyond this merge into the last one
 
 
@@ -62,10 +63,13 @@ class Channel:
         endpoint: this stream's endpointing rules.
         ring_capacity_s: audio the ring holds (before a live channel drops the oldest).
         is_live: True: drop the oldest audio when the ring is full; False: the writer waits for room.
+        pause_s: the segmenter says :class:`~streamer.engine.pause.Pause` after this long without speech;
+            None: never.
     """
 
     def __init__(
-        self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True
+        self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True,
+        pause_s: float | None = None,
     ) -> None:
         model = recognizer.model
         self.recognizer, self.name, self.endpoint, self.is_live = recognizer, name, endpoint, is_live
@@ -83,7 +87,7 @@ class Channel:
         # inference side (read by the loop only between steps)
         self.stream = recognizer.create_stream(name)
         self.clock = Clock(self.sample_rate_hz)
-        self.segmenter = Segmenter(model, name, endpoint, self.clock)
+        self.segmenter = Segmenter(model, name, endpoint, self.clock, pause_s)
         self._fed = 0  # samples given to the recognizer, padding included
         self.is_closed = False  # the close request was processed: the last final is out
         self.has_backlog = False  # a full chunk is waiting for the next step

@@ -1,4 +1,6 @@
-"""WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``.
+"""WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``,
+and the Deepgram-compatible live API (:mod:`streamer.adapters.deepgram`) at ``/deepgram/v1/listen`` and, for requests
+its rule claims, at ``/v1/listen``.
 
 The protocol is documented in :mod:`streamer.protocol`. Each ``/v1/listen`` connection is a
 :class:`~streamer.server.listen.ListenConnection`, protocol v1's adapter on the session core
@@ -28,6 +30,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from streamer.adapters.deepgram.endpoint import DeepgramEndpoint
 from streamer.protocol import STREAM_NAME, Error
 from streamer.resources import web_root
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
@@ -36,6 +39,7 @@ from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
 from streamer.server.listen import serve_listen
 from streamer.server.metrics import Metrics
 from streamer.server.origin import OriginPolicy
+from streamer.settings import DeepgramSettings
 
 if TYPE_CHECKING:
     from streamer.session import Session, SessionCore
@@ -65,6 +69,7 @@ class WebSocketServer:
         metrics: the metrics registry.
         auth: the accepted tokens; None lets every request in.
         ssl_context: TLS for ``wss://`` and ``https://``; None serves plain ``ws://`` and ``http://``.
+        deepgram: the ``[deepgram]`` settings; None: the defaults (on).
     """
 
     def __init__(
@@ -75,9 +80,11 @@ class WebSocketServer:
         metrics: Metrics,
         auth: TokenAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        deepgram: DeepgramSettings | None = None,
     ) -> None:
         self.settings, self.core, self.hub, self.metrics = settings, core, hub, metrics
         self.auth = auth or TokenAuth()
+        self.deepgram = DeepgramEndpoint(deepgram or DeepgramSettings(), settings, core, metrics, self.auth)
         self.ssl_context = ssl_context
         self._server: Server | None = None
         self._policy: OriginPolicy | None = None
@@ -124,6 +131,7 @@ class WebSocketServer:
             compression=None, ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
             close_timeout=s.close_timeout_s, ssl=self.ssl_context, open_timeout=s.start_timeout_s,
             create_connection=connection_factory(self.gate),
+            select_subprotocol=lambda ws, offered: self.deepgram.select_subprotocol(ws.request, list(offered)),
         )
         self._accept_errors.install(asyncio.get_running_loop())
         policy = self.policy
@@ -185,6 +193,8 @@ class WebSocketServer:
         refused = self._refuse_host_or_origin(connection, request, path)
         if refused is not None:
             return refused
+        if self.deepgram.claims(request):
+            return self.deepgram.answer(connection, request)
         refusal = self.auth.check(request)
         if refusal is not None:
             return self._unauthorized(connection, path, refusal)
@@ -269,7 +279,9 @@ class WebSocketServer:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
         try:
-            if url.path == "/v1/listen":
+            if self.deepgram.claims(ws.request):
+                await self.deepgram.serve(ws)
+            elif url.path == "/v1/listen":
                 await self._listen(ws)
             else:
                 await self._captions(ws, parse_qs(url.query).get("stream", [""])[0])
