@@ -51,6 +51,7 @@ class Work:
     samples: np.ndarray  # (S,) float32 16 kHz, oldest first
     dropped: int  # samples the ring lost just before ``samples``
     requests: list[tuple[int, Request, str]] = field(default_factory=list)  # (offset into samples, what, reason)
+    requests_through: int = 0  # the channel's requests_made when it was taken: these are carried out with it
 
 
 class Channel:
@@ -80,6 +81,8 @@ class Channel:
         self.is_queued = False  # in the scheduler's ready queue or in a running step
         self.dropped_samples = 0
         self.is_lag_warned = False  # a falling_behind warning went out and the backlog has not shrunk since
+        self.requests_made = 0  # finalize and close requests so far
+        self.requests_done = 0  # of them, those carried out with their results published (set by the scheduler)
         # inference side (read by the loop only between steps)
         self.stream = recognizer.create_stream(name)
         self.clock = Clock(self.sample_rate_hz)
@@ -111,10 +114,12 @@ class Channel:
         recognizer)."""
         return len(self._ring) / self.sample_rate_hz
 
-    def finalize(self) -> None:
-        """End the current segment after the audio written so far."""
+    def finalize(self) -> int:
+        """End the current segment after the audio written so far. Returns the request's number: once
+        :attr:`requests_done` reaches it, the segment's final (if it had speech) has been published."""
         if not self.is_closing:
             self._request(Request.FINALIZE, "finalize")
+        return self.requests_made
 
     def close(self, reason: str) -> None:
         """No more audio: flush everything, ending the last segment with ``reason``."""
@@ -123,6 +128,7 @@ class Channel:
             self._request(Request.CLOSE, reason)
 
     def _request(self, what: Request, reason: str) -> None:
+        self.requests_made += 1
         at = self._ring.written_total
         if self._requests and self._requests[-1][1] is Request.FINALIZE and (
             len(self._requests) >= MAX_PENDING_REQUESTS or self._requests[-1][0] == at
@@ -158,7 +164,7 @@ class Channel:
         self.dropped_samples += dropped
         requests = [(max(0, at - begin), what, reason) for at, what, reason in self._requests]
         self._requests.clear()
-        return Work(samples, dropped, requests)
+        return Work(samples, dropped, requests, self.requests_made)
 
     # ------------------------------------------------------------------ inference side
 

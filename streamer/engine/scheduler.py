@@ -148,6 +148,12 @@ class Scheduler:
         """Wait until the next round has finished."""
         await self._round_done.wait()
 
+    async def carried_out(self, channel: Channel, request: int) -> None:
+        """Wait until ``channel``'s request number ``request`` (from :meth:`Channel.finalize`) was carried out and
+        the results it made were published. Cancelling stops the wait only."""
+        while channel.requests_done < request:
+            await self.wait_round()
+
     async def write_waiting(self, channel: Channel, samples: np.ndarray) -> int:
         """Write ``samples`` to a channel that can wait, waiting for rounds to make room: nothing is dropped.
 
@@ -214,9 +220,10 @@ class Scheduler:
         self.steps += 1
         self._round_done.set()
         self._round_done = asyncio.Event()
-        for channel, events in zip(batch, results, strict=True):
+        for channel, work, events in zip(batch, works, results, strict=True):
             if events:
                 self._publish(channel.name, events)
+            channel.requests_done = max(channel.requests_done, work.requests_through)
             channel.is_queued = False
             if channel.is_closed:
                 self.channels.pop(channel.name, None)

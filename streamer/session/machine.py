@@ -297,12 +297,23 @@ class Session:
                 "session)", self.stream))
         await audio.write(channel, samples)
 
-    def finalize(self) -> None:
-        """End the open segment after the audio received so far (its final follows); keep listening."""
+    def finalize(self) -> int:
+        """End the open segment after the audio received so far (its final follows); keep listening.
+
+        Returns a number for :meth:`finalized`, for a protocol that must answer each request even when the segment
+        had no speech (and so gets no final).
+        """
         if self.channel is None:
             raise RuntimeError("finalize for a session that has not started; check is_started first")
-        self.channel.finalize()
+        request = self.channel.finalize()
         self.core.scheduler.poke(self.channel)
+        return request
+
+    async def finalized(self, request: int) -> None:
+        """Wait until the :meth:`finalize` that returned ``request`` was carried out: the final it made, if the
+        segment had speech, has been offered to the sink before this returns. Cancelling stops the wait only."""
+        if self.channel is not None:
+            await self.core.scheduler.carried_out(self.channel, request)
 
     async def stop(self) -> None:
         """No more audio: flush the last segment (its final first), then ``Ended`` with the accounting."""
