@@ -209,6 +209,27 @@ async def test_finalize_ends_the_segment_at_once_and_stop_flushes_the_open_one(
     assert isinstance(client.events[-1], Ended) and client.events[-1].accounting.segments == 2
 
 
+async def test_finalized_returns_once_the_finalize_was_carried_out_final_or_none(
+    recognizer: Recognizer, spoken: dict[str, bytes]
+) -> None:
+    """A protocol that answers every commit: after ``finalized``, the segment's final is there if it had speech,
+    and a finalize of silence alone is carried out too, with no final."""
+    async with running(recognizer) as (core, _):
+        session, client = connect(core)
+        session.start(StartOptions(RATE, "pcm_s16le", endpointing={"trailing_silence_after_speech_s": 30}))
+        await push(session, spoken[FIRST])
+        first = session.finalize()
+        await session.finalized(first)
+        assert [f.reason for f in client.of(Final)] == ["finalize"]
+        await push(session, silence(1.0))
+        second = session.finalize()
+        assert second > first
+        await session.finalized(second)
+        assert len(client.of(Final)) == 1
+        await session.stop()
+    check_words(client.of(Final), FIRST)
+
+
 async def test_a_held_session_resumes_and_replays_the_finals_the_client_lacks(
     recognizer: Recognizer, spoken: dict[str, bytes]
 ) -> None:

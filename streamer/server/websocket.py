@@ -1,4 +1,6 @@
-"""WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``.
+"""WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``,
+and more protocols' routes: ``ws_routes`` (WebSocket paths, e.g. OpenAI's ``/v1/realtime``) and the side door
+for requests with a body (:mod:`streamer.server.http_body`, e.g. ``POST /v1/audio/transcriptions``).
 
 The protocol is documented in :mod:`streamer.protocol`. Each ``/v1/listen`` connection is a
 :class:`~streamer.server.listen.ListenConnection`, protocol v1's adapter on the session core
