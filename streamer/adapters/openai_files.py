@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 RATE_HZ = 16000  # AudioBlocks' output: the model's rate, so the core does not resample again
 GRANULARITIES = ("word", "segment")
+BODY_CODES = {HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "request_too_large", HTTPStatus.REQUEST_TIMEOUT: "request_timeout",
+              HTTPStatus.NOT_IMPLEMENTED: "not_implemented"}
 START_STATUS = {"server_busy": 503, "not_ready": 503, "bad_message": 400, "stream_in_use": 409}
 
 
@@ -212,7 +214,7 @@ class TranscriptionsRoute:
             body = await exchange.read_body(self.max_upload_bytes)
             request = parse_request(parse_form(body, exchange.request.headers.get("Content-Type")))
         except BodyError as exc:
-            code = "request_too_large" if exc.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE else "bad_request"
+            code = BODY_CODES.get(exc.status, "bad_request")
             raise ApiError(exc.status, str(exc), code=code) from None
         except FormError as exc:
             raise ApiError(400, str(exc), code="invalid_form") from None

@@ -136,7 +136,8 @@ class HttpExchange(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return True  # keep the transport open: the answer is still to be written
+        # Keep the transport open: the answer may still be to write (TLS cannot half-close: asyncio closes it).
+        return self.transport.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone.set()
