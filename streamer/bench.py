@@ -3,25 +3,32 @@
 Measures our encoder step (and the full step with greedy decoding) for a configuration shaped like
 NVIDIA's 114M-parameter streaming FastConformer (17 layers, d_model 512, 8 heads, random weights),
 at several look-aheads and batch sizes, and NeMo 3.0.0's ``cache_aware_stream_step`` on the same
-configuration side by side when NeMo can be imported (here or in ``--nemo-python``). Speed is only
-ever reported, never asserted: compare ratios from one run, the machines are shared and noisy.
+configuration side by side when NeMo can be imported (here or in ``--nemo-python``), and the same
+model's step exported to ONNX and run by onnxruntime when it can be imported (:mod:`streamer.bench_onnx`).
+Speed is only ever reported, never asserted: compare ratios from one run, the machines are shared and noisy.
 The model measured (and ``--save-model``) is :mod:`streamer.bench_model`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
 
 from streamer.asr import clocks
-from streamer.bench_model import LARGE_DECODER, LARGE_STREAMING, calibrate_emission, save_large_model
+from streamer.asr.config import EncoderConfig
+from streamer.bench_model import LARGE_DECODER, calibrate_emission, encoder_settings, random_encoder, save_large_model
+from streamer.bench_table import Row, format_table, row_of, summarize
 from streamer.config_args import DefaultsHelpFormatter, add_settings_args, parse_context
 from streamer.config_args import settings_from_args as load_settings_from_args
 from streamer.errors import ConfigError
@@ -29,47 +36,17 @@ from streamer.errors import ConfigError
 DEFAULT_CONTEXTS = "70,1;70,13"
 
 
-@dataclass
-class Row:
-    impl: str
-    scope: str
-    dtype: str
-    params_m: float
-    att_context_size: str
-    chunk_ms: float
-    streams: int
-    p50_ms: float
-    p95_ms: float
-    rtfx_total: float
-    threads: int
+def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder, tokens_per_s=4.0, encoder=None) -> Row:
+    """Our steady-state step: full caches, every stream continuing with a full chunk.
 
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
-    return ordered[k]
-
-
-def summarize(impl, scope, dtype, params, ctx, chunk_s, streams, times, threads) -> Row:
-    return Row(
-        impl=impl, scope=scope, dtype=dtype, params_m=round(params / 1e6, 2),
-        att_context_size=f"{ctx[0]},{ctx[1]}", chunk_ms=round(chunk_s * 1000, 1), streams=streams,
-        p50_ms=round(statistics.median(times) * 1000, 2), p95_ms=round(percentile(times, 0.95) * 1000, 2),
-        rtfx_total=round(streams * chunk_s * len(times) / sum(times), 2), threads=threads,
-    )
-
-
-def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder, tokens_per_s=4.0) -> Row:
-    """Our steady-state step: full caches, every stream continuing with a full chunk."""
+    ``encoder``: overrides of the 114M configuration (``--encoder-set``)."""
     import torch
 
-    from streamer.asr.config import EncoderConfig, TransducerConfig
-    from streamer.asr.encoder import FastConformerEncoder
+    from streamer.asr.config import TransducerConfig
 
     dtype = torch.float32 if dtype_name == "int8" else getattr(torch, dtype_name)
-    torch.manual_seed(0)
-    enc_cfg = EncoderConfig(**LARGE_STREAMING)
-    enc = FastConformerEncoder(enc_cfg).eval()
+    enc = random_encoder(encoder)
+    enc_cfg = enc.cfg
     params = sum(p.numel() for p in enc.parameters())
     greedy = None
     if with_decoder:
@@ -113,13 +90,13 @@ def measure_streamer(ctx, streams, steps, warmup, dtype_name, with_decoder, toke
                      torch.get_num_threads())
 
 
-def measure_nemo(ctx, streams, steps, warmup) -> Row:
+def measure_nemo(ctx, streams, steps, warmup, encoder=None) -> Row:
     """NeMo 3.0.0's ``cache_aware_stream_step`` on the same configuration (random weights)."""
     import torch
     from nemo.collections.asr.modules import ConformerEncoder
 
     torch.manual_seed(0)
-    c = LARGE_STREAMING
+    c = encoder_settings(encoder)
     enc = ConformerEncoder(
         feat_in=c["feat_in"], n_layers=c["n_layers"], d_model=c["d_model"], n_heads=c["n_heads"],
         ff_expansion_factor=c["ff_expansion_factor"], subsampling="dw_striding",
@@ -164,27 +141,16 @@ def nemo_importable() -> bool:
     return True
 
 
-def run_nemo_worker(python: str, ctx, streams, steps, warmup, threads) -> Row:
+def run_nemo_worker(python: str, ctx, streams, steps, warmup, threads, encoder=None) -> Row:
     """Run :func:`measure_nemo` under another interpreter (the NeMo venv) and read its JSON row."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [python, "-m", "streamer.bench", "--nemo-worker", f"{ctx[0]},{ctx[1]}", str(streams), str(steps),
-           str(warmup), str(threads)]
+           str(warmup), str(threads), json.dumps(encoder or {})]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"NeMo worker failed: {proc.stderr.strip().splitlines()[-1:]}")
     return Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def format_table(rows: list[Row]) -> str:
-    cols = ["impl", "scope", "dtype", "params_m", "att_context_size", "chunk_ms", "streams", "p50_ms",
-            "p95_ms", "rtfx_total"]
-    data = [[str(getattr(r, c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines.append("-|-".join("-" * w for w in widths))
-    lines += [" | ".join(v.ljust(w) for v, w in zip(d, widths, strict=True)) for d in data]
-    return "\n".join(lines)
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -195,7 +161,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         description="Cache-aware streaming benchmark on a 114M-parameter FastConformer configuration "
         "(17 layers, d_model 512, 8 heads, random weights): per-chunk latency p50/p95 and real-time "
         "factor (audio seconds per compute second, all streams together), with NeMo 3.0.0 side by "
-        "side when it can be imported here or with --nemo-python.",
+        "side when it can be imported here or with --nemo-python, and the same model's step in onnxruntime "
+        "(float32 and dynamic int8) when onnxruntime and onnx can be imported.",
         formatter_class=DefaultsHelpFormatter,
     )
     add_bench_args(p)
@@ -212,8 +179,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: model.threads when set, else all cores)")
-    p.add_argument("--dtypes", default="float32,int8",
-                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations)")
+    p.add_argument("--dtypes", default=None,
+                   help="our weight types: float32, bfloat16, int8 (int8 weights, bf16 activations); on CUDA "
+                        "float32, float16, bfloat16 (default: float32,int8 on the CPU, all three on CUDA)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: model.device); CUDA rows time the step as the daemon runs "
+                        "it there: pinned copies and CUDA graphs per batch bucket, see --cuda-graphs")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
+                   help="on CUDA: replay the step as CUDA graphs (on), run it op by op (off), or both side by side")
     p.add_argument("--no-decoder", action="store_true", help="skip the encoder+TDT rows")
     p.add_argument("--tokens-per-s", type=float, default=4.0,
                    help="labels per second of audio the random-weight decoder is biased to emit, about "
@@ -223,6 +196,23 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="auto: include NeMo when importable here or via --nemo-python")
     p.add_argument("--nemo-python", default=os.environ.get("STREAMER_NEMO_PYTHON"),
                    help="python of a venv with nemo_toolkit[asr]==3.0.0 (env STREAMER_NEMO_PYTHON)")
+    p.add_argument("--onnx", choices=("auto", "off"), default="auto",
+                   help="auto: export the same model's step to ONNX and time it in onnxruntime (float32 and "
+                        "dynamic int8) when onnxruntime and onnx can be imported")
+    p.add_argument("--onnx-dir", type=Path, default=None,
+                   help="keep the exported .onnx files here (default: a temporary folder, removed afterwards)")
+    p.add_argument("--encoder-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one setting of the 114M encoder configuration, e.g. n_layers=6 (repeatable; "
+                        "KEY a field of EncoderConfig, VALUE a Python literal)")
+    p.add_argument("--probe-wav", default=None,
+                   help="with --save-model on a machine without espeak-ng: speech to pace the decoder on")
+    p.add_argument("--offline", action="store_true",
+                   help="instead: offline RTFx of a parakeet-tdt-0.6b-shaped model (random weights) on a batch of "
+                        "long utterances (--offline-batch, --utterance-s), features and decoding included")
+    p.add_argument("--offline-batch", type=int, default=64, help="with --offline: utterances per batch")
+    p.add_argument("--utterance-s", type=float, default=20.0, help="with --offline: seconds per utterance")
+    p.add_argument("--offline-layers", type=int, default=None,
+                   help="with --offline: encoder layers instead of the model's 24 (a quick run)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--save-model", metavar="PATH.nemo",
                    help="instead of measuring, write this 114M configuration as a .nemo with random weights, "
@@ -245,19 +235,75 @@ def parse_contexts(text: str | None, setting: tuple[int, int] | None) -> list[tu
         raise ConfigError(f"--att-context-sizes: {exc}") from None
 
 
+def parse_encoder_overrides(items: list[str]) -> dict[str, Any]:
+    """``--encoder-set KEY=VALUE`` items as a dict of :class:`EncoderConfig` fields.
+
+    Raises:
+        ConfigError: an item is not KEY=VALUE, names no encoder setting or has no literal value.
+    """
+    known = {f.name for f in fields(EncoderConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ConfigError(f"--encoder-set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            out[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--encoder-set {item!r}: {text!r} is not a Python literal (e.g. 6, 'layer_norm', "
+                              "((70, 1),))") from None
+    try:
+        EncoderConfig(**encoder_settings(out))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--encoder-set: {exc}") from None
+    return out
+
+
+@contextlib.contextmanager
+def onnx_workdir(path: Path | None) -> Iterator[Path]:
+    """``--onnx-dir`` (created, kept) or a temporary folder removed afterwards."""
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="streamer-onnx-") as tmp:
+        yield Path(tmp)
+
+
+def ratios(rows: list[Row], impl: str) -> str:
+    """Our float32 encoder step against ``impl``'s float32 rows of the same look-ahead and batch size."""
+    out = []
+    for r in rows:
+        if r.impl == impl and r.dtype == "float32":
+            ours = [o for o in rows if o.impl == "streamer" and o.scope == "encoder" and o.dtype == "float32"
+                    and o.att_context_size == r.att_context_size and o.streams == r.streams]
+            if ours:
+                out.append(f"[{r.att_context_size}] x{r.streams}: latency {r.p50_ms / ours[0].p50_ms:.1f}x, "
+                           f"throughput {ours[0].rtfx_total / r.rtfx_total:.1f}x")
+    return "; ".join(out)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     if args.save_model:
-        print(save_large_model(args.save_model, args.tokens_per_s or 4.0))
+        print(save_large_model(args.save_model, args.tokens_per_s or 4.0, args.probe_wav))
         return 0
-    model = load_settings_from_args(args, {}).model  # bench builds its own random-weight model
-    threads = args.threads or model.threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
+    model = load_settings_from_args(args, {"device": ("model", "device")}).model  # bench builds its own model
     contexts = parse_contexts(args.att_context_sizes, model.att_context_size)
     streams_list = [int(s) for s in args.streams.split(",") if s]
-    use_nemo = args.nemo == "auto" and (nemo_importable() or bool(args.nemo_python))
+    overrides = parse_encoder_overrides(args.encoder_set)
+    threads = args.threads or model.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    on_cuda = model.device.startswith("cuda")
+    use_nemo = args.nemo == "auto" and not on_cuda and (nemo_importable() or bool(args.nemo_python))
+    from streamer import bench_onnx
+
+    use_onnx = args.onnx == "auto" and not on_cuda and not args.offline and bench_onnx.onnx_importable()
     rows: list[Row] = []
+    notes: list[str] = []
+    status = 0
 
     def emit(row: Row) -> None:
         rows.append(row)
@@ -267,33 +313,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  measured {row.impl} {row.scope} {row.dtype} [{row.att_context_size}] x{row.streams}: "
                   f"p50 {row.p50_ms} ms", file=sys.stderr, flush=True)
 
-    for ctx in contexts:
-        for n in streams_list:
-            for dt in args.dtypes.split(","):
-                emit(measure_streamer(ctx, n, args.steps, args.warmup, dt, with_decoder=False))
-            if not args.no_decoder:
-                emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True,
-                                     tokens_per_s=args.tokens_per_s))
-            if use_nemo:
-                if nemo_importable():
-                    emit(measure_nemo(ctx, n, args.steps, args.warmup))
-                else:
-                    emit(run_nemo_worker(args.nemo_python, ctx, n, args.steps, args.warmup, threads))
+    if args.offline:
+        from streamer.bench_offline import offline_rows
+
+        for r in offline_rows(args, model.device, (args.dtypes or "float32").split(",")):
+            emit(row_of(r))
+        contexts = []  # measured
+    elif on_cuda:
+        from streamer.bench_gpu import cuda_rows
+
+        args.device = model.device
+        modes = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs]
+        for r in cuda_rows(args, contexts, streams_list, (args.dtypes or "float32,float16,bfloat16").split(","),
+                           modes):
+            emit(row_of(r))
+        contexts = []  # measured
+    with onnx_workdir(args.onnx_dir if use_onnx else None) as onnx_dir:
+        for ctx in contexts:
+            engine = None
+            if use_onnx:
+                engine = bench_onnx.prepare(random_encoder(overrides), ctx, onnx_dir, threads)
+                notes.append(engine.summary())
+                print(f"  {notes[-1]}", file=sys.stderr, flush=True)
+                if not engine.is_correct:
+                    status, engine = 1, None  # a wrong export is not timed; the exit status says so
+            for n in streams_list:
+                for dt in (args.dtypes or "float32,int8").split(","):
+                    emit(measure_streamer(ctx, n, args.steps, args.warmup, dt, with_decoder=False, encoder=overrides))
+                if not args.no_decoder:
+                    emit(measure_streamer(ctx, n, args.steps, args.warmup, "float32", with_decoder=True,
+                                         tokens_per_s=args.tokens_per_s, encoder=overrides))
+                if use_nemo:
+                    if nemo_importable():
+                        emit(measure_nemo(ctx, n, args.steps, args.warmup, overrides))
+                    else:
+                        emit(run_nemo_worker(args.nemo_python, ctx, n, args.steps, args.warmup, threads, overrides))
+                if engine is not None:
+                    for dt in engine.sessions:
+                        emit(bench_onnx.measure_onnx(engine, dt, n, args.steps, args.warmup))
     if args.format == "table":
         print(format_table(rows))
         if not use_nemo:
             print("(NeMo not importable: pass --nemo-python /path/to/nemo-venv/bin/python for side-by-side rows)")
-        speedups = []
-        for r in rows:
-            if r.impl == "nemo":
-                ours = [o for o in rows if o.impl == "streamer" and o.scope == "encoder" and o.dtype == "float32"
-                        and o.att_context_size == r.att_context_size and o.streams == r.streams]
-                if ours:
-                    speedups.append(f"[{r.att_context_size}] x{r.streams}: latency {r.p50_ms / ours[0].p50_ms:.1f}x, "
-                                    f"throughput {ours[0].rtfx_total / r.rtfx_total:.1f}x")
-        if speedups:
-            print("streamer vs NeMo (float32 encoder step, same run): " + "; ".join(speedups))
-    return 0
+        if args.onnx == "auto" and not use_onnx:
+            print("(onnxruntime not importable: pip install 'streamer[onnx]' for onnxruntime rows)")
+        print("\n".join(notes))
+        for impl, name in (("nemo", "NeMo"), ("onnxruntime", "onnxruntime")):
+            if line := ratios(rows, impl):
+                print(f"streamer vs {name} (float32 encoder step, same run; above 1x streamer is faster): {line}")
+    return status
 
 
 def _nemo_worker(argv: list[str]) -> None:
@@ -301,8 +369,9 @@ def _nemo_worker(argv: list[str]) -> None:
 
     ctx = tuple(int(v) for v in argv[0].split(","))
     streams, steps, warmup, threads = (int(v) for v in argv[1:5])
+    encoder = json.loads(argv[5]) if len(argv) > 5 else None
     torch.set_num_threads(threads)
-    row = measure_nemo(ctx, streams, steps, warmup)
+    row = measure_nemo(ctx, streams, steps, warmup, encoder)
     print(json.dumps(asdict(row)))
 
 

@@ -180,7 +180,7 @@ async def run_load(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         for n in streams:
             clients = make_clients(target.listen_url, n, tracks, duration_s, args.frame_ms / 1000, rng,
-                                   connect_options(args), f"lt{n}")
+                                   connect_options(args), f"{getattr(args, 'name_prefix', None) or 'lt'}{n}")
             server = await run_clients(clients, target.probe, f"loadtest: {n} streams")
             rows.append(summarize(n, clients, server, thresholds))
             await asyncio.sleep(1.0)  # let the daemon settle between runs

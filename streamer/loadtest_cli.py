@@ -59,6 +59,9 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot lag percentiles against N (soak: p95 per interval)")
     p.add_argument("--workdir", help="folder for speech, logs and the broker (default: a temporary one)")
+    p.add_argument("--name-prefix", default="lt",
+                   help="stream names are PREFIX<N>-<i>; give each of several load generators against one daemon "
+                        "its own (default: lt)")
 
 
 def add_soak_args(p: argparse._ArgumentGroup) -> None:

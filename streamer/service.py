@@ -99,7 +99,10 @@ class Daemon:
         self.mqtt: Any = None
         self.sessions: Any = None  # SessionStore: what a resume may replay after a restart
         self.core: Any = None  # SessionCore: every client's session, whatever its protocol
+        self.wyoming: Any = None  # WyomingServer, with [wyoming] enabled
         self.mic: Any = None
+        self.vosk: Any = None  # VoskServer, with vosk.enabled
+        self.hermes: Any = None  # HermesAdapter, with hermes.enabled
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
     @property
@@ -130,7 +133,8 @@ class Daemon:
         metrics.session_journal_unsaved.source = lambda: sessions.unsaved
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
-            self.recognizer = await asyncio.to_thread(load_recognizer, serving_model_settings(settings.model))
+            self.recognizer = await asyncio.to_thread(load_recognizer, serving_model_settings(settings.model),
+                                                      settings.engine)
         recognizer = self.recognizer
         self.hub = Hub(self.mqtt, on_event=metrics.count_result)
 
@@ -155,6 +159,20 @@ class Daemon:
                                 self.endpoint, model, sessions)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
         await self.server.start()
+        if settings.wyoming.enabled:
+            from streamer.adapters.wyoming import WyomingServer
+
+            self.wyoming = WyomingServer(settings.wyoming, settings.server, self.core)
+            await self.wyoming.start()
+        if settings.vosk.enabled:
+            from streamer.adapters.vosk import VoskServer
+
+            self.vosk = VoskServer(settings.vosk, settings.server, self.core, auth, ssl_context)
+            await self.vosk.start()
+        if settings.hermes.enabled:
+            from streamer.adapters.hermes import HermesAdapter
+
+            self.hermes = HermesAdapter(settings.hermes, settings.mqtt, self.core, settings.server.idle_timeout_s)
 
     async def run(self, stop: asyncio.Event, source: FileSourceSpec | None = None) -> int:
         """Serve until ``stop`` is set, then shut down in order; returns the exit status (0, or 1 on a failure)."""
@@ -167,6 +185,8 @@ class Daemon:
                 tasks.append(tg.create_task(scheduler.run(), name="scheduler"))
                 if self.mqtt is not None:
                     tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
+                if self.hermes is not None:
+                    tasks.append(tg.create_task(self.hermes.run(), name="hermes"))
                 tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)
@@ -197,8 +217,15 @@ class Daemon:
         if failures:
             sdnotify.notify("STOPPING=1", f"STATUS=failed: {failures[0]}")
             await server.close()
+            await self._close_adapters()
             return 1
         return 0
+
+    async def _close_adapters(self) -> None:
+        """Close the other protocols' servers (Wyoming, Vosk) and the Hermes client."""
+        for adapter in (self.wyoming, self.vosk, self.hermes):
+            if adapter is not None:
+                await adapter.close()
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop input, flush every segment to every sink, close clients and MQTT, then end the tasks."""
@@ -209,13 +236,16 @@ class Daemon:
                 task.cancel()
         if self.mic is not None:
             await self.mic.stop()  # delivers the resampler's tail first
+        if self.wyoming is not None:
+            self.wyoming.stop_accepting()
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT_S):
-                await server.shutdown()  # /v1/listen: final, end, 1001
+                await server.shutdown()  # every session (/v1/listen: final, end, 1001; Wyoming: transcript)
                 await scheduler.close_all("shutdown")  # microphone, file
         except TimeoutError:
             logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
         await server.close()  # caption subscribers get their finals, then 1001
+        await self._close_adapters()  # their sessions' last results went out with server.shutdown
         if self.mqtt is not None:
             await self.mqtt.close()  # delivers the outbox, publishes "offline"
         for task in tasks:
@@ -233,6 +263,10 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
         daemon = Daemon(settings)
         await daemon.start()
         print(f"streamer: listening on {daemon.server.url}", flush=True)
+        if daemon.wyoming is not None:
+            print(f"streamer: wyoming on {daemon.wyoming.url}", flush=True)
+        if daemon.vosk is not None:
+            print(f"streamer: vosk on {daemon.vosk.url}", flush=True)
         if port_file is not None:
             port_file.write_text(f"{daemon.port}\n")
         return await daemon.run(stop, source)
@@ -332,6 +366,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_settings_args(p)
     p.add_argument("--model", help="model spec (model.spec)")
     p.add_argument("--device", help="torch device (model.device)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="encoder precision (model.dtype)")
     p.add_argument("--threads", type=int, help="torch threads (model.threads)")
     p.add_argument("--att-context-size", type=parse_context, metavar="L,R", help="look-ahead (model.att_context_size)")
     p.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), help="decoding head (model.decoder)")
@@ -343,7 +378,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 SERVE_FLAGS: dict[str, Key] = {
-    **MODEL_FLAGS, "device": ("model", "device"), "host": ("server", "host"), "port": ("server", "port"),
+    **MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype"), "host": ("server", "host"),
+    "port": ("server", "port"),
 }
 
 

@@ -6,6 +6,7 @@ name here is imported from.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -35,9 +36,31 @@ class ModelSettings(_Section):
     att_context_size: tuple[int, int] | None = Field(None, description="[left, right] attention context; None: first")
     decoder: Literal["tdt", "rnnt", "ctc"] | None = Field(None, description="decoding head; None: the model's own")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the encoder's weights and activations; float16 and bfloat16 on CUDA only"
+    )
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: serve leaves one core to the event loop, others use all"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_cpu_or_cuda(cls, device: str) -> str:
+        problem = device_problem(device)
+        if problem:
+            raise ValueError(problem)
+        return device.strip()
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is no ``model.device``, or None when its form is right (whether the machine has it is
+    checked when the model loads, :func:`streamer.asr.precision.check_device`)."""
+    if DEVICE_PATTERN.fullmatch(name.strip()):
+        return None
+    return f"{name!r} is not a device streamer runs on: use cpu, cuda or cuda:N (N: the GPU's index)"
 
 
 def token_problem(token: str) -> str | None:
@@ -153,6 +176,10 @@ class EngineSettings(_Section):
     lag_warning_s: float = Field(
         2.0, gt=0, description="a live stream this far behind real time gets warning falling_behind"
     )
+    cuda_graphs: bool = Field(
+        True, description="on CUDA, replay the encoder step as CUDA graphs at batch buckets 1, 2, 4, ...; "
+        "ignored on the CPU"
+    )
 
 
 _RULES = EndpointConfig()  # the endpointing rules and their defaults live in streamer.engine.endpoint
@@ -183,6 +210,33 @@ class MqttSettings(_Section):
     outbox_size: int = Field(1000, ge=1, description="finals held while the broker is unreachable")
     max_inflight: int = Field(20, ge=1, le=1000, description="finals published and not yet acknowledged at once")
     keepalive_s: int = Field(30, ge=1)
+
+
+class HermesSettings(_Section):
+    """[hermes]: Rhasspy's Hermes ASR over MQTT (``streamer.adapters.hermes``), on the broker of [mqtt]."""
+
+    enabled: bool = False
+    site_ids: list[str] = Field(default_factory=list, description="the sites (siteId) served; empty: every site")
+
+    @field_validator("site_ids")
+    @classmethod
+    def _site_ids_are_topic_levels(cls, site_ids: list[str]) -> list[str]:
+        for site in site_ids:
+            if not site or any(c in site for c in "+#/\0"):
+                raise ValueError(f"{site!r} is no site id: it must be non-empty, without '+', '#', '/' or NUL "
+                                 "(it is an MQTT topic level)")
+        return site_ids
+
+
+class VoskSettings(_Section):
+    """[vosk]: the Vosk server's WebSocket protocol on a port of its own (``streamer.adapters.vosk``)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(2700, ge=0, le=65535)
+    sample_rate: int = Field(
+        8000, ge=8000, le=48000, description="the rate of a client that sends no config (vosk-server's default)"
+    )
 
 
 class StateSettings(_Section):
@@ -217,6 +271,26 @@ class MicSettings(_Section):
     name: str = Field("mic", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+class WyomingSettings(_Section):
+    """[wyoming]: speech-to-text for Home Assistant over the Wyoming protocol (its own TCP port)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(10300, ge=0, le=65535, description="TCP port (10300 is Wyoming's custom for speech-to-text)")
+    zeroconf: bool = Field(False, description="advertise _wyoming._tcp.local. over mDNS for Home Assistant")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], min_length=1, description="the model's languages, as 'info' lists them"
+    )
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_are_tags(cls, languages: list[str]) -> list[str]:
+        for language in languages:
+            if not language or len(language) > 35 or not all(c.isalnum() or c in "-_" for c in language):
+                raise ValueError(f"{language!r} is no language tag: give tags like 'en' or 'en-US'")
+        return languages
+
+
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
 
 
@@ -232,6 +306,9 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     mic: MicSettings = MicSettings()
     state: StateSettings = StateSettings()
+    wyoming: WyomingSettings = WyomingSettings()
+    hermes: HermesSettings = HermesSettings()
+    vosk: VoskSettings = VoskSettings()
 
     @classmethod
     def settings_customise_sources(

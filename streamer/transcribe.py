@@ -1,7 +1,7 @@
 """``streamer transcribe``: recognize audio files, offline or chunk by chunk as the daemon does.
 
 The model comes from the same ``[model]`` settings as every other command (``--config``, ``--set``,
-``STREAMER_MODEL__...``); ``--model``, ``--device``, ``--threads``, ``--att-context-size`` and
+``STREAMER_MODEL__...``); ``--model``, ``--device``, ``--dtype``, ``--threads``, ``--att-context-size`` and
 ``--decoder`` override them.
 """
 
@@ -23,7 +23,7 @@ from streamer.config_args import (
 from streamer.engine.factory import load_model
 from streamer.errors import ConfigError, StreamerError
 
-TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device")}
+TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype")}
 
 
 def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +44,8 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
         help=f"model to load (model.spec; default: the bundled {DEFAULT_MODEL}); see the examples below",
     )
     t.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (model.device; default: cpu)")
+    t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="encoder precision (model.dtype; default: float32); half precision on CUDA only")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (model.threads; default: torch's)")
     t.add_argument("--mode", choices=("offline", "streaming"), default="offline")
     t.add_argument(

@@ -221,6 +221,24 @@ def test_to_mono_float32_for_mic_blocks() -> None:
     np.testing.assert_array_equal(to_mono_float32(np.array([16384, -16384], dtype=np.int16), 1), [0.5, -0.5])
 
 
+
+@pytest.mark.parametrize(
+    ("encoding", "pcm", "expected"),
+    [  # as WAV files store them: 8-bit unsigned around 128, 32-bit signed
+        ("pcm_u8", bytes([128, 192, 64, 0, 255, 128]), [0.0, 0.5, -0.5, -1.0, 127 / 128, 0.0]),
+        ("pcm_s32le", np.array([0, 1 << 30, -(1 << 30), -(1 << 31), (1 << 31) - 1, 0], "<i4").tobytes(),
+         [0.0, 0.5, -0.5, -1.0, 1.0, 0.0]),
+    ],
+)
+def test_8_and_32_bit_integer_pcm_is_scaled_like_16_bit(encoding: str, pcm: bytes, expected: list[float]) -> None:
+    """Wyoming's sample widths 1 and 4: unsigned 8-bit and signed 32-bit samples decode to [-1, 1], stereo
+    averaged to mono; a frame cut mid-sample waits for the rest as with 16-bit audio."""
+    mono = PcmConverter(16000, encoding, 1)
+    np.testing.assert_allclose(np.concatenate([mono.convert(pcm[:5]), mono.convert(pcm[5:])]), expected, atol=1e-7)
+    stereo = PcmConverter(16000, encoding, 2).convert(pcm)
+    np.testing.assert_allclose(stereo, np.mean(np.reshape(expected, (-1, 2)), axis=1), atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------- file source
 
 

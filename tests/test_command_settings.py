@@ -112,7 +112,7 @@ def test_bench_measures_the_look_ahead_and_threads_of_the_settings(
     """`streamer bench` without --att-context-sizes or --threads measures model.att_context_size on model.threads."""
     monkeypatch.setenv("STREAMER_MODEL__THREADS", "1")
     argv = ["bench", "--set", "model.att_context_size=[70,0]", "--streams", "1", "--steps", "1", "--warmup", "0",
-            "--dtypes", "float32", "--no-decoder", "--nemo", "off", "--format", "json"]
+            "--dtypes", "float32", "--no-decoder", "--nemo", "off", "--onnx", "off", "--format", "json"]
     import torch
 
     threads = torch.get_num_threads()

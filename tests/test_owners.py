@@ -34,10 +34,14 @@ def test_endpointing_rules_are_the_same_everywhere() -> None:
 
 
 def test_pcm_encodings_come_from_the_protocol() -> None:
-    """The converter decodes exactly the encodings the protocol accepts, with the protocol's sample sizes."""
-    assert tuple(convert.ENCODINGS) == protocol.ENCODINGS == tuple(protocol.BYTES_PER_SAMPLE)
-    assert {name: dtype.itemsize for name, dtype in convert.ENCODINGS.items()} == protocol.BYTES_PER_SAMPLE
-    assert convert.ENCODINGS == {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+    """The converter decodes the encodings protocol v1 accepts, with the protocol's sample sizes, and besides them
+    only those other protocols' clients declare (Wyoming's 8- and 32-bit samples)."""
+    v1 = {name: convert.ENCODINGS[name] for name in protocol.ENCODINGS}
+    assert protocol.ENCODINGS == tuple(protocol.BYTES_PER_SAMPLE)
+    assert {name: dtype.itemsize for name, dtype in v1.items()} == protocol.BYTES_PER_SAMPLE
+    assert v1 == {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+    assert convert.ENCODINGS == {**v1, **convert.OTHER_ENCODINGS}
+    assert convert.OTHER_ENCODINGS == {"pcm_u8": np.dtype("u1"), "pcm_s32le": np.dtype("<i4")}
     assert (convert.MIN_RATE_HZ, convert.MAX_RATE_HZ, convert.MAX_CHANNELS) == (
         protocol.MIN_SAMPLE_RATE_HZ, protocol.MAX_SAMPLE_RATE_HZ, protocol.MAX_CHANNELS
     )

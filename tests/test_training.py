@@ -539,11 +539,11 @@ def test_zero_residual_branches_start_every_block_as_its_layer_norm(corpus: Path
     pos = rel_positional_table(40, enc.cfg.d_model)
     with torch.no_grad():
         for layer in enc.layers:
-            y, _, _, _ = layer(x, layer.self_attn.project_pos(pos), None, None)
+            y = layer(x, layer.self_attn.project_pos(pos), None, None)
             torch.testing.assert_close(y, layer.norm_out(x))
     default = Trainer(recipe_from_dict(_recipe(corpus)), tmp_path / "default").model.encoder.layers[0]
     with torch.no_grad():
-        y, _, _, _ = default(x, default.self_attn.project_pos(pos), None, None)
+        y = default(x, default.self_attn.project_pos(pos), None, None)
     assert not torch.allclose(y, default.norm_out(x), atol=1e-3)
 
 

@@ -14,6 +14,8 @@ Shape legend::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -23,9 +25,26 @@ from streamer.asr.config import ContextSize, EncoderConfig
 from streamer.errors import ConfigError
 
 
-def fill_end(joined: Tensor, new: Tensor) -> Tensor:
-    """Write ``new`` into the last frames (dim 2, time) of ``joined``, whose first frames hold the cache."""
-    joined.narrow(2, joined.size(2) - new.size(2), new.size(2)).copy_(new)
+@dataclass(slots=True)
+class Joins:
+    """One layer's streaming caches joined with room for this chunk, along time: keys and values
+    [B, H, C+T, dk], conv inputs [B, K-1+T, D]. The first frames hold the cache; the layer writes this
+    chunk's frames after them (:func:`fill_end`), and the caller keeps the last frames as the next caches."""
+
+    k: Tensor
+    v: Tensor
+    conv: Tensor
+
+
+def fill_end(joined: Tensor, new: Tensor, dim: int) -> Tensor:
+    """Write ``new`` into the last frames (along time, ``dim``) of ``joined``, whose first frames hold the cache.
+
+    While tracing for export (``streamer bench``'s ONNX step) the join is built by concatenation instead (an
+    in-place write into a slice does not survive the TorchScript exporter): callers store the result back.
+    """
+    if torch.jit.is_tracing():
+        return torch.cat([joined.narrow(dim, 0, joined.size(dim) - new.size(dim)), new], dim=dim)
+    joined.narrow(dim, joined.size(dim) - new.size(dim), new.size(dim)).copy_(new)
     return joined
 
 
@@ -57,33 +76,37 @@ class ConvModule(nn.Module):
             raise ConfigError(f"conv_norm_type {norm!r} is not supported; use batch_norm or layer_norm")
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=bias)
 
-    def forward(self, x: Tensor, pad_mask: Tensor | None, joined: Tensor | None) -> Tensor:
-        """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded. Offline ``joined`` is None; streaming it is
-        [B, D, K-1+T] whose first K-1 frames hold the cached inputs: this chunk's inputs are written after
-        them (the caller keeps the last K-1 frames as the next cache). Returns the output [B, T, D]."""
+    def forward(self, x: Tensor, pad_mask: Tensor | None, joins: Joins | None) -> Tensor:
+        """``x`` [B, T, D]; ``pad_mask`` [B, T] True = padded. Offline ``joins`` is None; streaming its
+        ``conv`` [B, K-1+T, D] (time-major) holds the cached inputs first, and this chunk's inputs are written
+        after them. Returns [B, T, D]."""
         # Pointwise convs as linears on [B, T, D]: same maths, no transposes, faster for short chunks.
         pw1 = self.pointwise_conv1
-        h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1).transpose(1, 2)
+        h = F.glu(F.linear(x, pw1.weight.squeeze(-1), pw1.bias), dim=-1)  # [B, T, D]
         if pad_mask is not None:
-            h = h.masked_fill(pad_mask.unsqueeze(1), 0.0)
+            h = h.masked_fill(pad_mask.unsqueeze(2), 0.0)
         left, right = self.context
-        if joined is None:
-            h = F.pad(h, (left, right))
+        if joins is None:
+            h = self._depthwise(F.pad(h.transpose(1, 2), (left, right)))  # [B, D, T]
+            if isinstance(self.batch_norm, nn.LayerNorm):
+                h = self.batch_norm(h.transpose(1, 2))
+            else:
+                h = self.batch_norm(h).transpose(1, 2)
         else:
-            h = fill_end(joined, h)
+            h = joins.conv = fill_end(joins.conv, h, dim=1)
             if right:
-                h = F.pad(h, (0, right))
-        h = self._depthwise(h)
-        if isinstance(self.batch_norm, nn.LayerNorm):
-            h = self.batch_norm(h.transpose(1, 2))
-        else:
-            h = self.batch_norm(h).transpose(1, 2)
+                h = F.pad(h, (0, 0, 0, right))
+            h = self._depthwise_time_major(h)  # [B, T, D]
+            if isinstance(self.batch_norm, nn.LayerNorm):
+                h = self.batch_norm(h)
+            else:
+                h = self.batch_norm(h.transpose(1, 2)).transpose(1, 2)
         pw2 = self.pointwise_conv2
         return F.linear(F.silu(h), pw2.weight.squeeze(-1), pw2.bias)
 
     def _depthwise(self, h: Tensor) -> Tensor:
-        """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs (streaming chunks) use an
-        unfold-and-sum, which avoids PyTorch's slow grouped-conv path for tiny outputs."""
+        """Depthwise conv over an already padded [B, D, T+K-1]. Short inputs use an unfold-and-sum, which
+        avoids PyTorch's slow grouped-conv path for tiny outputs."""
         conv = self.depthwise_conv
         k = conv.kernel_size[0]
         t_out = h.size(2) - k + 1
@@ -91,6 +114,19 @@ class ConvModule(nn.Module):
             return conv(h)
         out = (h.unfold(2, k, 1) * conv.weight[:, 0, None, :]).sum(-1)
         return out if conv.bias is None else out + conv.bias[:, None]
+
+    def _depthwise_time_major(self, h: Tensor) -> Tensor:
+        """Depthwise conv over a padded, time-major [B, T+K-1, D] -> [B, T, D]: one multiply-add per tap
+        over contiguous channels (a streaming chunk is a few frames; K taps of [B, T, D] beat any conv
+        kernel and the unfold, whose sum runs over a strided axis of K)."""
+        conv = self.depthwise_conv
+        k = conv.kernel_size[0]
+        t_out = h.size(1) - k + 1
+        taps = conv.weight[:, 0, :].t()  # [K, D]
+        out = h[:, :t_out] * taps[0]
+        for j in range(1, k):
+            out = torch.addcmul(out, h[:, j : j + t_out], taps[j])
+        return out if conv.bias is None else out + conv.bias
 
 
 class ConformerLayer(nn.Module):
@@ -115,20 +151,20 @@ class ConformerLayer(nn.Module):
         p: Tensor,
         att_mask: Tensor | None,
         pad_mask: Tensor | None,
-        joined: tuple[Tensor, Tensor, Tensor] | None = None,
+        joins: Joins | None = None,
     ) -> Tensor:
-        """One block. Offline ``joined`` is None. Streaming it is (keys [B,H,C+T,dk], values [B,H,C+T,dk],
-        conv inputs [B,D,K-1+T]) whose first frames hold the cached ones; the block writes this chunk's
-        after them and attends / convolves over the whole (the caller keeps the last frames as caches)."""
+        """One block. Offline ``joins`` is None. Streaming it holds the caches with room for this chunk: the
+        block writes the chunk's keys, values and conv inputs after them and attends / convolves over all."""
         r = x + 0.5 * self.feed_forward1(self.norm_feed_forward1(x))
         xn = self.norm_self_att(r)
         att = self.self_attn
         q = att.linear_q(xn)
         k = att.heads(att.linear_k, xn)
         v = att.heads(att.linear_v, xn)
-        if joined is not None:
-            k, v = fill_end(joined[0], k), fill_end(joined[1], v)
+        if joins is not None:
+            k = joins.k = fill_end(joins.k, k, dim=2)
+            v = joins.v = fill_end(joins.v, v, dim=2)
         r = r + att.attend(q, k, v, p, att_mask)
-        r = r + self.conv(self.norm_conv(r), pad_mask, None if joined is None else joined[2])
+        r = r + self.conv(self.norm_conv(r), pad_mask, joins)
         r = r + 0.5 * self.feed_forward2(self.norm_feed_forward2(r))
         return self.norm_out(r)

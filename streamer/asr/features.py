@@ -202,11 +202,21 @@ class FilterbankFeatures(nn.Module):
         span = cfg.hop_length * (num_frames - 1) + cfg.n_fft
         signal = padded[:, first_frame_offset : first_frame_offset + span]
         frames = signal.unfold(1, cfg.n_fft, cfg.hop_length)  # (B, M, n_fft), the framing of torch.stft
+        return self.log_mel_of_frames(frames, pad_single_column=pad_single_column)
+
+    def log_mel_of_frames(self, frames: Tensor, *, pad_single_column: bool) -> Tensor:
+        """Log-mel of STFT frames (B, M, n_fft) cut from the pre-emphasised, padded signal: (B, F, M)."""
+        cfg = self.cfg
+        num_frames = frames.shape[1]
         left = (cfg.n_fft - cfg.win_length) // 2
         window = F.pad(self.window, (left, cfg.n_fft - cfg.win_length - left))  # (n_fft,) as torch.stft does
-        spec = torch.fft.rfft(frames * window, dim=-1).transpose(1, 2)  # (B, n_fft//2+1, M) like torch.stft
-        magnitude = torch.view_as_real(spec).pow(2).sum(-1).sqrt()  # NeMo: sqrt first, then the power
-        power = magnitude.pow(cfg.mag_power) if cfg.mag_power != 1.0 else magnitude
+        spec = torch.fft.rfft(frames * window, dim=-1)  # (B, M, n_fft//2+1): torch.stft's, transposed
+        # NeMo: sqrt first, then the power. Element-wise, so computed before the transpose to (B, bins, M)
+        # (the same values; the pairs summed are then adjacent in memory).
+        parts = torch.view_as_real(spec)
+        re, im = parts[..., 0], parts[..., 1]
+        magnitude = (re * re + im * im).sqrt()  # what pow(2).sum(-1) computes, bit for bit, without a reduction
+        power = (magnitude.pow(cfg.mag_power) if cfg.mag_power != 1.0 else magnitude).transpose(1, 2)
         if pad_single_column and num_frames == 1:
             # A one-column matmul takes BLAS's matrix-vector route, whose summation order differs from the
             # matrix-matrix one the offline pass uses; two columns keep incremental frames bit-identical.

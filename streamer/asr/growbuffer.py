@@ -19,6 +19,7 @@ branches) finds the mark elsewhere and copies into a fresh buffer, so no state i
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -35,6 +36,10 @@ class GrowBuffers:
         then a buffer with ``slack`` frames of room beyond this step is made.
         """
         frames = cache.size(dim)
+        if torch.jit.is_tracing():  # exported graphs are functional: plain concatenation (see conformer.fill_end)
+            size = list(cache.shape)
+            size[dim] = new
+            return torch.cat([cache, cache.new_zeros(size)], dim=dim)
         place = _place(cache, dim)
         if place is not None:
             start, width = place

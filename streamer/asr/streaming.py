@@ -39,7 +39,7 @@ from torch import Tensor
 
 from streamer.asr.attention import rel_positional_table
 from streamer.asr.config import ContextSize, EncoderConfig
-from streamer.asr.conformer import ConformerLayer
+from streamer.asr.conformer import ConformerLayer, Joins
 from streamer.asr.growbuffer import GrowBuffers
 from streamer.asr.subsampling import ConvSubsampling
 from streamer.errors import ConfigError
@@ -56,7 +56,7 @@ class EncoderState:
     attn_k: Tensor  # (L, B, H, C, dk) projected keys of the last C frames, newest last
     attn_v: Tensor  # (L, B, H, C, dk)
     attn_len: Tensor  # (B,) int64 how many of the C cache slots are real (right-aligned)
-    conv_tail: Tensor  # (L, B, D, K-1) last depthwise-conv inputs
+    conv_tail: Tensor  # (L, B, K-1, D) last depthwise-conv inputs (time-major)
 
     BATCH_DIM: ClassVar[dict[str, int]] = {
         "mel_tail": 0,
@@ -148,7 +148,7 @@ class StreamingEncoder:
             attn_k=torch.zeros(nl, batch, att.h, self.cache_frames, att.d_k, device=device, dtype=dtype),
             attn_v=torch.zeros(nl, batch, att.h, self.cache_frames, att.d_k, device=device, dtype=dtype),
             attn_len=torch.zeros(batch, dtype=torch.long, device=device),
-            conv_tail=torch.zeros(nl, batch, cfg.d_model, cfg.conv_context[0], device=device, dtype=dtype),
+            conv_tail=torch.zeros(nl, batch, cfg.conv_context[0], cfg.d_model, device=device, dtype=dtype),
         )
 
     def chunk_frames(self, state: EncoderState) -> Tensor:
@@ -226,9 +226,12 @@ class StreamingEncoder:
         grow = self._grow
         k_join = grow.extend(state.attn_k, t, dim=3, slack=self._slack)
         v_join = grow.extend(state.attn_v, t, dim=3, slack=self._slack)
-        conv_join = grow.extend(state.conv_tail, t, dim=3, slack=self._slack)
+        conv_join = grow.extend(state.conv_tail, t, dim=2, slack=self._slack)
+        joins = [Joins(k_join[li], v_join[li], conv_join[li]) for li in range(len(self._layers))]
         for li, layer in enumerate(self._layers):
-            x = layer(x, self._pos_proj[li], att_mask, pad_mask, joined=(k_join[li], v_join[li], conv_join[li]))
+            x = layer(x, self._pos_proj[li], att_mask, pad_mask, joins=joins[li])
+        if torch.jit.is_tracing():  # the layers built new joins instead of filling these (conformer.fill_end)
+            k_join, v_join, conv_join = (torch.stack([getattr(j, f) for j in joins]) for f in ("k", "v", "conv"))
         # Next window's left context: the last s+1 rows of this window that hold audio.
         keep = self.tail_mel_frames
         if bool((end == window.size(2)).all()):
@@ -241,6 +244,6 @@ class StreamingEncoder:
             attn_k=grow.commit(k_join, c, dim=3),
             attn_v=grow.commit(v_join, c, dim=3),
             attn_len=(state.attn_len + out_len).clamp(max=c),
-            conv_tail=grow.commit(conv_join, state.conv_tail.size(3), dim=3),
+            conv_tail=grow.commit(conv_join, state.conv_tail.size(2), dim=2),
         )
         return x, out_len, new_state

@@ -25,9 +25,13 @@ MIN_RATE_HZ: Final = protocol.MIN_SAMPLE_RATE_HZ
 MAX_RATE_HZ: Final = protocol.MAX_SAMPLE_RATE_HZ
 MAX_CHANNELS: Final = protocol.MAX_CHANNELS
 _NUMPY_KIND = {"s": "i", "f": "f"}  # pcm_s16le: signed integers; pcm_f32le: IEEE floats (all little-endian)
+# Sample formats other protocols' clients declare beyond protocol v1's (Wyoming's sample widths 1 and 4, as in
+# WAV files: 8-bit samples are unsigned, wider ones signed); protocol v1 still accepts only its own.
+OTHER_ENCODINGS: Final[dict[str, np.dtype]] = {"pcm_u8": np.dtype("u1"), "pcm_s32le": np.dtype("<i4")}
 ENCODINGS: Final[dict[str, np.dtype]] = {
-    name: np.dtype(f"<{_NUMPY_KIND[name.removeprefix('pcm_')[0]]}{size}")
-    for name, size in protocol.BYTES_PER_SAMPLE.items()
+    **{name: np.dtype(f"<{_NUMPY_KIND[name.removeprefix('pcm_')[0]]}{size}")
+       for name, size in protocol.BYTES_PER_SAMPLE.items()},
+    **OTHER_ENCODINGS,
 }
 
 
@@ -64,7 +68,8 @@ class StreamResampler:
 
 
 def to_mono_float32(block: np.ndarray, channels: int) -> np.ndarray:
-    """Average interleaved channels into one float32 channel; integer input is scaled to [-1, 1).
+    """Average interleaved channels into one float32 channel; integer input (signed, or unsigned around its
+    midpoint) is scaled to [-1, 1).
 
     Args:
         block: (S, channels) or interleaved (S * channels,) samples, float or signed integer.
@@ -74,7 +79,9 @@ def to_mono_float32(block: np.ndarray, channels: int) -> np.ndarray:
         (S,) float32 samples (a new array, never a view of ``block``).
     """
     frames = block.astype(np.float32)  # always a new array
-    if block.dtype.kind == "i":
+    if block.dtype.kind == "u":  # unsigned PCM: silence is the middle of the range (128 for 8 bits)
+        frames -= np.float32(2.0 ** (8 * block.dtype.itemsize - 1))
+    if block.dtype.kind in "iu":
         frames *= np.float32(2.0 ** -(8 * block.dtype.itemsize - 1))  # int16: 1 / 32768
     if channels == 1:
         return frames.reshape(-1)
@@ -87,7 +94,8 @@ class PcmConverter:
 
     Args:
         sample_rate: the client's rate in Hz, 8000 to 48000.
-        encoding: ``"pcm_s16le"`` or ``"pcm_f32le"`` (little-endian, channels interleaved).
+        encoding: a key of :data:`ENCODINGS`: ``"pcm_s16le"``, ``"pcm_f32le"``, ``"pcm_s32le"`` (little-endian)
+            or ``"pcm_u8"``; channels interleaved.
         channels: 1 to 8; they are averaged.
         target_rate: the output rate in Hz.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from streamer.settings import ModelSettings
+from streamer.settings import EngineSettings, ModelSettings
 
 if TYPE_CHECKING:
     from streamer.asr.model import AsrModel
@@ -17,28 +17,43 @@ if TYPE_CHECKING:
 
 
 def load_model(model: ModelSettings) -> AsrModel:
-    """Load ``model.spec`` onto ``model.device``, with torch's threads set to ``model.threads`` when given.
+    """Load ``model.spec`` onto ``model.device`` with its encoder in ``model.dtype``, with torch's threads set
+    to ``model.threads`` when given. The device and dtype are checked first, before the (slow) load.
 
     Blocking (seconds): run it in a thread from async code.
 
     Raises:
+        ConfigError: the device or dtype cannot run here (no CUDA in this torch, half precision on the CPU).
         CheckpointError: the spec names no model that loads (the message says what was tried).
     """
     import torch
 
     from streamer.asr.model import AsrModel
+    from streamer.asr.precision import check_device, check_dtype, to_precision
 
+    device = check_device(model.device)
+    dtype = check_dtype(model.dtype, device)
     if model.threads:
         torch.set_num_threads(model.threads)
-    return AsrModel.load(model.spec).to_device(model.device)
+    loaded = AsrModel.load(model.spec).to_device(device)
+    to_precision(loaded, dtype)
+    return loaded
 
 
-def load_recognizer(model: ModelSettings) -> Recognizer:
+def load_recognizer(model: ModelSettings, engine: EngineSettings | None = None) -> Recognizer:
     """:func:`load_model`, then the streaming recognizer at ``model.att_context_size`` with ``model.decoder``.
 
+    On CUDA with ``engine.cuda_graphs``, the encoder step's graphs are captured here for every batch bucket
+    up to ``engine.max_batch``, so no step pays for a capture later.
+
     Raises:
-        ConfigError: the model cannot stream, or has no such look-ahead or decoder.
+        ConfigError: the model cannot stream, or has no such look-ahead or decoder, or as :func:`load_model`.
     """
     from streamer.engine.recognizer import Recognizer
 
-    return Recognizer(load_model(model), model.att_context_size, model.decoder)
+    engine = engine or EngineSettings()
+    recognizer = Recognizer(load_model(model), model.att_context_size, model.decoder,
+                            cuda_graphs=engine.cuda_graphs, max_batch=engine.max_batch)
+    if recognizer.runner is not None:
+        recognizer.runner.prepare()
+    return recognizer

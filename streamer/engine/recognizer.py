@@ -16,14 +16,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from streamer.asr import clocks
 from streamer.asr.config import ContextSize
 from streamer.asr.ctc import CTCState, GreedyCTCDecoder
 from streamer.asr.features import FeatureState
+from streamer.asr.features_many import step_many
 from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel, DecoderKind
 from streamer.asr.streaming import EncoderState, StreamingEncoder
 from streamer.asr.transducer import TransducerState
 from streamer.asr.words import Word, words_from_tokens
+from streamer.engine.cuda_graphs import BucketedEncoder
 from streamer.engine.residence import Residence, gather, settle
 from streamer.errors import ConfigError
 
@@ -124,6 +127,7 @@ class Stream:
     feat_state: FeatureState
     home: Residence[EncoderState, TransducerState | CTCState]  # encoder and decoder state (a batch row)
     pending: Tensor  # [F, n] mel frames not yet given to the encoder
+    raw: list[np.ndarray] = field(default_factory=list)  # samples whose features are not computed yet
     tokens: TokenSpan = field(default_factory=TokenSpan)
     samples_in: int = 0
     mel_consumed: int = 0  # mel frames the encoder has consumed (padding the channel added included)
@@ -132,27 +136,33 @@ class Stream:
     flushed: bool = False  # everything was recognized
 
     def accept_waveform(self, samples: np.ndarray) -> None:
-        """Append 16 kHz mono float32 samples."""
+        """Append 16 kHz mono float32 samples (copied; their features are computed at the next step,
+        together with every other stream's: see :mod:`streamer.asr.features_many`)."""
         if self.input_done:
             raise RuntimeError(f"stream {self.name}: audio after input_finished()")
         if samples.size == 0:
             return
-        feat = self.recognizer.featurizer
-        x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
-        frames, self.feat_state = feat.step(x, self.feat_state)
+        self.raw.append(np.array(samples, dtype=np.float32, copy=True).reshape(-1))
         self.samples_in += samples.size
-        if frames.size(2):
-            self.pending = torch.cat([self.pending, frames[0]], dim=1)
 
     def input_finished(self) -> None:
         """No more audio: the tail will be flushed by the next steps."""
         if self.input_done:
             return
-        feat = self.recognizer.featurizer
-        frames = feat.finish(self.feat_state)
+        self.recognizer.featurize([self])
+        frames = self.recognizer.featurizer.finish(self.feat_state)
         if frames.size(2):
             self.pending = torch.cat([self.pending, frames[0]], dim=1)
         self.input_done = True
+
+    @property
+    def mel_available(self) -> int:
+        """Mel frames the encoder could take now: pending ones and those the raw samples complete."""
+        if not self.raw:
+            return self.pending.size(1)
+        cfg = self.recognizer.model.config.features
+        complete = clocks.num_complete_mel_frames(self.samples_in, cfg.hop_length, cfg.win_length, cfg.n_fft)
+        return self.pending.size(1) + complete - int(self.feat_state.num_frames[0])
 
     @property
     def enc_state(self) -> EncoderState:
@@ -175,7 +185,7 @@ class Stream:
         """True when a step would make progress: a full chunk is pending, or the tail must be flushed."""
         if self.flushed:
             return False
-        return self.pending.size(1) >= self.frames_needed or self.input_done
+        return self.mel_available >= self.frames_needed or self.input_done
 
     def transcript(self) -> Transcript:
         return make_transcript(self.recognizer.model, self.tokens)
@@ -189,6 +199,9 @@ class Recognizer:
         model: AsrModel,
         att_context_size: ContextSize | None = None,
         decoder: DecoderKind | None = None,
+        *,
+        cuda_graphs: bool = True,
+        max_batch: int = 1,
     ) -> None:
         if model.config.features.normalize not in ("NA", "None", "none", ""):
             raise ConfigError(
@@ -204,6 +217,11 @@ class Recognizer:
         self.kind = model.check_decoder(decoder)
         self.streaming: StreamingEncoder = model.encoder.streaming(att_context_size)
         self.greedy = model.greedy_decoder(self.kind)
+        # On CUDA the encoder step runs at batch buckets, as CUDA graphs (engine.cuda_graphs); batches above
+        # ``max_batch`` are split. None: the plain step (the CPU, or graphs turned off).
+        self.runner: BucketedEncoder | None = None
+        if self.device.type == "cuda" and cuda_graphs:
+            self.runner = BucketedEncoder(self.streaming, max_batch)
 
     @property
     def att_context_size(self) -> ContextSize:
@@ -225,9 +243,23 @@ class Recognizer:
             pending=torch.zeros(model.config.features.n_mels, 0),
         )
 
+    def featurize(self, streams: list[Stream]) -> None:
+        """Turn the streams' waiting samples into pending mel frames, all streams in one spectral pass."""
+        todo = [s for s in streams if s.raw]
+        if not todo:
+            return
+        chunks = [s.raw[0] if len(s.raw) == 1 else np.concatenate(s.raw) for s in todo]
+        frames, states = step_many(self.featurizer, chunks, [s.feat_state for s in todo])
+        for s, f, state in zip(todo, frames, states, strict=True):
+            s.raw.clear()
+            s.feat_state = state
+            if f.size(2):
+                s.pending = torch.cat([s.pending, f[0]], dim=1) if s.pending.size(1) else f[0]
+
     @torch.inference_mode()
     def step(self, streams: list[Stream]) -> list[TokenSpan]:
         """One batched step for every ready stream in ``streams``; returns each one's new tokens."""
+        self.featurize(streams)
         ready = [s for s in streams if s.is_ready]
         new: dict[int, TokenSpan] = {}
         work = []
@@ -245,9 +277,14 @@ class Recognizer:
             for i, (s, n) in enumerate(work):
                 mel[i, :, :n] = s.pending[:, :n]
             n_new = torch.tensor([n for _, n in work])
-            if self.device.type != "cpu":
-                mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
-            out, out_len, enc_state = self.streaming.step(mel, n_new, enc_state)
+            if self.runner is not None:
+                out, out_len, enc_state = self.runner.step(mel, n_new, [enc_state])
+            else:
+                if self.device.type != "cpu":
+                    mel, n_new = mel.to(self.device, non_blocking=True), n_new.to(self.device)
+                mel = mel.to(self.streaming.dtype)  # float16/bfloat16 encoders (model.dtype); else a no-op
+                out, out_len, enc_state = self.streaming.step(mel, n_new, enc_state)
+                out = out.float()  # the decoders stay float32
             dec_in = self.model.ctc_log_probs(out) if self.kind == "ctc" else out
             spans, dec_state = self.greedy.step(dec_in, out_len, dec_state)
             settle([s.home for s, _ in work], range(len(work)), enc_state, dec_state)

@@ -93,10 +93,11 @@ class TokenAuth:
     def token_count(self) -> int:
         return len(self._tokens)
 
-    def check(self, request: Request) -> Refusal | None:
-        """None when ``request`` may go on; otherwise why not. Only :data:`PROTECTED_PATHS` are checked."""
+    def check(self, request: Request, every_path: bool = False) -> Refusal | None:
+        """None when ``request`` may go on; otherwise why not. Only :data:`PROTECTED_PATHS` are checked, or every
+        path with ``every_path`` (a port that serves one protocol on any path, as the Vosk port does)."""
         url = urlsplit(request.path)
-        if not self._tokens or url.path not in PROTECTED_PATHS:
+        if not self._tokens or (url.path not in PROTECTED_PATHS and not every_path):
             return None
         offered = parse_qs(url.query, keep_blank_values=True).get("token", [])
         headers = request.headers.get_all("Authorization")

@@ -27,7 +27,8 @@ class StartOptions:
 
     Attributes:
         sample_rate: the client's sample rate (the core resamples to the model's).
-        encoding: a PCM encoding of :data:`streamer.audio.convert.ENCODINGS` (``pcm_s16le``, ``pcm_f32le``).
+        encoding: a PCM encoding of :data:`streamer.audio.convert.ENCODINGS` (``pcm_s16le``, ``pcm_f32le``,
+            ``pcm_s32le``, ``pcm_u8``).
         channels: interleaved channels, mixed down to mono.
         stream: the stream name for captions and MQTT; None: the core names it ``<prefix>-<session id>``.
         interim_results: False: no partials for this client (captions and MQTT still get them).

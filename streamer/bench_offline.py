@@ -1,0 +1,105 @@
+"""``streamer bench --offline``: offline RTFx of a parakeet-tdt-0.6b-shaped model on a batch of long utterances.
+
+RTFx is what the Open ASR Leaderboard and the TDT paper report: seconds of audio recognized per second of
+wall time, for whole utterances in batches. Here a random-weight model shaped like NVIDIA's
+parakeet-tdt-0.6b-v2 (:data:`streamer.bench_model.PARAKEET_ENCODER`) recognizes ``--offline-batch`` random
+utterances of ``--utterance-s`` seconds: audio copied to the device, features, the full-context encoder (in
+``--dtypes``; features and decoder in float32) and, in the ``offline+tdt`` rows, batched greedy TDT decoding
+with the joint biased to emit ``--tokens-per-s`` labels as speech would (random weights would emit
+``max_symbols`` per frame). Each timed batch ends with a device sync. Speed is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from streamer.bench_model import PARAKEET_DECODER, PARAKEET_ENCODER, PARAKEET_FEATURES, calibrate_emission
+
+
+def build_parakeet(device: Any, dtype: Any, n_layers: int | None = None) -> Any:
+    """The parakeet-shaped model with random weights (seed 0) on ``device``, its encoder in ``dtype``;
+    ``n_layers`` overrides the 24 layers (a quick run on the CPU)."""
+    import torch
+
+    from streamer.asr.config import EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
+    from streamer.asr.model import AsrModel
+    from streamer.asr.precision import to_precision
+
+    enc = {**PARAKEET_ENCODER, **({"n_layers": n_layers} if n_layers else {})}
+    cfg = ModelConfig(features=FeatureConfig(**PARAKEET_FEATURES), encoder=EncoderConfig(**enc),
+                      transducer=TransducerConfig(**PARAKEET_DECODER), model_class="EncDecRNNTBPEModel")
+    torch.manual_seed(0)
+    with torch.device(device):  # parameters are made (and randomly initialised) there, fast on a GPU
+        model = AsrModel(cfg).eval()
+    return to_precision(model.to(device), dtype)  # .to: buffers made from numpy (the mel filterbank) start on the CPU
+
+
+def measure_offline(model: Any, dtype_name: str, batch: int, utterance_s: float, steps: int, warmup: int,
+                    with_decoder: bool, tokens_per_s: float = 4.0) -> dict[str, Any]:
+    """Per-batch wall times of ``batch`` utterances of ``utterance_s`` seconds; arguments of
+    :func:`streamer.bench.summarize` as a dict (its ``chunk_s`` is the utterance, its ``streams`` the batch)."""
+    import torch
+
+    device = next(model.decoder.parameters()).device
+    rate = model.config.features.sample_rate
+    samples = int(utterance_s * rate)
+    audio = 0.1 * torch.randn(batch, samples, generator=torch.Generator().manual_seed(3))
+    if device.type == "cuda":
+        audio = audio.pin_memory()
+    lengths = torch.full((batch,), samples)
+    greedy = model.greedy_decoder("tdt") if with_decoder else None
+
+    def recognize() -> Any:
+        x = audio.to(device, non_blocking=True)
+        feats, lens = model.preprocessor(x, lengths.to(device))
+        enc, enc_len = model.encoder(feats, lens)
+        if greedy is not None:
+            greedy.step(enc, enc_len, greedy.init_state(batch, device))
+        return enc, enc_len
+
+    with torch.inference_mode():
+        if greedy is not None and tokens_per_s > 0:
+            enc, enc_len = _encode_only(model, audio[:2], lengths[:2], device)
+            calibrate_emission(greedy, enc, enc_len, tokens_per_s * model.config.frame_shift_s, iterations=12)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = []
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            recognize()
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in model.parameters())
+    return {"impl": "streamer", "scope": "offline+tdt" if with_decoder else "offline", "dtype": dtype_name,
+            "params": params, "ctx": (-1, -1), "chunk_s": utterance_s, "streams": batch, "times": times,
+            "threads": torch.get_num_threads()}
+
+
+def _encode_only(model: Any, audio: Any, lengths: Any, device: Any) -> tuple[Any, Any]:
+    feats, lens = model.preprocessor(audio.to(device), lengths.to(device))
+    return model.encoder(feats, lens)
+
+
+def offline_rows(args: Any, device_name: str, dtypes: list[str]) -> Iterator[dict[str, Any]]:
+    """Measure each precision in ``dtypes`` on ``device_name``, yielding :func:`measure_offline`'s dicts plus
+    ``device``.
+
+    Raises:
+        ConfigError: the device or a precision cannot run here.
+    """
+    import torch
+
+    from streamer.asr.precision import check_device, check_dtype
+
+    device = check_device(device_name)
+    for name in dtypes:
+        model = build_parakeet(device, check_dtype(name, device), args.offline_layers)
+        for with_decoder in ([False] if args.no_decoder else [False, True]):
+            yield {**measure_offline(model, name, args.offline_batch, args.utterance_s, args.steps, args.warmup,
+                                     with_decoder, args.tokens_per_s), "device": str(device)}
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
