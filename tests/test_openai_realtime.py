@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
@@ -255,3 +256,34 @@ async def test_sigterm_completes_the_open_turn_then_closes(tmp_path: Path, speec
     done = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
     assert len(done) == 1
     check_words([FIRST], [done[0]["transcript"]])
+
+
+async def test_a_full_server_refuses_in_each_apis_shape(tmp_path: Path, speech: dict[str, Path]) -> None:
+    """server.max_sessions=1, taken by a realtime session: another one gets a server_busy error event and close
+    1013, a file gets HTTP 503 in OpenAI's shape (the SDK's InternalServerError); once it ends, files go through."""
+    with serve(tmp_path, "server.max_sessions=1") as daemon:
+        first = await raw_client(daemon)
+        assert (await next_event(first))["type"] == "session.created"
+        for event in appends(pcm16(speech[FIRST], RATE)):
+            await first.send(json.dumps(event))
+        second = await raw_client(daemon)
+        refused = await next_event(second)
+        assert refused["type"] == "error" and refused["error"]["code"] == "server_busy"
+        assert refused["error"]["type"] == "server_error"
+        with pytest.raises(ConnectionClosed):
+            await next_event(second)
+        assert second.close_code == 1013
+        sdk = AsyncOpenAI(api_key=KEY, base_url=f"{daemon.http}/v1", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as busy:
+            await sdk.audio.transcriptions.create(file=speech[SECOND], model="whisper-1")
+        assert busy.value.status_code == 503 and busy.value.code == "server_busy"
+        await first.close()
+        async with asyncio.timeout(30 * TIMEOUT):
+            while True:  # the closed session's place frees up once its handler is done
+                try:
+                    result = await sdk.audio.transcriptions.create(file=speech[SECOND], model="whisper-1")
+                    break
+                except openai.InternalServerError:
+                    await asyncio.sleep(0.2)
+        check_words([SECOND], [result.text])
+        await sdk.close()

@@ -48,12 +48,12 @@ START_STATUS = {"server_busy": 503, "not_ready": 503, "bad_message": 400, "strea
 
 
 class ApiError(ProtocolError):
-    """A request refused with OpenAI's error shape."""
+    """A request refused with OpenAI's error shape; ``counted``: the core counted it already (its own problem)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", counted: bool = False) -> None:
         super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.status, self.param, self.code, self.kind, self.counted = status, param, code, kind, counted
 
     def body(self) -> dict[str, object]:
         return error_body(str(self), self.kind, self.param, self.code)
@@ -153,7 +153,7 @@ class TranscriptionsRoute:
         sink = FileSink()
         session = self.core.connect(sink, protocol="openai", name_prefix="openai")
         if isinstance(session, Problem):  # before reading a byte of the upload
-            self._refuse(exchange, ApiError(503, session.message, code=session.code, kind="server_error"),
+            self._refuse(exchange, ApiError(503, session.message, code=session.code, kind="server_error", counted=True),
                          {"Retry-After": "1"})
             return
         try:
@@ -174,7 +174,7 @@ class TranscriptionsRoute:
                 problem = sink.problem or Problem("internal_error", "the session did not start")
                 status = START_STATUS.get(problem.code, 500)
                 raise ApiError(status, problem.message, "stream" if status in (400, 409) else None, problem.code,
-                               "server_error" if status >= 500 else "invalid_request_error")
+                               "server_error" if status >= 500 else "invalid_request_error", counted=True)
             model = self.core.model.model
             headers = {"X-Streamer-Model": model, "X-Streamer-Stream": session.stream}
             logger.info("session %s: OpenAI transcription of %r (%d bytes), model %r asked, %s runs", session.id,
@@ -241,7 +241,8 @@ class TranscriptionsRoute:
         return None
 
     def _refuse(self, exchange: HttpExchange, error: ApiError, headers: dict[str, str] | None = None) -> None:
-        self.core.metrics.protocol_errors_total.inc(label_value=error.code or "bad_request")
+        if not error.counted:
+            self.core.metrics.protocol_errors_total.inc(label_value=error.code or "bad_request")
         logger.info("OpenAI transcription refused (%d): %s", error.status, error)
         if exchange.response_started:
             return
