@@ -118,6 +118,10 @@ class ServerSettings(_Section):
     allowed_hosts: list[str] = Field(
         default_factory=list, description="names in the Host header accepted besides the defaults; '*': any"
     )
+    openai_api: bool = Field(True, description="serve POST /v1/audio/transcriptions and WS /v1/realtime")
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="largest request body (an uploaded file), bytes; more gets HTTP 413"
+    )
 
     @field_validator("auth_tokens")
     @classmethod

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from streamer.settings import ServerSettings
 
-PROTECTED_PATHS = frozenset({"/v1/listen", "/v1/captions", "/metrics"})
+PROTECTED_PATHS = frozenset({"/v1/listen", "/v1/captions", "/metrics", "/v1/audio/transcriptions", "/v1/realtime"})
 
 
 class Refusal(enum.Enum):

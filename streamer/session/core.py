@@ -4,7 +4,7 @@ Where it sits (``architecture.md`` §1-§2)::
 
     adapter (protocol v1 on /v1/listen; later Wyoming, Deepgram, OpenAI, Hermes, Vosk)
         │ parses its wire format, then calls:  core.connect(sink) → Session
-        │   session.start(StartOptions, ResumeRequest) · session.push_audio(bytes) · finalize() · stop()
+        │   session.start(StartOptions, ResumeRequest) · session.push_audio(bytes) · finalize() (→ done event) · stop()
         │   end(reason) · lost(resumable) · wait_for_resume() · error(code, message)
         ▼
     Session (streamer.session.machine): phases, start, resume, the exactly-one-final rule (by owning the
