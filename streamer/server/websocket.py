@@ -1,8 +1,8 @@
 """WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``,
-and the Deepgram-compatible live API (:mod:`streamer.adapters.deepgram`) at ``/deepgram/v1/listen`` and, for requests
-its rule claims, at ``/v1/listen``.
-and more protocols' routes: ``ws_routes`` (WebSocket paths, e.g. OpenAI's ``/v1/realtime``) and the side door
-for requests with a body (:mod:`streamer.server.http_body`, e.g. ``POST /v1/audio/transcriptions``).
+the Deepgram-compatible live API (:mod:`streamer.adapters.deepgram`) at ``/deepgram/v1/listen`` and, for requests
+its rule claims, at ``/v1/listen``, and more protocols' routes: ``ws_routes`` (WebSocket paths, e.g. OpenAI's
+``/v1/realtime``) and the side door for requests with a body (:mod:`streamer.server.http_body`, e.g.
+``POST /v1/audio/transcriptions``).
 
 The protocol is documented in :mod:`streamer.protocol`. Each ``/v1/listen`` connection is a
 :class:`~streamer.server.listen.ListenConnection`, protocol v1's adapter on the session core
@@ -218,6 +218,8 @@ class WebSocketServer:
         refused = self.check_access(connection, request)
         if refused is not None:
             return refused
+        if self.deepgram.claims(request):
+            return None  # checked by the Deepgram endpoint (its query and key): on to the upgrade
         if path in ("/v1/listen", "/v1/captions") or path in self.ws_routes:
             if request.method != "GET":
                 return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} is a WebSocket endpoint: open it "
