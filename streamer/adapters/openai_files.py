@@ -31,6 +31,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 from streamer.adapters.openai_formats import RESPONSE_FORMATS, SegmentText, error_body, render, sse, transcript
+from streamer.asr import clocks
 from streamer.audio.blocks import AudioBlocks
 from streamer.errors import AudioError, ProtocolError
 from streamer.protocol import Final, Partial
@@ -40,7 +41,7 @@ from streamer.session import Ended, Event, Problem, Session, SessionCore, StartO
 
 logger = logging.getLogger(__name__)
 
-RATE_HZ = 16000  # AudioBlocks' output: the model's rate, so the core does not resample again
+RATE_HZ = clocks.SAMPLE_RATE_HZ  # AudioBlocks' output: the model's rate, so the core does not resample again
 GRANULARITIES = ("word", "segment")
 BODY_CODES = {HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "request_too_large", HTTPStatus.REQUEST_TIMEOUT: "request_timeout",
               HTTPStatus.NOT_IMPLEMENTED: "not_implemented"}
