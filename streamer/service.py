@@ -157,7 +157,8 @@ class Daemon:
                           round(recognizer.chunk_seconds, 3))
         limits = SessionLimits.from_settings(settings.server, settings.engine)
         self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions)
-        self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context)
+        self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context,
+                                      settings.deepgram)
         await self.server.start()
         if settings.wyoming.enabled:
             from streamer.adapters.wyoming import WyomingServer

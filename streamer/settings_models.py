@@ -119,6 +119,10 @@ class ServerSettings(_Section):
     allowed_hosts: list[str] = Field(
         default_factory=list, description="names in the Host header accepted besides the defaults; '*': any"
     )
+    openai_api: bool = Field(True, description="serve POST /v1/audio/transcriptions and WS /v1/realtime")
+    max_upload_bytes: int = Field(
+        25 * 1024 * 1024, ge=1024, description="largest request body (an uploaded file), bytes; more gets HTTP 413"
+    )
 
     @field_validator("auth_tokens")
     @classmethod
@@ -296,6 +300,16 @@ class WyomingSettings(_Section):
         return languages
 
 
+
+class DeepgramSettings(_Section):
+    """[deepgram]: the Deepgram-compatible live API on the main port (``streamer.adapters.deepgram``)."""
+
+    enabled: bool = True
+    idle_timeout_s: float = Field(
+        10.0, gt=0, description="a connection without audio or a text message this long is closed (NET-0001)"
+    )
+
+
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
 
 
@@ -314,6 +328,7 @@ class Settings(BaseSettings):
     wyoming: WyomingSettings = WyomingSettings()
     hermes: HermesSettings = HermesSettings()
     vosk: VoskSettings = VoskSettings()
+    deepgram: DeepgramSettings = DeepgramSettings()
 
     @classmethod
     def settings_customise_sources(

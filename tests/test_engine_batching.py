@@ -98,10 +98,42 @@ def test_streams_in_changing_subsets_equal_each_stream_alone(model: AsrModel) ->
         assert (got.token_ids, got.token_frames, got.token_durations) == (
             want.token_ids, want.token_frames, want.token_durations)
     assert any(t.token_ids for t in alone), "the test model should emit tokens"
-    # Every stream's state lives in one batch or its own: no batch holds rows of streams gone elsewhere.
+    # Every stream's row is its own, a batch's count of residents is right, and no batch is kept alive by
+    # fewer residents than the compaction rule allows.
     homes = {id(s.home.batch): s.home.batch for s in streams if s.home.batch is not None}
     for batch in homes.values():
-        assert all(member.batch is batch and batch.members[member.row] is member for member in batch.members)
+        members = [m for m in batch.members if m is not None]
+        assert all(m.batch is batch and batch.members[m.row] is m for m in members)
+        assert batch.resident == len(members)
+    for s in streams:
+        if s.home.batch is not None:
+            assert s.home.batch.members[s.home.row] is s.home
+
+
+def test_old_batches_are_freed_when_their_streams_move_on(model: AsrModel) -> None:
+    """Streams stepped in ever-changing subsets hold at most a few batches' worth of state, not one per step."""
+    import gc
+    import weakref
+
+    from streamer.engine.residence import Batch
+
+    rec = Recognizer(model, CTX)
+    rng = np.random.default_rng(5)
+    streams = [rec.create_stream() for _ in range(12)]
+    audio = _audio(16000 * 6, seed=3)
+    seen: list[weakref.ref[Batch]] = []
+    pos = 0
+    for _ in range(30):
+        for s in streams:
+            s.accept_waveform(audio[pos : pos + 2560])
+        pos += 2560
+        subset = [streams[i] for i in rng.choice(len(streams), 5, replace=False)]
+        rec.step(subset)
+        seen += [weakref.ref(s.home.batch) for s in subset if s.home.batch is not None]
+    gc.collect()
+    alive = {id(b()): b() for b in seen if b() is not None}
+    rows = sum(len(b.members) for b in alive.values())
+    assert rows <= 4 * len(streams), f"{len(alive)} batches with {rows} rows alive for {len(streams)} streams"
 
 
 def test_a_state_stepped_twice_is_not_overwritten(model: AsrModel) -> None:

@@ -119,12 +119,12 @@ def test_offline_encoder_matches_nemo(case: Case) -> None:
 
 def our_streaming_chunks(model: AsrModel, feats: torch.Tensor, ctx) -> list[torch.Tensor]:
     enc = model.encoder
-    plan = enc.streaming_plan(ctx)
-    state, pos, chunks = enc.init_state(1, plan), 0, []
+    plan = enc.streaming(ctx)
+    state, pos, chunks = plan.init_state(1), 0, []
     with torch.inference_mode():
         while pos < feats.size(1):
-            n = min(int(enc.chunk_frames(plan, state)[0]), feats.size(1) - pos)
-            out, out_len, state = enc.step(feats[None, :, pos : pos + n], torch.tensor([n]), state, plan)
+            n = min(int(plan.chunk_frames(state)[0]), feats.size(1) - pos)
+            out, out_len, state = plan.step(feats[None, :, pos : pos + n], torch.tensor([n]), state)
             chunks.append(out[0, : int(out_len[0])])
             pos += n
     return chunks

@@ -209,6 +209,26 @@ async def test_finalize_ends_the_segment_at_once_and_stop_flushes_the_open_one(
     assert isinstance(client.events[-1], Ended) and client.events[-1].accounting.segments == 2
 
 
+async def test_finalize_done_is_set_once_the_cut_was_made_final_or_none(
+    recognizer: Recognizer, spoken: dict[str, bytes]
+) -> None:
+    """A protocol that answers every commit: once finalize's event is set, the segment's final is there if it had
+    speech, and a finalize of silence alone is carried out too, with no final."""
+    async with running(recognizer) as (core, _):
+        session, client = connect(core)
+        session.start(StartOptions(RATE, "pcm_s16le", endpointing={"trailing_silence_after_speech_s": 30}))
+        await push(session, spoken[FIRST])
+        await session.finalize().wait()
+        assert [f.reason for f in client.of(Final)] == ["finalize"]
+        await push(session, silence(1.0))
+        second = session.finalize()
+        assert not second.is_set()
+        await second.wait()
+        assert len(client.of(Final)) == 1
+        await session.stop()
+    check_words(client.of(Final), FIRST)
+
+
 async def test_a_held_session_resumes_and_replays_the_finals_the_client_lacks(
     recognizer: Recognizer, spoken: dict[str, bytes]
 ) -> None:
@@ -376,8 +396,8 @@ def test_the_core_imports_no_transport_and_no_torch() -> None:
     import sys
 
     package = Path(__file__).resolve().parents[1] / "streamer" / "session"
-    forbidden = ("websockets", "aiomqtt", "socket", "ssl", "http", "streamer.server.fanout", "streamer.server.websocket",
-                 "streamer.server.listen", "streamer.server.mqtt")
+    forbidden = ("websockets", "aiomqtt", "socket", "ssl", "http", "streamer.server.fanout",
+                 "streamer.server.websocket", "streamer.server.listen", "streamer.server.mqtt")
     found = []
     for path in sorted(package.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("streamer.adapters.vosk")
 
-RESET_WAIT_S = 10.0  # how long a reset waits for the final of an utterance that has words
+RESET_WAIT_S = 10.0  # how long a reset waits for the engine to cut the segment (its final, if any, comes first)
 BAD_INPUT, BUSY = 1007, 1013
 
 
@@ -159,7 +159,6 @@ class VoskConnection:
         self.finals: deque[Final] = deque()  # offered, not yet replied
         self.partial = ""  # the open utterance's latest text
         self.problems: list[Problem] = []
-        self._final_arrived = asyncio.Event()
         self._ending = False  # this handler ends the session and sends the last reply itself
         self._closer: asyncio.Task[None] | None = None
 
@@ -170,7 +169,6 @@ class VoskConnection:
         elif isinstance(event, Final):
             self.finals.append(event)
             self.partial = ""
-            self._final_arrived.set()
         elif isinstance(event, Problem):
             self.problems.append(event)
         elif isinstance(event, Ended) and not self._ending:  # shutdown or start_timeout: not this handler's doing
@@ -264,17 +262,14 @@ class VoskConnection:
         await self.ws.send(self._reply())
 
     async def _reset(self, session: Session) -> None:
-        """Vosk's reset: the utterance's final now (once the engine made it; none when it has no words)."""
+        """Vosk's reset: the utterance's final now, once the engine has cut the segment (none without words)."""
         if session.is_started:
-            had_words = bool(self.partial)
-            session.finalize()
-            if had_words and not self.finals:
-                self._final_arrived.clear()
-                try:
-                    async with asyncio.timeout(RESET_WAIT_S):
-                        await self._final_arrived.wait()
-                except TimeoutError:
-                    logger.warning("vosk session %s: no final within %g s of a reset", session.id, RESET_WAIT_S)
+            done = session.finalize()
+            try:
+                async with asyncio.timeout(RESET_WAIT_S):
+                    await done.wait()
+            except TimeoutError:
+                logger.warning("vosk session %s: the reset was not carried out within %g s", session.id, RESET_WAIT_S)
         await self.ws.send(self._last_reply())
 
     async def _end(self, session: Session, reason: str) -> None:

@@ -94,24 +94,3 @@ class FastConformerEncoder(nn.Module):
         ctx = self.check_context(att_context_size)
         layers = cast("list[ConformerLayer]", list(self.layers))
         return StreamingEncoder(self.cfg, self.pre_encode, layers, self.xscale, ctx)
-
-    # The four-argument forms below are what tests/test_golden_nemo.py (the NeMo parity contract) calls;
-    # they delegate to the StreamingEncoder. New code calls streaming() and uses the object it returns.
-
-    def streaming_plan(self, att_context_size: ContextSize | None = None) -> StreamingEncoder:
-        """Same as :meth:`streaming`."""
-        return self.streaming(att_context_size)
-
-    def init_state(self, batch: int, plan: StreamingEncoder) -> EncoderState:
-        """``plan.init_state(batch)``."""
-        return plan.init_state(batch)
-
-    def chunk_frames(self, plan: StreamingEncoder, state: EncoderState) -> Tensor:
-        """``plan.chunk_frames(state)``."""
-        return plan.chunk_frames(state)
-
-    def step(
-        self, mel: Tensor, n_new: Tensor, state: EncoderState, plan: StreamingEncoder
-    ) -> tuple[Tensor, Tensor, EncoderState]:
-        """``plan.step(mel, n_new, state)``."""
-        return plan.step(mel, n_new, state)

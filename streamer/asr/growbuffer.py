@@ -53,6 +53,18 @@ class GrowBuffers:
         fresh.narrow(dim, 0, frames).copy_(cache)
         return fresh.narrow(dim, 0, frames + new)
 
+    def with_room(self, like: Tensor, batch: int, batch_dim: int, dim: int, room: int) -> Tensor:
+        """An empty cache shaped like ``like`` but for ``batch`` streams, in a new buffer with ``room`` frames
+        after it along ``dim``, registered as that buffer's newest cache: the caller fills it, and the next
+        :meth:`extend` of it needs no copy."""
+        size = list(like.shape)
+        size[batch_dim] = batch
+        frames = size[dim]
+        size[dim] = frames + room
+        cache = like.new_empty(size).narrow(dim, 0, frames)
+        self._ends[_address(cache)] = frames
+        return cache
+
     def commit(self, joined: Tensor, keep: int, dim: int) -> Tensor:
         """After a step filled ``joined`` (from :meth:`extend`): the next cache, its last ``keep`` frames."""
         total = joined.size(dim)

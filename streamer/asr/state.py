@@ -19,6 +19,7 @@ class BatchedState(Protocol):
 
 
 S = TypeVar("S", bound=BatchedState)
+Rows = Sequence[tuple[S, int]]  # (batched state, row) per stream, in batch order
 
 
 def stack(states: Sequence[S]) -> S:
@@ -36,6 +37,22 @@ def stack(states: Sequence[S]) -> S:
     )
 
 
+def stack_rows(rows: Rows[S]) -> S:
+    """One batched state from rows of others: one ``index_select`` per run of rows from the same source."""
+    pieces: list[S] = []
+    k = 0
+    while k < len(rows):
+        state, first = rows[k]
+        picked = [first]
+        k += 1
+        while k < len(rows) and rows[k][0] is state:
+            picked.append(rows[k][1])
+            k += 1
+        whole = picked == list(range(batch_size(state)))
+        pieces.append(state if whole else select(state, picked))
+    return stack(pieces)
+
+
 def unstack(state: S) -> list[S]:
     """Split a batched state into per-stream states (batch 1 each)."""
     parts = {
@@ -47,15 +64,13 @@ def unstack(state: S) -> list[S]:
 
 
 def select(state: S, index: torch.Tensor | Sequence[int]) -> S:
-    """Pick batch rows ``index`` of a batched state (keeps their order)."""
+    """Pick batch rows ``index`` of a batched state (keeps their order; copies)."""
     idx = torch.as_tensor(index, dtype=torch.long)
-    return replace(  # type: ignore[type-var]
-        state,
-        **{
-            f.name: getattr(state, f.name).index_select(state.BATCH_DIM[f.name], idx)
-            for f in fields(state)  # type: ignore[arg-type]
-        },
-    )
+    out = {}
+    for f in fields(state):  # type: ignore[arg-type]
+        t = getattr(state, f.name)
+        out[f.name] = t.index_select(state.BATCH_DIM[f.name], idx.to(t.device))
+    return replace(state, **out)  # type: ignore[type-var]
 
 
 def batch_size(state: BatchedState) -> int:

@@ -41,6 +41,7 @@ from streamer.asr.attention import rel_positional_table
 from streamer.asr.config import ContextSize, EncoderConfig
 from streamer.asr.conformer import ConformerLayer, Joins
 from streamer.asr.growbuffer import GrowBuffers
+from streamer.asr.state import stack_rows
 from streamer.asr.subsampling import ConvSubsampling
 from streamer.errors import ConfigError
 
@@ -66,6 +67,21 @@ class EncoderState:
         "attn_len": 0,
         "conv_tail": 1,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _SmallState:
+    """The per-stream fields of :class:`EncoderState` without the caches (for :meth:`StreamingEncoder.stack_rows`)."""
+
+    mel_tail: Tensor
+    mel_seen: Tensor
+    attn_len: Tensor
+
+    BATCH_DIM: ClassVar[dict[str, int]] = {"mel_tail": 0, "mel_seen": 0, "attn_len": 0}
+
+
+def _small(state: EncoderState) -> _SmallState:
+    return _SmallState(state.mel_tail, state.mel_seen, state.attn_len)
 
 
 def check_streamable(cfg: EncoderConfig, att_context_size: ContextSize) -> None:
@@ -150,6 +166,20 @@ class StreamingEncoder:
             attn_len=torch.zeros(batch, dtype=torch.long, device=device),
             conv_tail=torch.zeros(nl, batch, cfg.conv_context[0], cfg.d_model, device=device, dtype=dtype),
         )
+
+    def stack_rows(self, rows: Sequence[tuple[EncoderState, int]]) -> EncoderState:
+        """One batched state from rows of others (``(state, row)`` per stream, in batch order), its caches laid
+        straight into buffers with room to grow: each row is copied once, and the next step appends in place."""
+        smalls: dict[int, _SmallState] = {}  # one per source state, so rows from one source stay one run
+        small = stack_rows([(smalls.setdefault(id(state), _small(state)), row) for state, row in rows])
+        caches = {}
+        for name, dim in (("attn_k", 3), ("attn_v", 3), ("conv_tail", 2)):
+            first = getattr(rows[0][0], name)
+            cache = self._grow.with_room(first, len(rows), 1, dim, self.chunk_encoder_frames + self._slack)
+            for k, (state, row) in enumerate(rows):
+                cache[:, k].copy_(getattr(state, name)[:, row])
+            caches[name] = cache
+        return EncoderState(mel_tail=small.mel_tail, mel_seen=small.mel_seen, attn_len=small.attn_len, **caches)
 
     def chunk_frames(self, state: EncoderState) -> Tensor:
         """New mel frames each stream needs for its next step: (B,) int64."""

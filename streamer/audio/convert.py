@@ -1,6 +1,8 @@
 """Turn client PCM frames and microphone blocks into float32 mono samples at the model rate.
 
-Channels are averaged, then soxr's streaming resampler (quality "HQ") changes the rate. The stream keeps
+Linear PCM (:data:`ENCODINGS`, protocol v1's) and G.711 companded audio (:data:`COMPANDED_ENCODINGS`: μ-law and
+A-law, one byte a sample, decoded by :mod:`streamer.audio.g711`; adapters such as Deepgram's accept it). Channels are
+averaged, then soxr's streaming resampler (quality "HQ") changes the rate. The stream keeps
 its filter state between frames, so audio cut into frames anywhere resamples to exactly the samples of
 one pass over the whole (checked in the tests). Client audio is a byte stream: a frame may end in the
 middle of a sample (or of a sample frame of several channels), and the bytes left over are carried to the
@@ -17,6 +19,7 @@ import soxr
 
 from streamer import protocol
 from streamer.asr import clocks
+from streamer.audio import g711
 from streamer.errors import AudioError
 
 TARGET_RATE_HZ: Final = clocks.SAMPLE_RATE_HZ
@@ -33,6 +36,7 @@ ENCODINGS: Final[dict[str, np.dtype]] = {
        for name, size in protocol.BYTES_PER_SAMPLE.items()},
     **OTHER_ENCODINGS,
 }
+COMPANDED_ENCODINGS: Final[tuple[str, ...]] = tuple(g711.TABLES)  # pcm_mulaw, pcm_alaw: one byte a sample
 
 
 class StreamResampler:
@@ -94,8 +98,9 @@ class PcmConverter:
 
     Args:
         sample_rate: the client's rate in Hz, 8000 to 48000.
-        encoding: a key of :data:`ENCODINGS`: ``"pcm_s16le"``, ``"pcm_f32le"``, ``"pcm_s32le"`` (little-endian)
-            or ``"pcm_u8"``; channels interleaved.
+        encoding: a key of :data:`ENCODINGS` (``"pcm_s16le"``, ``"pcm_f32le"``, ``"pcm_s32le"``, little-endian,
+            or ``"pcm_u8"``) or of :data:`COMPANDED_ENCODINGS` (G.711 ``"pcm_mulaw"``, ``"pcm_alaw"``); channels
+            interleaved.
         channels: 1 to 8; they are averaged.
         target_rate: the output rate in Hz.
 
@@ -104,8 +109,8 @@ class PcmConverter:
     """
 
     def __init__(self, sample_rate: int, encoding: str, channels: int, target_rate: int = TARGET_RATE_HZ) -> None:
-        if encoding not in ENCODINGS:
-            known = ", ".join(repr(name) for name in ENCODINGS)
+        if encoding not in ENCODINGS and encoding not in COMPANDED_ENCODINGS:
+            known = ", ".join(repr(name) for name in (*ENCODINGS, *COMPANDED_ENCODINGS))
             raise AudioError(f"unsupported encoding {encoding!r}; use one of {known}")
         if not isinstance(sample_rate, int) or not MIN_RATE_HZ <= sample_rate <= MAX_RATE_HZ:
             raise AudioError(
@@ -114,7 +119,8 @@ class PcmConverter:
         if not isinstance(channels, int) or not 1 <= channels <= MAX_CHANNELS:
             raise AudioError(f"unsupported channel count {channels!r}; use 1 to {MAX_CHANNELS}")
         self.sample_rate, self.encoding, self.channels = sample_rate, encoding, channels
-        self._dtype = ENCODINGS[encoding]
+        self._table = g711.TABLES.get(encoding)  # G.711: each byte is looked up
+        self._dtype = ENCODINGS[encoding] if self._table is None else np.dtype("u1")
         self.frame_bytes = self._dtype.itemsize * channels  # bytes per sample frame, all channels
         self._resampler = StreamResampler(sample_rate, target_rate)
         self._carry = b""  # the start of an incomplete sample frame, completed by the next frame
@@ -150,6 +156,8 @@ class PcmConverter:
                 self.clipped_samples += loud
                 raw = np.clip(raw, -1.0, 1.0)
         self._carry = bytes(data[usable:])
+        if self._table is not None:
+            raw = self._table[raw]
         mono = to_mono_float32(raw, self.channels)
         return self._resampler.process(mono)
 

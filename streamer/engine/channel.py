@@ -32,11 +32,12 @@ from streamer.asr.hypothesis import TokenSpan
 from streamer.audio.ring import RingBuffer
 from streamer.engine.endpoint import EndpointConfig
 from streamer.engine.hotwords import CompiledHotwords, Hotwords, compile_hotwords
+from streamer.engine.pause import Pause
 from streamer.engine.recognizer import Recognizer
 from streamer.engine.segmenting import Clock, Segmenter
 from streamer.protocol import Final, Partial
 
-Event = Partial | Final
+Event = Partial | Final | Pause
 MAX_PENDING_REQUESTS = 8  # finalize requests beyond this merge into the last one
 
 
@@ -63,11 +64,14 @@ class Channel:
         endpoint: this stream's endpointing rules.
         ring_capacity_s: audio the ring holds (before a live channel drops the oldest).
         is_live: True: drop the oldest audio when the ring is full; False: the writer waits for room.
+        pause_s: the segmenter says :class:`~streamer.engine.pause.Pause` after this long without speech;
+            None: never.
         hotwords: words and phrases to boost in this stream (checked already), or None.
     """
 
     def __init__(
         self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True,
+        pause_s: float | None = None,
         hotwords: Hotwords | None = None,
     ) -> None:
         model = recognizer.model
@@ -91,7 +95,7 @@ class Channel:
             self.hotwords = compile_hotwords(model.tokenizer, hotwords, recognizer.device)
             self.stream.hotwords = self.hotwords.tree
         self.clock = Clock(self.sample_rate_hz)
-        self.segmenter = Segmenter(model, name, endpoint, self.clock)
+        self.segmenter = Segmenter(model, name, endpoint, self.clock, pause_s)
         self._fed = 0  # samples given to the recognizer, padding included
         self.is_closed = False  # the close request was processed: the last final is out
         self.has_backlog = False  # a full chunk is waiting for the next step

@@ -272,7 +272,7 @@ class Recognizer:
                 continue
             work.append((s, n))
         if work:
-            order, enc_state, dec_state = gather([s.home for s, _ in work])
+            order, enc_state, dec_state = gather([s.home for s, _ in work], self.streaming.stack_rows)
             work = [work[i] for i in order]
             width = max(s.frames_needed for s, _ in work)
             mel = torch.zeros(len(work), self.model.config.features.n_mels, width)

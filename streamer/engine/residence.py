@@ -4,36 +4,41 @@ Why: a batched step needs its streams' caches as batched tensors. Stacking B per
 every step and splitting them after (``torch.cat`` of B small pieces per field) was 43 % of a 64-stream
 step of the bundled model at [70,1]. Instead each stream's state stays a row of the batched state its
 last step produced. The next step over the same streams uses that batch as it is, with no copy; any
-other mix (a stream joined, one skipped a round) gathers rows with one ``index_select`` per source
-batch and one ``cat``.
+other mix (a stream joined, one skipped a round) copies each stream's rows once into the new batch
+(the encoder lays them straight into buffers with room to grow, see ``StreamingEncoder.stack_rows``).
 
-Invariant: every row of a live :class:`Batch` belongs to a stream whose home it is. When a step moves
-some of a batch's streams on, the ones left behind get their rows copied out (:meth:`Residence.detach`),
-so an old batch is freed as soon as its streams have moved, and the memory held stays one state per
+A stream that moves on leaves a dead row behind in its old batch; the streams still resident there keep
+it alive without a copy. When fewer than a quarter of a batch's rows are still resident, those streams
+get their rows copied out and the batch is freed, so the memory held stays within four states per
 stream. Only the inference thread touches residences (as with streams and the recognizer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Generic, TypeVar
 
 import torch
 
-from streamer.asr.state import BatchedState, select, stack
+from streamer.asr.state import BatchedState, Rows, stack_rows
 
 E = TypeVar("E", bound=BatchedState)
 D = TypeVar("D", bound=BatchedState)
+S = TypeVar("S", bound=BatchedState)
+StackRows = Callable[[Rows[S]], S]
+
+COMPACT_BELOW = 0.25  # copy the residents out when fewer than this share of a batch's rows are theirs
 
 
 @dataclass(eq=False)
 class Batch(Generic[E, D]):
-    """The batched encoder and decoder state of one step; row ``i`` belongs to ``members[i]``."""
+    """The batched encoder and decoder state of one step; row ``i`` belongs to ``members[i]`` (None: it left)."""
 
     enc: E
     dec: D
-    members: list[Residence[E, D]] = field(default_factory=list)
+    members: list[Residence[E, D] | None] = field(default_factory=list)
+    resident: int = 0
 
 
 @dataclass(eq=False)
@@ -56,22 +61,32 @@ class Residence(Generic[E, D]):
             self.own_enc, self.own_dec = _row_view(self.batch.enc, self.row), _row_view(self.batch.dec, self.row)
         return self.own_enc, self.own_dec
 
+    def source(self) -> tuple[E, D, int]:
+        """Where this stream's state is: ``(batched encoder state, batched decoder state, row)``."""
+        if self.batch is not None:
+            return self.batch.enc, self.batch.dec, self.row
+        assert self.own_enc is not None and self.own_dec is not None
+        return self.own_enc, self.own_dec, 0
+
     def detach(self) -> None:
         """Give this stream its own copy of its batch row, so the batch can be freed."""
         batch = self.batch
         if batch is None:
             return
-        index = torch.tensor([self.row], device=_device(batch.enc))
-        self.own_enc, self.own_dec = select(batch.enc, index), select(batch.dec, index)
+        enc, dec = _row_view(batch.enc, self.row), _row_view(batch.dec, self.row)
+        self.own_enc, self.own_dec = _copy(enc), _copy(dec)  # just the row (index_select copies whole strided sources)
         self.batch = None
 
 
-def gather(residences: Sequence[Residence[E, D]]) -> tuple[list[int], E, D]:
+def gather(
+    residences: Sequence[Residence[E, D]], stack_enc: StackRows[E] | None = None
+) -> tuple[list[int], E, D]:
     """Batch the states of ``residences`` for one step.
 
     Returns ``(order, enc, dec)``: row ``k`` of the batched states is ``residences[order[k]]``. Rows that
     share a source batch are kept together in their old order, so a step over the same streams as the
-    last one reuses that batch unchanged.
+    last one reuses that batch unchanged. ``stack_enc`` builds the encoder state from rows (default:
+    :func:`stack_rows`).
     """
     order = sorted(
         range(len(residences)),
@@ -82,55 +97,45 @@ def gather(residences: Sequence[Residence[E, D]]) -> tuple[list[int], E, D]:
         residences[i] is first.members[k] for k, i in enumerate(order)
     ):
         return order, first.enc, first.dec  # the same streams as the batch's step, in its order
-    encs: list[E] = []
-    decs: list[D] = []
-    k = 0
-    while k < len(order):
-        res = residences[order[k]]
-        if res.batch is None:
-            assert res.own_enc is not None and res.own_dec is not None
-            encs.append(res.own_enc)
-            decs.append(res.own_dec)
-            k += 1
-            continue
-        rows = []
-        while k < len(order) and residences[order[k]].batch is res.batch:
-            rows.append(residences[order[k]].row)
-            k += 1
-        index = torch.tensor(rows, device=_device(res.batch.enc))
-        encs.append(select(res.batch.enc, index))
-        decs.append(select(res.batch.dec, index))
-    return order, stack(encs), stack(decs)
+    sources = [residences[i].source() for i in order]
+    enc_rows = [(enc, row) for enc, _, row in sources]
+    dec_rows = [(dec, row) for _, dec, row in sources]
+    return order, (stack_enc or stack_rows)(enc_rows), stack_rows(dec_rows)
 
 
 def settle(residences: Sequence[Residence[E, D]], order: Sequence[int], enc: E, dec: D) -> None:
     """After a step: ``residences`` (in ``order``, as :func:`gather` gave it) now live in the new batch.
 
-    Streams left behind in the batches these came from get their rows copied out, so those batches die.
+    Their rows in the batches they came from die; a batch left with few residents has them copied out.
     """
-    batch: Batch[E, D] = Batch(enc, dec, [residences[i] for i in order])
-    moving = {id(r) for r in batch.members}
-    old = {id(r.batch): r.batch for r in batch.members if r.batch is not None}
-    for source in old.values():
-        for member in source.members:
-            if id(member) not in moving:
-                member.detach()
-    for row, res in enumerate(batch.members):
+    members: list[Residence[E, D] | None] = [residences[i] for i in order]
+    batch: Batch[E, D] = Batch(enc, dec, members, resident=len(members))
+    sources: dict[int, Batch[E, D]] = {}
+    for res in residences:
+        old = res.batch
+        if old is not None and old is not batch:
+            old.members[res.row] = None
+            old.resident -= 1
+            sources[id(old)] = old
+    for row, res in enumerate(residences[i] for i in order):
         res.batch, res.row = batch, row
         res.own_enc = res.own_dec = None
+    for old in sources.values():
+        if 0 < old.resident < COMPACT_BELOW * len(old.members):
+            for member in old.members:
+                if member is not None:
+                    member.detach()
+
+
+def _copy(state: S) -> S:
+    """A state of contiguous copies of ``state``'s tensors."""
+    return type(state)(**{f.name: getattr(state, f.name).clone(memory_format=torch.contiguous_format)
+                          for f in fields(state)})  # type: ignore[arg-type]
 
 
 def _row_view(state: E, row: int) -> E:
     """Row ``row`` of a batched state as a batch-1 state of views."""
-    from dataclasses import fields
-
     return type(state)(**{
         f.name: getattr(state, f.name).narrow(state.BATCH_DIM[f.name], row, 1)
         for f in fields(state)  # type: ignore[arg-type]
     })
-
-
-def _device(state: BatchedState) -> torch.device:
-    from dataclasses import fields
-
-    return getattr(state, fields(state)[0].name).device  # type: ignore[arg-type]

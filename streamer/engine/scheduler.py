@@ -95,6 +95,7 @@ class Scheduler:
         self._ready_waiting: deque[Channel] = deque()  # channels that can wait: served after the live ones
         self._has_ready = asyncio.Event()
         self._closed: dict[Channel, asyncio.Event] = {}
+        self._finalizing: dict[Channel, list[asyncio.Event]] = {}  # finalize requests not yet taken by a round
         self._asr_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
         self.channels: dict[str, Channel] = {}
         self.last_progress = time.monotonic()  # read by the watchdog
@@ -111,10 +112,11 @@ class Scheduler:
             (self._ready_live if channel.is_live else self._ready_waiting).append(channel)
             self._has_ready.set()
 
-    def open(self, name: str, endpoint: EndpointConfig, is_live: bool = True, hotwords: Sequence[str] = (),
-             hotword_weight: float = DEFAULT_HOTWORD_WEIGHT) -> Channel:
-        """A new channel for stream ``name``; ``is_live``: see :class:`Channel`; ``hotwords`` (checked by
-        :func:`streamer.protocol.check_hotwords`) are boosted at ``hotword_weight`` (:mod:`streamer.engine.hotwords`).
+    def open(self, name: str, endpoint: EndpointConfig, is_live: bool = True, pause_s: float | None = None,
+             hotwords: Sequence[str] = (), hotword_weight: float = DEFAULT_HOTWORD_WEIGHT) -> Channel:
+        """A new channel for stream ``name``; ``is_live`` and ``pause_s``: see :class:`Channel`; ``hotwords``
+        (checked by :func:`streamer.protocol.check_hotwords`) are boosted at ``hotword_weight``
+        (:mod:`streamer.engine.hotwords`).
 
         Raises:
             ValueError: a channel of that name is open, or ``max_channels`` are.
@@ -124,10 +126,26 @@ class Scheduler:
         if len(self.channels) >= self._max_channels - 1:
             raise ValueError(f"{len(self.channels)} streams are open, the maximum")
         words = Hotwords(tuple(hotwords), hotword_weight) if hotwords else None
-        channel = Channel(self.recognizer, name, endpoint, self.ring_capacity_s, is_live, words)
+        channel = Channel(self.recognizer, name, endpoint, self.ring_capacity_s, is_live, pause_s, hotwords=words)
         self.channels[name] = channel
         self._closed[channel] = asyncio.Event()
         return channel
+
+    def finalize(self, channel: Channel) -> asyncio.Event:
+        """End ``channel``'s segment after the audio written so far (its final follows, if anything was said).
+
+        Returns an event that is set once that is done: after the round that carried the request out has
+        published its events (the final, or nothing when the segment held no speech), or at once on a channel
+        that is closing. A protocol that answers every flush (Deepgram's ``Finalize``) waits for it.
+        """
+        done = asyncio.Event()
+        if channel.is_closing or channel.is_closed:
+            done.set()
+            return done
+        channel.finalize()
+        self._finalizing.setdefault(channel, []).append(done)
+        self.poke(channel)
+        return done
 
     async def close(self, channel: Channel, reason: str) -> None:
         """Flush ``channel`` (its last final is published before this returns) and unregister it.
@@ -191,8 +209,8 @@ class Scheduler:
                 await self._round(loop, batch)
         finally:
             self._asr_thread.shutdown(wait=False, cancel_futures=True)
-            for done in self._closed.values():  # nothing will flush any more: release whoever waits
-                done.set()
+            for done in (*self._closed.values(), *(e for events in self._finalizing.values() for e in events)):
+                done.set()  # nothing will flush any more: release whoever waits
 
     def _collect(self, batch: list[Channel]) -> list[Channel]:
         """Add due channels to ``batch`` up to ``max_batch``: live ones first."""
@@ -205,6 +223,7 @@ class Scheduler:
 
     async def _round(self, loop: asyncio.AbstractEventLoop, batch: list[Channel]) -> None:
         works = [c.take() for c in batch]
+        flushed = [e for c in batch for e in self._finalizing.pop(c, ())]  # their requests are in these works
         for channel, work in zip(batch, works, strict=True):
             self._tell_lag(channel, work)
         started = time.perf_counter()
@@ -222,6 +241,9 @@ class Scheduler:
         for channel, events in zip(batch, results, strict=True):
             if events:
                 self._publish(channel.name, events)
+        for done in flushed:  # before a close completes: a flush answered before a stop's end goes out first
+            done.set()
+        for channel in batch:
             channel.is_queued = False
             if channel.is_closed:
                 self.channels.pop(channel.name, None)

@@ -6,6 +6,11 @@ and exactly one :class:`~streamer.protocol.Final` per segment, when an endpoint 
 (``streamer.engine.endpoint``), when an ``<EOU>`` token arrives, or when the caller cuts it
 (``finalize``, stop, disconnect, shutdown). A segment in which nothing was recognized gets neither.
 
+Optionally (``pause_s``, for protocols that report it, e.g. Deepgram's ``UtteranceEnd``) it also says when the
+speaker has paused: a :class:`Pause` once no speech token came for ``pause_s`` after the stream's last one, across
+segment ends. It is a second silence rule beside endpointing's (which ends segments), on the same per-frame
+check: "no token emitted" is silence here too, so no separate voice-activity detector is needed.
+
 Times are on the stream's own clock (:class:`Clock`): seconds from its first sample, with audio the
 daemon dropped counted and silence it padded in (to flush a segment) not counted.
 """
@@ -19,6 +24,7 @@ from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel
 from streamer.asr.tokenizer import Tokenizer
 from streamer.engine.endpoint import Decision, EndpointConfig, decide
+from streamer.engine.pause import Pause
 from streamer.engine.recognizer import make_transcript
 from streamer.protocol import Final, Partial, WordTiming
 
@@ -85,10 +91,16 @@ class Segmenter:
         stream: the stream name put in every message.
         endpoint: the endpointing rules.
         clock: the stream's clock (shared with whoever feeds audio).
+        pause_s: say :class:`Pause` after this long without speech after speech; None: never.
     """
 
-    def __init__(self, model: AsrModel, stream: str, endpoint: EndpointConfig, clock: Clock) -> None:
+    def __init__(
+        self, model: AsrModel, stream: str, endpoint: EndpointConfig, clock: Clock, pause_s: float | None = None
+    ) -> None:
         self.model, self.stream, self.endpoint, self.clock = model, stream, endpoint, clock
+        self.pause_s = pause_s
+        self._last_speech_end: int | None = None  # frame after the stream's latest speech token, in any segment
+        self._pause_told = True  # the Pause after _last_speech_end went out (or there was no speech yet)
         self._eou = frozenset(model.config.eou_token_ids)
         self._frame_shift_s = model.config.frame_shift_s
         self._samples_per_frame = round(self._frame_shift_s * clock.sample_rate_hz)
@@ -114,14 +126,14 @@ class Segmenter:
         """True when the open segment holds at least one speech token."""
         return self._first_speech is not None
 
-    def add(self, span: TokenSpan, frames_done: int) -> list[Partial | Final]:
+    def add(self, span: TokenSpan, frames_done: int) -> list[Partial | Final | Pause]:
         """Take one step's new tokens; ``frames_done`` is the stream's decoded encoder frames after it.
 
         No time in a result lies beyond the decoded frames (audio the recognizer has had, so audio received):
         a token's predicted duration may reach further. The cap depends on the audio alone, not on when it came.
         """
         cap_s = self._seconds(frames_done)
-        out: list[Partial | Final] = []
+        out: list[Partial | Final | Pause] = []
         rows = list(zip(span.token_ids, span.token_frames, span.token_durations, span.token_confidences,
                         span.token_logprobs, strict=True))
         i = 0
@@ -136,6 +148,8 @@ class Segmenter:
                 self._reset(frame_end)
             elif decision is not Decision.CONTINUE:
                 out += self._cut(decision.value, frame_end, cap_s)
+            if (pause := self._pause(frame_end, cap_s)) is not None:
+                out.append(pause)
         for row in rows[i:]:
             out += self._take(row, cap_s)
         self._frames_seen = max(self._frames_seen, frames_done)
@@ -152,11 +166,26 @@ class Segmenter:
         if self._first_speech is None:
             self._first_speech = frame
         self._speech_end = max(self._speech_end or 0, frame + max(duration, 1))
+        self._last_speech_end, self._pause_told = max(self._last_speech_end or 0, self._speech_end), False
         tok = self.model.tokenizer
         if tok is not None and 0 <= token < tok.vocab_size and _is_cut_point(tok, token):
             self._split = len(self._speech_ids)
         self._speech_ids.append(token)
         return []
+
+    def _pause(self, frame_end: int, cap_s: float) -> Pause | None:
+        """A :class:`Pause` when ``pause_s`` has passed without speech at encoder frame ``frame_end`` (once).
+
+        Measured on the stream's clock, so silence padded in to flush a segment does not count.
+        """
+        last = self._last_speech_end
+        if self.pause_s is None or self._pause_told or last is None:
+            return None
+        last_s = self._seconds(last, cap_s)
+        if self._seconds(frame_end, cap_s) - last_s < self.pause_s - 1e-6:
+            return None
+        self._pause_told = True
+        return Pause(self.stream, last_s)
 
     def cut(self, reason: str, next_start_frame: int, end_fed: int | None = None) -> list[Final]:
         """End the open segment now: its final (none if nothing was recognized).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from streamer.settings import ServerSettings
 
-PROTECTED_PATHS = frozenset({"/v1/listen", "/v1/captions", "/metrics"})
+PROTECTED_PATHS = frozenset({"/v1/listen", "/v1/captions", "/metrics", "/v1/audio/transcriptions", "/v1/realtime"})
 
 
 class Refusal(enum.Enum):
@@ -107,6 +107,18 @@ class TokenAuth:
             scheme, _, credentials = value.strip().partition(" ")
             if scheme.lower() == "bearer":
                 offered.append(credentials.strip())
+        return self.check_credentials(offered)
+
+    def check_credentials(self, offered: Sequence[str]) -> Refusal | None:
+        """None when no tokens are configured or ``offered`` is exactly one accepted token; otherwise why not.
+
+        For adapters that read a protocol's own credentials (Deepgram's ``Authorization: Token <key>``), each
+        value the request carried, however it carried it.
+        """
+        if not self._tokens:
+            return None
+        if len(offered) > 1:
+            return Refusal.AMBIGUOUS
         if not offered:
             return Refusal.MISSING
         return None if self._matches(offered[0]) else Refusal.INVALID

@@ -49,6 +49,8 @@ class Outbox:
         close_timeout_s: how long a close handshake may take before the TCP connection is dropped.
         interim_results: False drops every partial (a ``/v1/listen`` client that asked for none).
         on_slow: called once when the client is closed for being slow.
+        render: a message's text on the wire, when it is sent; default: its ``to_json()`` (protocol v1). Another
+            protocol's adapter queues the core's messages and renders them in its own shape.
     """
 
     def __init__(
@@ -58,7 +60,9 @@ class Outbox:
         close_timeout_s: float,
         interim_results: bool = True,
         on_slow: Callable[[], None] | None = None,
+        render: Callable[[Any], str] | None = None,
     ) -> None:
+        self._render: Callable[[Any], str] = render or _to_json
         self._ws, self._max = ws, max(1, max_pending)
         self._close_timeout_s = close_timeout_s
         self._interim = interim_results
@@ -135,12 +139,12 @@ class Outbox:
                 if self.is_slow:
                     break
                 while self._queue and not self.is_slow:
-                    await self._ws.send(self._queue.popleft().to_json())
+                    await self._ws.send(self._render(self._queue.popleft()))
                 if not self._queue:
                     self._replay_room = 0
                 if (partial := self._partial) is not None and not self.is_slow:
                     self._partial = None
-                    await self._ws.send(partial.to_json())
+                    await self._ws.send(self._render(partial))
                 if self._close_with is not None and not self._queue and self._partial is None:
                     await self._close(*self._close_with)
                     break
@@ -150,6 +154,10 @@ class Outbox:
             pass
         if self._kick is not None:
             await self._kick
+
+
+def _to_json(msg: ServerMessage) -> str:
+    return msg.to_json()
 
 
 class Hub:

@@ -8,7 +8,12 @@ sending theirs. :class:`GuardedConnection` (``serve``'s ``create_connection``) a
 - a request head (request line and headers) is at most :data:`MAX_REQUEST_HEAD_BYTES`, else HTTP 431;
 - bytes after the head that arrive before the answer (a pipelined second request) are dropped: the
   first request gets its answer with ``Connection: close`` and the connection ends cleanly (a client
-  retries the rest on a new connection, as HTTP/1.1 allows).
+  retries the rest on a new connection, as HTTP/1.1 allows);
+- a request websockets cannot take, one with a body (``POST /v1/audio/transcriptions``), goes to the
+  :class:`SideDoor` instead. So that websockets never sees such a connection (no handshake task, no
+  handshake timeout on a long upload), websockets' ``connection_made`` is called only once the head is
+  complete and the side door has passed on it; until then this class keeps the handshake timeout
+  (``server.start_timeout_s``) itself.
 
 :class:`AcceptErrors` turns asyncio's traceback for each ``accept()`` that fails for want of file
 descriptors (hundreds a second under load) into one warning per episode.
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
@@ -40,10 +45,14 @@ class HandshakeGate:
         max_handshakes: ``server.max_handshakes``.
         metrics: counts refusals (``streamer_connections_refused_total``).
         accept_errors: told of each accepted connection (it ends an out-of-descriptors episode).
+        head_timeout_s: how long a connection may take to send its request head.
     """
 
-    def __init__(self, max_handshakes: int, metrics: Metrics, accept_errors: AcceptErrors) -> None:
+    def __init__(
+        self, max_handshakes: int, metrics: Metrics, accept_errors: AcceptErrors, head_timeout_s: float = 10.0
+    ) -> None:
         self.max_handshakes, self.metrics, self.accept_errors = max_handshakes, metrics, accept_errors
+        self.head_timeout_s = head_timeout_s  # to send the request head (server.start_timeout_s)
         self.in_handshake = 0
         self._full_logged = False
 
@@ -67,30 +76,59 @@ class HandshakeGate:
             self._full_logged = False
 
 
-class GuardedConnection(ServerConnection):
-    """A :class:`ServerConnection` that bounds its request head, counts itself in the gate, drops pipelining.
+class SideDoor(Protocol):
+    """Takes the requests websockets cannot (those with a body) off a connection: see ``streamer.server.http_body``."""
 
-    Made by :func:`connection_factory` (the gate is passed first; the rest are websockets' arguments).
+    def take(self, connection: GuardedConnection, transport: asyncio.Transport, head: bytes, rest: bytes) -> bool:
+        """True when it took the request (it owns ``transport`` from now on); False leaves it to websockets.
+
+        Args:
+            connection: the connection (its ``respond`` and ``remote_address`` work before websockets starts).
+            transport: the connection's transport.
+            head: the request line and headers, up to and including the blank line.
+            rest: what came after the head so far (the start of a body).
+        """
+        ...
+
+
+class GuardedConnection(ServerConnection):
+    """A :class:`ServerConnection` that bounds its request head, counts itself in the gate, drops pipelining, and
+    hands requests with a body to the side door.
+
+    Made by :func:`connection_factory` (the gate and the side door are passed first; the rest are websockets'
+    arguments).
     """
 
-    def __init__(self, gate: HandshakeGate, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, gate: HandshakeGate, side_door: SideDoor | None, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.gate = gate
+        self.gate, self.side_door = gate, side_door
         self.pipelined = False  # bytes came after the request head before the answer: they were dropped
         self._head = bytearray()
         self._in_gate = False
         self._head_done = False
+        self._raw: asyncio.Transport | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._started = False  # websockets' connection_made was called: the connection is websockets'
+
+    @property
+    def remote_address(self) -> Any:
+        """The peer's address, also before websockets has the connection."""
+        return self._raw.get_extra_info("peername") if self._raw is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self.gate.enter():
-            self._in_gate = True
-        else:
+        assert isinstance(transport, asyncio.Transport)
+        self._raw = transport
+        if not self.gate.enter():
             self._head_done = True
-            transport.abort()  # the handler sees the connection lost before any request and ends quietly
+            transport.abort()  # websockets never hears of it
+            return
+        self._in_gate = True
+        self._head_timer = asyncio.get_running_loop().call_later(self.gate.head_timeout_s, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self._head_done:
+            if not self._started:
+                return  # refused, or answered 431: nothing more is read
             if self.protocol.state is State.CONNECTING:  # more than one request, or frames before our answer
                 self.pipelined = True
                 return
@@ -102,22 +140,35 @@ class GuardedConnection(ServerConnection):
         if end < 0:
             if len(self._head) > MAX_REQUEST_HEAD_BYTES:
                 self._refuse_large_head()
-                return
-            super().data_received(data)
             return
-        cut = end + len(HEAD_END) - seen
+        cut = end + len(HEAD_END)
+        head, rest = bytes(self._head[:cut]), bytes(self._head[cut:])
         self._finish_head()
-        if cut < len(data):
+        assert self._raw is not None
+        if self.side_door is not None and self.side_door.take(self, self._raw, head, rest):
+            return
+        self._started = True
+        super().connection_made(self._raw)
+        if rest:
             self.pipelined = True
-        super().data_received(data[:cut])
+        super().data_received(head)
+
+    def eof_received(self) -> bool | None:
+        if self._started:
+            return super().eof_received()
+        return None  # closes the transport: the client gave up before finishing its request head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish_head()
-        super().connection_lost(exc)
+        if self._started:
+            super().connection_lost(exc)
 
     def _finish_head(self) -> None:
         self._head_done = True
         self._head = bytearray()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._in_gate:
             self._in_gate = False
             self.gate.leave()
@@ -126,17 +177,19 @@ class GuardedConnection(ServerConnection):
         self._finish_head()
         self.gate.metrics.connections_refused_total.inc(label_value="request_too_large")
         body = f"the request line and headers are larger than {MAX_REQUEST_HEAD_BYTES} bytes\n".encode()
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
-                             b"Content-Type: text/plain; charset=utf-8\r\n"
-                             + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        self.transport.close()
+        assert self._raw is not None
+        self._raw.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+                        b"Content-Type: text/plain; charset=utf-8\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        self._raw.close()
 
 
-def connection_factory(gate: HandshakeGate) -> Any:
-    """``create_connection`` for websockets' ``serve``: a :class:`GuardedConnection` counted in ``gate``."""
+def connection_factory(gate: HandshakeGate, side_door: SideDoor | None = None) -> Any:
+    """``create_connection`` for websockets' ``serve``: a :class:`GuardedConnection` counted in ``gate``, handing
+    requests with a body to ``side_door`` (None: websockets answers them, with 400)."""
 
     def create(*args: Any, **kwargs: Any) -> GuardedConnection:
-        return GuardedConnection(gate, *args, **kwargs)
+        return GuardedConnection(gate, side_door, *args, **kwargs)
 
     return create
 

@@ -98,7 +98,8 @@ def may_hold(ws: ServerConnection, is_slow: bool) -> bool:
 def start_options(start: Start) -> StartOptions:
     """A v1 ``start`` as the core's options."""
     return StartOptions(start.sample_rate, start.encoding, start.channels, start.stream, start.interim_results,
-                        start.live, start.endpointing, start.hotwords or (), start.hotword_weight)
+                        start.live, start.endpointing, hotwords=start.hotwords or (),
+                        hotword_weight=start.hotword_weight)
 
 
 def ready_message(opened: Opened) -> Ready:

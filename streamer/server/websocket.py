@@ -1,4 +1,8 @@
-"""WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``.
+"""WebSocket and HTTP on one port: ``/v1/listen``, ``/v1/captions``, ``/``, ``/healthz``, ``/readyz``, ``/metrics``,
+the Deepgram-compatible live API (:mod:`streamer.adapters.deepgram`) at ``/deepgram/v1/listen`` and, for requests
+its rule claims, at ``/v1/listen``, and more protocols' routes: ``ws_routes`` (WebSocket paths, e.g. OpenAI's
+``/v1/realtime``) and the side door for requests with a body (:mod:`streamer.server.http_body`, e.g.
+``POST /v1/audio/transcriptions``).
 
 The protocol is documented in :mod:`streamer.protocol`. Each ``/v1/listen`` connection is a
 :class:`~streamer.server.listen.ListenConnection`, protocol v1's adapter on the session core
@@ -28,16 +32,22 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from streamer.adapters.deepgram.endpoint import DeepgramEndpoint
+from streamer.adapters.openai_api import mount as mount_openai
 from streamer.protocol import STREAM_NAME, Error
 from streamer.resources import web_root
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.fanout import Hub, Outbox
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
+from streamer.server.http_body import BodyRoutes
 from streamer.server.listen import serve_listen
 from streamer.server.metrics import Metrics
 from streamer.server.origin import OriginPolicy
+from streamer.settings import DeepgramSettings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from streamer.session import Session, SessionCore
     from streamer.settings import ServerSettings
 
@@ -65,6 +75,7 @@ class WebSocketServer:
         metrics: the metrics registry.
         auth: the accepted tokens; None lets every request in.
         ssl_context: TLS for ``wss://`` and ``https://``; None serves plain ``ws://`` and ``http://``.
+        deepgram: the ``[deepgram]`` settings; None: the defaults (on).
     """
 
     def __init__(
@@ -75,16 +86,23 @@ class WebSocketServer:
         metrics: Metrics,
         auth: TokenAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        deepgram: DeepgramSettings | None = None,
     ) -> None:
         self.settings, self.core, self.hub, self.metrics = settings, core, hub, metrics
         self.auth = auth or TokenAuth()
+        self.deepgram = DeepgramEndpoint(deepgram or DeepgramSettings(), settings, core, metrics, self.auth)
         self.ssl_context = ssl_context
         self._server: Server | None = None
         self._policy: OriginPolicy | None = None
         self._accept_errors = AcceptErrors(metrics)
-        self.gate = HandshakeGate(settings.max_handshakes, metrics, self._accept_errors)
+        self.gate = HandshakeGate(settings.max_handshakes, metrics, self._accept_errors, settings.start_timeout_s)
         self._logged_refusals: set[tuple[str, str]] = set()
         self._web_root = Path(settings.web_root) if settings.web_root else web_root()
+        # More protocols on this port: WebSocket paths and their handlers, and requests with a body (the side door)
+        self.ws_routes: dict[str, Callable[[ServerConnection], Awaitable[None]]] = {}
+        self.side_door = BodyRoutes(self.check_access, settings.idle_timeout_s, settings.close_timeout_s)
+        if settings.openai_api:
+            mount_openai(self.side_door, self.ws_routes, core, settings)
 
     @property
     def is_ready(self) -> bool:
@@ -123,7 +141,8 @@ class WebSocketServer:
             self._handle, s.host, s.port, process_request=self._process_request, max_size=s.max_frame_bytes,
             compression=None, ping_interval=s.ping_interval_s, ping_timeout=s.ping_timeout_s,
             close_timeout=s.close_timeout_s, ssl=self.ssl_context, open_timeout=s.start_timeout_s,
-            create_connection=connection_factory(self.gate),
+            create_connection=connection_factory(self.gate, self.side_door),
+            select_subprotocol=lambda ws, offered: self.deepgram.select_subprotocol(ws.request, list(offered)),
         )
         self._accept_errors.install(asyncio.get_running_loop())
         policy = self.policy
@@ -159,6 +178,7 @@ class WebSocketServer:
         # closed, and they must not end up as tracebacks (see AcceptErrors._handle).
         for sub in self.hub.subscribers():
             sub.close_after_queue(1001, "server shutting down")
+        await self.side_door.close(self.settings.close_timeout_s * 2)
         self._server.close(close_connections=False)
         try:
             async with asyncio.timeout(self.settings.close_timeout_s * 2):
@@ -180,15 +200,27 @@ class WebSocketServer:
             response.body = b""  # the headers (Content-Length included) are those of the GET
         return response
 
-    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
+    def check_access(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Every request passes here first: its Host and Origin (403), then its token (400, 401); None lets it in."""
         path = urlsplit(request.path).path
         refused = self._refuse_host_or_origin(connection, request, path)
         if refused is not None:
             return refused
+        if self.deepgram.claims(request):
+            return self.deepgram.answer(connection, request)
         refusal = self.auth.check(request)
         if refusal is not None:
             return self._unauthorized(connection, path, refusal)
-        if path in ("/v1/listen", "/v1/captions"):
+        return None
+
+    def _answer(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        refused = self.check_access(connection, request)
+        if refused is not None:
+            return refused
+        if self.deepgram.claims(request):
+            return None  # checked by the Deepgram endpoint (its query and key): on to the upgrade
+        if path in ("/v1/listen", "/v1/captions") or path in self.ws_routes:
             if request.method != "GET":
                 return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} is a WebSocket endpoint: open it "
                                           "with GET and 'Upgrade: websocket' (a WebSocket client)\n")
@@ -269,7 +301,11 @@ class WebSocketServer:
         assert ws.request is not None
         url = urlsplit(ws.request.path)
         try:
-            if url.path == "/v1/listen":
+            if self.deepgram.claims(ws.request):
+                await self.deepgram.serve(ws)
+            elif (route := self.ws_routes.get(url.path)) is not None:
+                await route(ws)
+            elif url.path == "/v1/listen":
                 await self._listen(ws)
             else:
                 await self._captions(ws, parse_qs(url.query).get("stream", [""])[0])

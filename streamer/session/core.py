@@ -4,7 +4,7 @@ Where it sits (``architecture.md`` §1-§2)::
 
     adapter (protocol v1 on /v1/listen; later Wyoming, Deepgram, OpenAI, Hermes, Vosk)
         │ parses its wire format, then calls:  core.connect(sink) → Session
-        │   session.start(StartOptions, ResumeRequest) · session.push_audio(bytes) · finalize() · stop()
+        │   session.start(StartOptions, ResumeRequest) · session.push_audio(bytes) · finalize() (→ done event) · stop()
         │   end(reason) · lost(resumable) · wait_for_resume() · error(code, message)
         ▼
     Session (streamer.session.machine): phases, start, resume, the exactly-one-final rule (by owning the
@@ -51,7 +51,9 @@ What an adapter does (``streamer.server.listen`` is the example), and nothing mo
 2. Map its start onto :class:`~streamer.session.events.StartOptions` (and a resume onto
    :class:`~streamer.session.events.ResumeRequest`) and call ``start``; its audio (while ``is_open`` and
    ``is_started``) onto ``await push_audio(bytes)``, reading nothing more from its transport meanwhile; its
-   end-of-utterance request onto ``finalize()``, its end of audio onto ``await stop()``.
+   end-of-utterance request onto ``finalize()`` (which returns an event set once the cut is done, for a protocol
+   that answers every flush), its end of audio onto ``await stop()``. ``StartOptions.pause_s`` asks for ``Pause``
+   events (the speaker paused), for a protocol that reports them.
 3. Report its own parse errors with ``session.error(code, message)`` (logged and counted like the core's).
 4. Turn each event its sink is offered into its wire messages: ``Opened``, the engine's partials, finals and
    warnings, ``Problem``; ``Ended``: send the accounting if any, then close; ``Superseded``: drop the transport.

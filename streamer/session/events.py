@@ -7,7 +7,8 @@ Into :class:`~streamer.session.machine.Session`: a client's :class:`StartOptions
 The results themselves are the engine's records, the same objects the hub gives ``/v1/captions`` and MQTT:
 :class:`~streamer.protocol.Partial`, :class:`~streamer.protocol.Final` and
 :class:`~streamer.protocol.Warning` (the scheduler makes them; they are plain dataclasses of text, times and
-numbers, and protocol v1 sends them as they are). The core adds :class:`Opened`, :class:`Problem`,
+numbers, and protocol v1 sends them as they are), and :class:`~streamer.engine.pause.Pause` for a session that
+asked for it (``StartOptions.pause_s``). The core adds :class:`Opened`, :class:`Problem`,
 :class:`Ended` and :class:`Superseded`.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from streamer.engine.pause import Pause
 from streamer.protocol import Final, Partial, ServerMessage
 from streamer.protocol import Warning as WarningMessage
 
@@ -28,13 +30,16 @@ class StartOptions:
     Attributes:
         sample_rate: the client's sample rate (the core resamples to the model's).
         encoding: a PCM encoding of :data:`streamer.audio.convert.ENCODINGS` (``pcm_s16le``, ``pcm_f32le``,
-            ``pcm_s32le``, ``pcm_u8``).
+            ``pcm_s32le``, ``pcm_u8``) or :data:`~streamer.audio.convert.COMPANDED_ENCODINGS` (``pcm_mulaw``,
+            ``pcm_alaw``).
         channels: interleaved channels, mixed down to mono.
         stream: the stream name for captions and MQTT; None: the core names it ``<prefix>-<session id>``.
         interim_results: False: no partials for this client (captions and MQTT still get them).
         live: True: the source cannot wait (drop the oldest audio when the server falls behind); False: the
             core's ``push_audio`` waits for room (back-pressure).
         endpointing: overrides of the server's endpointing rules for this session.
+        pause_s: the client also hears :class:`~streamer.engine.pause.Pause` once no word came for this long
+            after the last one (Deepgram's ``UtteranceEnd``); None: never.
         hotwords: words and phrases to boost, as the client sent them (the core checks them against
             ``engine.max_hotwords`` and :func:`streamer.protocol.check_hotwords`).
         hotword_weight: how hard; None: the server's ``engine.hotword_weight``.
@@ -47,6 +52,7 @@ class StartOptions:
     interim_results: bool = True
     live: bool = False
     endpointing: Mapping[str, float] = field(default_factory=dict)
+    pause_s: float | None = None
     hotwords: Sequence[str] = ()
     hotword_weight: float | None = None
 
@@ -143,7 +149,7 @@ class Superseded:
     session: str
 
 
-Event = Partial | Final | WarningMessage | Opened | Problem | Ended | Superseded
+Event = Partial | Final | Pause | WarningMessage | Opened | Problem | Ended | Superseded
 
 
 class ClientSink(Protocol):

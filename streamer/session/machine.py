@@ -161,7 +161,8 @@ class Session:
             self._refuse_busy()
             return
         try:
-            channel = scheduler.open(name, endpoint, is_live=options.live, hotwords=hotwords, hotword_weight=weight)
+            channel = scheduler.open(name, endpoint, is_live=options.live, pause_s=options.pause_s, hotwords=hotwords,
+                                     hotword_weight=weight)
         except ValueError as exc:  # every channel is taken (sessions + microphone + file)
             self.error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
             return
@@ -310,12 +311,15 @@ class Session:
                 "session)", self.stream))
         await audio.write(channel, samples)
 
-    def finalize(self) -> None:
-        """End the open segment after the audio received so far (its final follows); keep listening."""
+    def finalize(self) -> asyncio.Event:
+        """End the open segment after the audio received so far (its final follows); keep listening.
+
+        Returns an event set once that is done (the final, if the segment held speech, was offered first): an
+        adapter whose protocol answers every flush, even an empty one, waits for it; others ignore it.
+        """
         if self.channel is None:
             raise RuntimeError("finalize for a session that has not started; check is_started first")
-        self.channel.finalize()
-        self.core.scheduler.poke(self.channel)
+        return self.core.scheduler.finalize(self.channel)
 
     async def stop(self) -> None:
         """No more audio: flush the last segment (its final first), then ``Ended`` with the accounting."""
