@@ -169,3 +169,63 @@ async def check_alive(daemon: Served) -> None:
     async with websockets.connect(f"ws://127.0.0.1:{daemon.port}/v1/listen") as ws:
         await ws.send(json.dumps({"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le"}))
         assert json.loads(await timed(ws.recv()))["type"] == "ready"
+
+
+async def test_deepgram_keyterm_and_openai_prompt(tmp_path: Path, speech: tuple[bytes, int]) -> None:
+    """Deepgram's ``keyterm`` (through ``deepgram-sdk``) and OpenAI's ``prompt`` (through the ``openai`` SDK) become
+    the session's hotwords: the name comes out with them and not without; a suppressing ``keywords`` entry (negative
+    intensifier) is left out rather than boosted, and a keyterm list over the cap is refused with HTTP 400."""
+    import io
+
+    from deepgram import AsyncDeepgramClient, DeepgramClientEnvironment
+    from deepgram.core.api_error import ApiError
+    from deepgram.core.events import EventType
+    from openai import OpenAI
+
+    audio, rate = speech
+    wav = io.BytesIO()
+    sf.write(wav, np.frombuffer(audio, dtype=np.int16), rate, format="WAV", subtype="PCM_16")
+    async with serve(tmp_path, {"STREAMER_ENGINE__MAX_HOTWORDS": str(MAX_HOTWORDS)}) as daemon:
+        http, ws = f"http://127.0.0.1:{daemon.port}", f"ws://127.0.0.1:{daemon.port}"
+        client = AsyncDeepgramClient(api_key="unused", environment=DeepgramClientEnvironment(
+            base=http, production=ws, agent=ws, agent_rest=http))
+
+        async def deepgram(**query: Any) -> list[str]:
+            finals: list[str] = []
+            closed = asyncio.Event()
+
+            def on_message(message: Any) -> None:
+                data = message.dict()
+                if data.get("type") == "Results" and data.get("is_final"):
+                    finals.append(data["channel"]["alternatives"][0]["transcript"])
+                elif data.get("type") == "Metadata":
+                    closed.set()
+
+            async with client.listen.v1.connect(model="nova-3", encoding="linear16", sample_rate=str(rate),
+                                                **query) as conn:
+                conn.on(EventType.MESSAGE, on_message)
+                listening = asyncio.create_task(conn.start_listening())
+                await conn.send_media(audio)
+                await conn.send_close_stream()
+                await timed(closed.wait())
+                listening.cancel()
+            return " ".join(finals).split()
+
+        boosted = await deepgram(keyterm="Lysander")
+        suppressed = await deepgram(keywords="Lysander:-5")
+        with pytest.raises(ApiError) as refused:
+            await deepgram(keyterm=[f"name{i}" for i in range(MAX_HOTWORDS + 1)])
+
+        sdk = OpenAI(api_key="unused", base_url=f"{http}/v1", max_retries=0, timeout=120 * TIMEOUT)
+
+        def openai(**form: Any) -> list[str]:
+            wav.seek(0)
+            return sdk.audio.transcriptions.create(file=("said.wav", wav), model="whisper-1", **form).text.split()
+
+        prompted = await asyncio.to_thread(openai, prompt="Lysander, Reginald")
+        plain = await asyncio.to_thread(openai)
+    assert NAME in boosted, boosted
+    assert NAME not in suppressed, suppressed
+    assert refused.value.status_code == 400
+    assert NAME in prompted, prompted
+    assert NAME not in plain, plain

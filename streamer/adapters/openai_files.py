@@ -12,7 +12,8 @@ the whole text at the end. The session is a stream like any other (``openai-<id>
 
 The query parameter ``stream=NAME`` (not the form's ``stream`` field) names the stream for captions and MQTT.
 ``model`` is accepted whatever it names and reported back (header ``X-Streamer-Model`` names the model that ran);
-``language`` and ``prompt`` are accepted and, for now, not used (``prompt`` will feed per-session hotwords).
+``language`` is accepted and not used; ``prompt`` becomes the session's hotwords (its comma-, semicolon- or
+line-separated terms, :func:`~streamer.adapters.openai_session.prompt_hotwords`).
 
 Bad input gets OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) with 400 (no file, a
 file that is not audio, a bad field), 413 (over ``server.max_upload_bytes``), 408 (the upload stalled), and
@@ -31,6 +32,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 from streamer.adapters.openai_formats import RESPONSE_FORMATS, SegmentText, error_body, render, sse, transcript
+from streamer.adapters.openai_session import prompt_hotwords
 from streamer.asr import clocks
 from streamer.audio.blocks import AudioBlocks
 from streamer.errors import AudioError, ProtocolError
@@ -170,7 +172,9 @@ class TranscriptionsRoute:
         request, blocks = await self._read(exchange)
         try:
             name = parse_qs(urlsplit(exchange.request.path).query).get("stream", [None])[-1]
-            session.start(StartOptions(RATE_HZ, "pcm_f32le", stream=name, interim_results=request.stream, live=False))
+            hotwords = prompt_hotwords(request.prompt, self.core.limits.max_hotwords)
+            session.start(StartOptions(RATE_HZ, "pcm_f32le", stream=name, interim_results=request.stream, live=False,
+                                       hotwords=hotwords))
             if not session.is_started:
                 problem = sink.problem or Problem("internal_error", "the session did not start")
                 status = START_STATUS.get(problem.code, 500)

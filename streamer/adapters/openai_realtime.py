@@ -37,6 +37,7 @@ from streamer.adapters.openai_session import (
     default_config,
     endpointing,
     ga_session,
+    prompt_hotwords,
 )
 from streamer.adapters.openai_turns import Turns, new_id
 from streamer.protocol import Final, Partial
@@ -236,8 +237,9 @@ class RealtimeConnection:
                          "little-endian PCM", "audio", event_id)
             return
         if not session.is_started:
+            hotwords = prompt_hotwords(self.config.transcription.get("prompt"), self.core.limits.max_hotwords)
             session.start(StartOptions(self.config.rate_hz, "pcm_s16le", 1, self.stream, live=False,
-                                       endpointing=endpointing(self.config)))
+                                       endpointing=endpointing(self.config), hotwords=hotwords))
             if not session.is_started:
                 return  # the core said why (an error event); the audio is not taken
         if session.is_open and data:

@@ -13,14 +13,18 @@ What they mean on the session core: the audio format becomes the session's ``Sta
 trailing silence that ends a turn (the daemon's own rule when left out), ``semantic_vad`` runs as
 ``server_vad`` with the daemon's rule, ``null`` ends turns only at ``input_audio_buffer.commit`` (or after
 ``endpointing.max_segment_s`` of speech). ``threshold``, ``prefix_padding_ms``, ``noise_reduction``,
-``model``, ``language`` and ``prompt`` are kept and shown back, and not used (``prompt`` will feed hotwords).
+``model`` and ``language`` are kept and shown back, not used; ``prompt`` becomes the session's hotwords
+(:func:`prompt_hotwords`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from streamer.protocol import MAX_HOTWORD_CHARS
 
 PCM_RATE_HZ = 24000  # the API's PCM rate
 MIN_RATE_HZ, MAX_RATE_HZ = 8000, 48000
@@ -183,3 +187,15 @@ def beta_session(config: RealtimeConfig, session_id: str) -> dict[str, Any]:
             "input_audio_format": "pcm16", "input_audio_transcription": config.transcription,
             "turn_detection": config.turn_detection, "input_audio_noise_reduction": config.noise_reduction,
             "include": config.include}
+
+
+def prompt_hotwords(prompt: object, limit: int) -> tuple[str, ...]:
+    """The hotwords in an OpenAI ``prompt``: its phrases split at commas, semicolons and line ends, stripped, empty
+    and over-long ones (more than :data:`~streamer.protocol.MAX_HOTWORD_CHARS` characters: prose, not a term)
+    dropped, repeats counted once, at most ``limit`` (the server's ``engine.max_hotwords``). Never raises: a prompt
+    is free text, and a model that only reads terms takes what it can use."""
+    if not isinstance(prompt, str):
+        return ()
+    phrases = (" ".join(p.split()) for p in re.split(r"[,;\n]", prompt))
+    kept = [p for p in phrases if p and len(p) <= MAX_HOTWORD_CHARS and p.isprintable()]
+    return tuple(dict.fromkeys(kept))[: max(0, limit)]

@@ -6,7 +6,8 @@ resetting the idle timer), ``Finalize`` (:meth:`Session.finalize <streamer.sessi
 answer is the final result with ``from_finalize`` true, a final that came while it was carried out, or an empty one
 when no words were pending), ``CloseStream`` (:meth:`Session.stop <streamer.session.machine.Session.stop>`: the last
 final, then ``Metadata``, then close 1000), or ``Configure`` (answered ``ConfigureSuccess``, or ``ConfigureFailure``
-with ``CONFIGURE_KEYTERMS_NOT_SUPPORTED`` for keyterms: hotwords are not boosted yet). Any other text gets ``Error``
+with ``CONFIGURE_KEYTERMS_NOT_SUPPORTED`` for keyterms: a session's hotwords are fixed when it starts; pass them
+as ``keyterm`` query parameters). Any other text gets ``Error``
 (variant ``SchemaError``) and the session goes on; audio after ``CloseStream`` gets one ``Error`` (variant
 ``AudioAfterCloseStream``) and is not transcribed.
 
@@ -260,7 +261,9 @@ class DeepgramConnection:
 
     def _configure(self, obj: dict[str, object]) -> None:
         if obj.get("keyterms") is not None:
-            self.outbox.offer(ConfigureReply(self.request_id, "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
-                                             "this server does not boost keyterms yet; the stream goes on unchanged"))
+            self.outbox.offer(ConfigureReply(
+                self.request_id, "CONFIGURE_KEYTERMS_NOT_SUPPORTED",
+                "keyterms are fixed when a session starts (pass them as keyterm query parameters); the stream goes on "
+                "unchanged"))
         else:
             self.outbox.offer(ConfigureReply(self.request_id))

@@ -15,8 +15,10 @@ none of these (their options come in the ``start`` message, their token as ``Bea
 least :data:`MIN_ENDPOINTING_MS`; ``false`` or 0: never on silence; ``true`` or absent: the server's
 ``[endpointing]`` rule), ``utterance_end_ms`` (milliseconds without a word before ``UtteranceEnd``), ``model`` and
 ``language`` (any value: reported, not acted on: the server runs its own model), ``keyterm`` and ``keywords``
-(accepted and ignored for now), and this server's ``stream`` (the stream name for captions and MQTT; default
-``deepgram-<session>``). ``multichannel=true`` is refused: channels are mixed down, not transcribed apart.
+(repeatable: the session's hotwords, boosted in decoding; a keyword's ``:intensifier`` is dropped, and a
+negative one, which asks Deepgram to suppress the word, leaves that word out), and this server's ``stream``
+(the stream name for captions and MQTT; default ``deepgram-<session>``). ``multichannel=true`` is refused:
+channels are mixed down, not transcribed apart.
 
 **Credentials** (:func:`credentials`): ``Authorization: Token <key>`` (or ``Bearer``/``bearer <key>``, as the SDK
 sends with an access token), a browser's ``Sec-WebSocket-Protocol: token, <key>``, or ``?token=<key>``; exactly one,
@@ -33,7 +35,7 @@ from websockets.http11 import Request
 
 from streamer.audio.convert import PcmConverter
 from streamer.errors import AudioError, ProtocolError
-from streamer.protocol import MAX_ENDPOINT_S, STREAM_NAME
+from streamer.protocol import MAX_ENDPOINT_S, STREAM_NAME, MessageError, check_hotwords
 from streamer.session import StartOptions
 
 DEEPGRAM_PATH = "/deepgram/v1/listen"
@@ -81,12 +83,14 @@ class DeepgramOptions:
     model: str | None = None
     language: str | None = None
     stream: str | None = None
+    hotwords: tuple[str, ...] = ()
 
     def start_options(self) -> StartOptions:
         """The core's start; it always sends partials, as ``SpeechStarted`` comes from them (the adapter drops
         them when ``interim_results`` is false). The client may wait (no audio is dropped; TCP slows a fast sender)."""
         return StartOptions(self.sample_rate, self.encoding, self.channels, self.stream, interim_results=True,
-                            live=False, endpointing=dict(self.endpointing), pause_s=self.utterance_end_s)
+                            live=False, endpointing=dict(self.endpointing), pause_s=self.utterance_end_s,
+                            hotwords=self.hotwords)
 
 
 def _query(request: Request) -> list[tuple[str, str]]:
@@ -149,9 +153,10 @@ def parse_query(request: Request) -> DeepgramOptions:
             which and what to send instead.
     """
     try:
-        params = dict(_query(request))  # a repeated parameter: the last one counts
+        pairs = _query(request)
     except ValueError as exc:
         raise QueryError(f"more than {MAX_QUERY_FIELDS} query parameters") from exc
+    params = dict(pairs)  # a repeated parameter: the last one counts (keyterm and keywords: every one)
     if _flag(params, "multichannel"):
         raise QueryError("multichannel=true is not supported: channels are mixed down and transcribed as one; "
                          "leave multichannel out or false")
@@ -183,7 +188,28 @@ def parse_query(request: Request) -> DeepgramOptions:
         model=_reported(params.get("model")),
         language=_reported(params.get("language")),
         stream=stream,
+        hotwords=_hotwords(pairs),
     )
+
+
+def _hotwords(pairs: list[tuple[str, str]]) -> tuple[str, ...]:
+    """Every ``keyterm``, and every ``keywords`` word without its ``:intensifier`` (negative: left out)."""
+    terms = []
+    for key, value in pairs:
+        if key == "keyterm":
+            terms.append(value)
+        elif key == "keywords":
+            word, _, boost = value.rpartition(":") if ":" in value else (value, "", "")
+            try:
+                if boost and float(boost) < 0:
+                    continue  # Deepgram's suppression: not something boosting can do
+            except ValueError:
+                word = value  # a colon that is part of the word
+            terms.append(word)
+    try:
+        return check_hotwords(terms, where="keyterm/keywords")
+    except MessageError as exc:
+        raise QueryError(str(exc)) from exc
 
 
 def _show(value: str) -> str:
