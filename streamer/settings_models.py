@@ -169,7 +169,7 @@ class ServerSettings(_Section):
 class EngineSettings(_Section):
     """[engine]: batching and buffering."""
 
-    max_batch: int = Field(8, ge=1)
+    max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(10.0, ge=0)
     ring_capacity_s: float = Field(
         10.0, gt=0, description="audio buffered per stream: a live stream further behind loses its oldest audio"

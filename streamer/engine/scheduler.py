@@ -75,7 +75,7 @@ class Scheduler:
         self,
         recognizer: Recognizer,
         publish: Publish,
-        max_batch: int = 8,
+        max_batch: int = 64,
         max_wait_ms: float = 10.0,
         max_channels: int = 64,
         ring_capacity_s: float = 10.0,
