@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 
 from streamer.adapters.openai_session import (
     ConfigProblem,
@@ -42,7 +41,7 @@ from streamer.adapters.openai_session import (
 from streamer.adapters.openai_turns import Turns, new_id
 from streamer.protocol import Final, Partial
 from streamer.server.fanout import Outbox
-from streamer.server.listen import CLOSE_CODES
+from streamer.server.listen import CLOSE_CODES, next_message
 from streamer.session import Ended, Event, Problem, Session, SessionCore, StartOptions
 from streamer.settings import ServerSettings
 
@@ -162,16 +161,9 @@ class RealtimeConnection:
                     sender.cancel()
 
     async def _receive(self, session: Session) -> None:
-        idle_s = self.settings.idle_timeout_s
         while session.is_open:
-            try:
-                async with asyncio.timeout(idle_s):
-                    message = await self.ws.recv()
-            except TimeoutError:
-                session.error("idle_timeout", f"nothing received for {idle_s:g} s; the session is closed")
-                await session.end("idle")
-                return
-            except ConnectionClosed:
+            message = await next_message(self.ws, session, self.settings.idle_timeout_s)
+            if message is None:
                 return
             try:
                 await self._on_message(session, message)

@@ -34,6 +34,8 @@ from websockets.http11 import Request, Response
 
 from streamer.adapters import vosk_messages as vosk
 from streamer.protocol import Final, MessageError, Partial
+from streamer.server import address
+from streamer.server.address import bound_port
 from streamer.server.auth import TokenAuth, exposure_warnings
 from streamer.server.listen import CLOSE_CODES
 from streamer.server.origin import OriginPolicy
@@ -68,14 +70,11 @@ class VoskServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return bound_port(self._server)
 
     @property
     def url(self) -> str:
-        host = self.settings.host
-        scheme = "wss" if self.ssl_context is not None else "ws"
-        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return address.url("wss" if self.ssl_context is not None else "ws", self.settings.host, self.port)
 
     async def start(self) -> None:
         """Bind the port (0: a free one, see :attr:`port`)."""

@@ -171,16 +171,9 @@ class ListenConnection:
             await session.wait_for_resume()
 
     async def _receive(self, session: Session) -> None:
-        idle_s = self.settings.idle_timeout_s
         while session.is_open:
-            try:
-                async with asyncio.timeout(idle_s):
-                    message = await self.ws.recv()
-            except TimeoutError:
-                session.error("idle_timeout", f"nothing received for {idle_s:g} s; the session is closed")
-                await session.end("idle")
-                return
-            except ConnectionClosed:
+            message = await next_message(self.ws, session, self.settings.idle_timeout_s)
+            if message is None:
                 return
             if isinstance(message, str):
                 await self._on_text(session, message)
@@ -228,3 +221,17 @@ class ListenConnection:
             session.error("no_start", "audio before 'start'; send a 'start' message first (the frame was dropped)")
             return
         await session.push_audio(frame)
+
+
+async def next_message(ws: ServerConnection, session: Session, idle_s: float) -> str | bytes | None:
+    """The connection's next message; None when it closed, or when nothing came for ``idle_s`` (the session is then
+    told ``idle_timeout`` and ended as idle). Shared by the WebSocket adapters whose sessions time out the same way."""
+    try:
+        async with asyncio.timeout(idle_s):
+            return await ws.recv()
+    except TimeoutError:
+        session.error("idle_timeout", f"nothing received for {idle_s:g} s; the session is closed")
+        await session.end("idle")
+        return None
+    except ConnectionClosed:
+        return None

@@ -36,6 +36,8 @@ from streamer.adapters.deepgram.endpoint import DeepgramEndpoint
 from streamer.adapters.openai_api import mount as mount_openai
 from streamer.protocol import STREAM_NAME, Error
 from streamer.resources import web_root
+from streamer.server import address
+from streamer.server.address import bound_port
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.fanout import Hub, Outbox
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
@@ -120,15 +122,12 @@ class WebSocketServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return bound_port(self._server)
 
     @property
     def url(self) -> str:
         """``http://HOST:PORT``, or ``https://`` with TLS (WebSocket clients use ``ws://``/``wss://``)."""
-        host = self.settings.host
-        host = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}"
+        return address.url("https" if self.ssl_context else "http", self.settings.host, self.port)
 
     async def start(self) -> None:
         """Bind the socket (port 0: a free one, see :attr:`port`)."""

@@ -20,6 +20,8 @@ from streamer.adapters.wyoming.framing import MAX_HEADER_BYTES, encode_event
 from streamer.adapters.wyoming.info import info_event
 from streamer.adapters.wyoming.utterance import error_event
 from streamer.errors import ConfigError
+from streamer.server import address
+from streamer.server.address import bound_port
 
 if TYPE_CHECKING:
     from streamer.session import SessionCore
@@ -57,13 +59,11 @@ class WyomingServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return bound_port(self._server)
 
     @property
     def url(self) -> str:
-        host = self.settings.host
-        return f"tcp://{f'[{host}]' if ':' in host else host}:{self.port}"
+        return address.url("tcp", self.settings.host, self.port)
 
     async def start(self) -> None:
         """Bind the port (0: a free one) and, with ``zeroconf``, announce it.
