@@ -135,7 +135,7 @@ async def test_a_foreign_origin_is_refused_403_on_both_websockets_and_metrics(
     status, _, body = await get(served.port, "/metrics", {"Origin": EVIL})
     assert status == 403 and b"server.allowed_origins" in body
     assert served.metrics.connections_refused_total.value("origin") == 3
-    assert served.metrics.sessions_total.value() == 0 and served.hub.subscriber_count == 0
+    assert served.metrics.sessions_total.value("listen") == 0 and served.hub.subscriber_count == 0
     logged = [r for r in caplog.records if "may not use this server" in r.getMessage()]
     assert len(logged) == 1 and "127.0.0.1" in logged[0].getMessage()
 

@@ -19,7 +19,7 @@ OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 # alerts query these names and labels, so every one must stay.
 SERIES = {
     "streamer_streams": ("gauge", None),
-    "streamer_sessions_total": ("counter", None),
+    "streamer_sessions_total": ("counter", "protocol"),
     "streamer_sessions_resumed_total": ("counter", None),
     "streamer_sessions_held": ("gauge", None),
     "streamer_sessions_refused_total": ("counter", "endpoint"),
@@ -129,9 +129,9 @@ def test_stream_names_are_escaped_in_their_label() -> None:
 def test_each_daemon_has_its_own_registry() -> None:
     """Two Metrics in one process count apart (the library's global registry would refuse the second)."""
     first, second = Metrics(), Metrics()
-    first.sessions_total.inc()
-    assert first.sessions_total.value() == 1 and second.sessions_total.value() == 0
-    assert samples(second.render())["streamer_sessions_total", ()] == 0
+    first.sessions_total.inc(label_value="listen")
+    assert first.sessions_total.value("listen") == 1 and second.sessions_total.value("listen") == 0
+    assert samples(second.render())["streamer_sessions_total", (("protocol", "listen"),)] == 0
 
 
 def test_process_and_platform_series_come_with_it() -> None:
@@ -146,17 +146,19 @@ def test_process_and_platform_series_come_with_it() -> None:
 def test_openmetrics_when_the_accept_header_asks_for_it() -> None:
     """Without an Accept header (or with text/plain) the text format; with OpenMetrics' media type, OpenMetrics."""
     metrics = Metrics()
-    metrics.sessions_total.inc()
+    metrics.sessions_total.inc(label_value="vosk")
     for accept in (None, "", "text/plain", "*/*"):
         body, content_type = metrics.exposition(accept)
         assert content_type == CONTENT_TYPE and content_type.startswith("text/plain; version=0.0.4")
-        assert "# EOF" not in body and samples(body)["streamer_sessions_total", ()] == 1
+        assert "# EOF" not in body and samples(body)["streamer_sessions_total", (("protocol", "vosk"),)] == 1
     body, content_type = metrics.exposition(OPENMETRICS)
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith("# EOF\n")
     families = {f.name: f for f in parse_openmetrics(body)}
     assert families["streamer_sessions"].type == "counter"  # OpenMetrics names the family without _total
-    assert [(s.name, s.value) for s in families["streamer_sessions"].samples] == [("streamer_sessions_total", 1)]
+    counted = {s.labels["protocol"]: s.value for s in families["streamer_sessions"].samples}
+    assert counted["vosk"] == 1 and sum(counted.values()) == 1 and all(s.name == "streamer_sessions_total"
+                                                                        for s in families["streamer_sessions"].samples)
 
 
 @pytest.mark.slow

@@ -211,7 +211,7 @@ async def test_a_dropped_session_resumes_and_gives_the_uninterrupted_finals(
     assert second[-1] == {"type": "end", "stream": "roam", "segments": len(expected),
                           "audio_s": round(len(data) / 2 / rate, 3), "dropped_s": 0.0}
     assert comparable(check_segments(seen)) == comparable(expected)  # the viewer: each final exactly once
-    assert daemon.metrics.sessions_resumed_total.value() == 1 and daemon.metrics.sessions_total.value() == 2
+    assert daemon.metrics.sessions_resumed_total.value() == 1 and daemon.metrics.sessions_total.value("listen") == 2
 
 
 async def test_finals_made_while_away_are_kept_for_the_client(start_daemon: Start, pcm: tuple[bytes, int]) -> None:

@@ -848,7 +848,8 @@ async def test_http_endpoints(start_daemon: Start, pcm: tuple[bytes, int]) -> No
     status, ctype, body = await http_get(daemon, "/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
     values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines() if line[0] != "#"}
-    assert values["streamer_sessions_total"] == 1 and values["streamer_ready"] == 1
+    assert values['streamer_sessions_total{protocol="listen"}'] == 1 and values["streamer_ready"] == 1
+    assert values['streamer_sessions_total{protocol="deepgram"}'] == 0  # every protocol's series from the start
     assert values["streamer_audio_seconds_total"] == pytest.approx(len(data) / 2 / rate, abs=0.05)
     assert values["streamer_finals_total"] >= 1 and values["streamer_step_seconds_count"] >= 1
     assert values['streamer_batch_size_bucket{le="+Inf"}'] == values["streamer_batch_size_count"]

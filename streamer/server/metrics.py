@@ -30,6 +30,11 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 prometheus_client.disable_created_metrics()
 
 
+# The protocols whose sessions are counted (the ``protocol`` each adapter gives ``SessionCore.connect``): their
+# series exist from the start at 0.
+PROTOCOLS = ("listen", "deepgram", "openai", "openai_realtime", "wyoming", "hermes", "vosk")
+
+
 class Counter:
     """A monotonically increasing value, optionally split by one label whose series all exist from the start."""
 
@@ -125,7 +130,9 @@ class Metrics:
         PlatformCollector(registry=r)  # python_info
         GCCollector(registry=r)  # python_gc_*
         self.streams = Gauge(r, "streamer_streams", "Open audio streams (WebSocket sessions, microphone, file).")
-        self.sessions_total = Counter(r, "streamer_sessions_total", "WebSocket /v1/listen sessions opened.")
+        self.sessions_total = Counter(
+            r, "streamer_sessions_total", "Sessions started, by the protocol they came in on.", "protocol", PROTOCOLS
+        )
         self.sessions_resumed_total = Counter(
             r, "streamer_sessions_resumed_total", "/v1/listen sessions resumed on a new connection after a drop."
         )

@@ -172,7 +172,7 @@ class Session:
         self._interim_results = options.interim_results
         self.results.attach(self, 0)
         self.core.hub.set_source(name, self.results)
-        self.core.metrics.sessions_total.inc()
+        self.core.metrics.sessions_total.inc(label_value=self.protocol)
         self.offer(self._opened(resumed=False))
         compiled = channel.hotwords
         if compiled is not None and compiled.unspellable:
