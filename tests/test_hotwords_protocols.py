@@ -171,6 +171,8 @@ async def check_alive(daemon: Served) -> None:
         assert json.loads(await timed(ws.recv()))["type"] == "ready"
 
 
+@pytest.mark.filterwarnings(r"ignore:websockets\.\S+ is deprecated:DeprecationWarning")  # deepgram-sdk's async
+@pytest.mark.filterwarnings("ignore:websockets.legacy is deprecated:DeprecationWarning")  # client is websockets' legacy
 async def test_deepgram_keyterm_and_openai_prompt(tmp_path: Path, speech: tuple[bytes, int]) -> None:
     """Deepgram's ``keyterm`` (through ``deepgram-sdk``) and OpenAI's ``prompt`` (through the ``openai`` SDK) become
     the session's hotwords: the name comes out with them and not without; a suppressing ``keywords`` entry (negative

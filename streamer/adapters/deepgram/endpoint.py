@@ -96,7 +96,7 @@ class DeepgramEndpoint:
                 response.headers["WWW-Authenticate"] = 'Token realm="streamer"'
             return response
         try:
-            parse_query(request)
+            parse_query(request, self.core.limits.max_hotwords)
         except QueryError as exc:
             self.metrics.protocol_errors_total.inc(label_value="bad_request")
             logger.info("refused a Deepgram request: %s", exc)
@@ -106,7 +106,7 @@ class DeepgramEndpoint:
     async def serve(self, ws: ServerConnection) -> None:
         """One claimed connection, from its handshake until its session has ended."""
         assert ws.request is not None
-        options = parse_query(ws.request)  # it passed at the handshake
+        options = parse_query(ws.request, self.core.limits.max_hotwords)  # it passed at the handshake
         request_id = str(uuid.uuid4())
         connection = DeepgramConnection(options, self.server, self.settings.idle_timeout_s, self.metrics, ws,
                                         request_id, ModelReport(self.core.model.model))

@@ -35,7 +35,7 @@ from websockets.http11 import Request
 
 from streamer.audio.convert import PcmConverter
 from streamer.errors import AudioError, ProtocolError
-from streamer.protocol import MAX_ENDPOINT_S, STREAM_NAME, MessageError, check_hotwords
+from streamer.protocol import MAX_ENDPOINT_S, MAX_HOTWORDS, STREAM_NAME, MessageError, check_hotwords
 from streamer.session import StartOptions
 
 DEEPGRAM_PATH = "/deepgram/v1/listen"
@@ -145,8 +145,9 @@ def credentials(request: Request) -> list[str]:
     return offered
 
 
-def parse_query(request: Request) -> DeepgramOptions:
-    """The options a Deepgram request asks for.
+def parse_query(request: Request, max_hotwords: int = MAX_HOTWORDS) -> DeepgramOptions:
+    """The options a Deepgram request asks for (at most ``max_hotwords`` keyterms and keywords: the server's
+    ``engine.max_hotwords``).
 
     Raises:
         QueryError: a parameter is missing, malformed or asks for what this server cannot do; the message says
@@ -188,11 +189,11 @@ def parse_query(request: Request) -> DeepgramOptions:
         model=_reported(params.get("model")),
         language=_reported(params.get("language")),
         stream=stream,
-        hotwords=_hotwords(pairs),
+        hotwords=_hotwords(pairs, max_hotwords),
     )
 
 
-def _hotwords(pairs: list[tuple[str, str]]) -> tuple[str, ...]:
+def _hotwords(pairs: list[tuple[str, str]], max_count: int) -> tuple[str, ...]:
     """Every ``keyterm``, and every ``keywords`` word without its ``:intensifier`` (negative: left out)."""
     terms = []
     for key, value in pairs:
@@ -207,7 +208,7 @@ def _hotwords(pairs: list[tuple[str, str]]) -> tuple[str, ...]:
                 word = value  # a colon that is part of the word
             terms.append(word)
     try:
-        return check_hotwords(terms, where="keyterm/keywords")
+        return check_hotwords(terms, max_count, where="keyterm/keywords")
     except MessageError as exc:
         raise QueryError(str(exc)) from exc
 
