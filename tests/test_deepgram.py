@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 import soxr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer.audio.g711 import TABLES
 from streamer.training.evaluate import word_error_rate
+from tests.speech import espeak_sentences
 
 with warnings.catch_warnings():  # the SDK imports websockets' deprecated legacy client
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -114,14 +114,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Each sentence as s16le bytes at 22.05 kHz, spoken by espeak-ng."""
-    out, folder = {}, tmp_path_factory.mktemp("speech")
-    for i, text in enumerate((FIRST, SECOND)):
-        path = folder / f"s{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
-        data, rate = sf.read(path, dtype="int16")
-        assert rate == RATE
-        out[text] = data.tobytes()
-    return out
+    spoken = espeak_sentences(tmp_path_factory.mktemp("speech"), (FIRST, SECOND), dtype="int16")
+    assert all(rate == RATE for _, rate in spoken.values())
+    return {text: data.tobytes() for text, (data, _) in spoken.items()}
 
 
 def silence(seconds: float) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import subprocess
 import threading
 import time
 import wave
@@ -29,6 +28,7 @@ from streamer.settings import load_settings
 from streamer.training.evaluate import word_error_rate
 from tests.fixtures_realpeers import Mosquitto
 from tests.serve_process import TIMEOUT, Served, serve
+from tests.speech import espeak_sentences
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
 FIRST, SECOND = "please turn off the lights in the kitchen", "set a timer for ten minutes"
@@ -45,14 +45,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, int]]:
     """Each sentence as float samples at espeak-ng's rate."""
-    out = {}
-    folder = tmp_path_factory.mktemp("spoken")
-    for i, text in enumerate((FIRST, SECOND)):
-        path = folder / f"s{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
-        data, rate = sf.read(path, dtype="float32")
-        out[text] = (data, rate)
-    return out
+    return espeak_sentences(tmp_path_factory.mktemp("spoken"), (FIRST, SECOND))
 
 
 def s16_wav(samples: np.ndarray, rate: int) -> bytes:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from streamer.asr.model import AsrModel
 from streamer.engine.endpoint import EndpointConfig
@@ -41,6 +40,7 @@ from streamer.session import (
     StartOptions,
 )
 from streamer.training.evaluate import word_error_rate
+from tests.speech import espeak_sentences
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
@@ -59,15 +59,9 @@ def recognizer() -> Recognizer:
 @pytest.fixture(scope="module")
 def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Each sentence as s16le bytes at 22.05 kHz."""
-    out = {}
-    folder = tmp_path_factory.mktemp("spoken")
-    for i, text in enumerate((FIRST, SECOND)):
-        path = folder / f"s{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
-        data, rate = sf.read(path, dtype="int16")
-        assert rate == RATE
-        out[text] = data.tobytes()
-    return out
+    spoken = espeak_sentences(tmp_path_factory.mktemp("spoken"), (FIRST, SECOND), dtype="int16")
+    assert all(rate == RATE for _, rate in spoken.values())
+    return {text: data.tobytes() for text, (data, _) in spoken.items()}
 
 
 def silence(seconds: float) -> bytes:

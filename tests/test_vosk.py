@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-import soundfile as sf
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamer.training.evaluate import word_error_rate
 from tests.fixtures_realpeers import Mosquitto, free_port
 from tests.serve_process import TIMEOUT, serve
+from tests.speech import espeak_sentences
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
 FIRST, SECOND = "please turn off the lights in the kitchen", "set a timer for ten minutes"
@@ -39,15 +38,10 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int]:
     """Both sentences with 1.5 s between them, s16le at espeak-ng's 22.05 kHz."""
-    folder = tmp_path_factory.mktemp("spoken")
-    parts = []
-    rate = 0
-    for i, text in enumerate((FIRST, SECOND)):
-        path = folder / f"s{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
-        data, rate = sf.read(path, dtype="int16")
-        parts += [data, np.zeros(round(1.5 * rate), dtype=np.int16)]
-    return np.concatenate(parts).tobytes(), rate
+    spoken = espeak_sentences(tmp_path_factory.mktemp("spoken"), (FIRST, SECOND), dtype="int16")
+    rate = spoken[FIRST][1]
+    gap = np.zeros(round(1.5 * rate), dtype=np.int16)
+    return np.concatenate([part for data, _ in spoken.values() for part in (data, gap)]).tobytes(), rate
 
 
 def vosk_env(port: int, **extra: str) -> dict[str, str]:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import soundfile as sf
 import soxr
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -34,6 +33,7 @@ from wyoming.info import Describe, Info
 from wyoming.ping import Ping, Pong
 
 from streamer.training.evaluate import word_error_rate
+from tests.speech import espeak_sentences
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
 TIMEOUT = float(os.environ.get("STREAMER_TEST_TIMEOUT_FACTOR", "1"))
@@ -91,14 +91,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serving]:
 @pytest.fixture(scope="module")
 def spoken(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[np.ndarray, int]]:
     """Each sentence as float samples in [-1, 1] and their rate (espeak-ng's 22.05 kHz)."""
-    out = {}
-    folder = tmp_path_factory.mktemp("spoken")
-    for i, text in enumerate((FIRST, SECOND)):
-        path = folder / f"s{i}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
-        samples, rate = sf.read(path, dtype="float32")
-        out[text] = (samples, rate)
-    return out
+    return espeak_sentences(tmp_path_factory.mktemp("spoken"), (FIRST, SECOND))
 
 
 def pcm(samples: np.ndarray, width: int) -> bytes:
