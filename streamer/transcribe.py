@@ -8,8 +8,12 @@ The model comes from the same ``[model]`` settings as every other command (``--c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from streamer.config_args import (
     DEFAULT_MODEL,
@@ -22,6 +26,11 @@ from streamer.config_args import (
 )
 from streamer.engine.factory import load_model
 from streamer.errors import ConfigError, StreamerError
+
+if TYPE_CHECKING:
+    from streamer.asr.config import ContextSize
+    from streamer.asr.model import AsrModel
+    from streamer.engine.recognizer import Progress
 
 TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype")}
 
@@ -57,6 +66,16 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
         "(70,13 = 1.04 s, 70,6 = 480 ms, 70,1 = 80 ms, 70,0 = none) (model.att_context_size; default: the "
         "model's first)",
     )
+    t.add_argument(
+        "--attention",
+        choices=("model", "full", "local"),
+        default="model",
+        help="self-attention: the checkpoint's own (model), full context (full), or a sliding window of "
+        "--att-context-size L,R frames each way (local; default window 128,128 as on NVIDIA's cards): "
+        "memory and time then grow linearly, so an hour-long file goes through in one pass (offline mode)",
+    )
+    t.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress bar on stderr for files of a minute or more (auto: when stderr is a terminal)")
     t.add_argument("--decoder", choices=("tdt", "rnnt", "ctc"), default=None,
                    help="decoding head (model.decoder; default: the model's transducer, else CTC)")
     t.add_argument("--format", choices=("text", "json", "srt", "vtt"), default="text",
@@ -66,6 +85,42 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
                    help="write FILE's result to DIR/<name>.<txt|json|srt|vtt> instead of stdout")
     add_settings_args(t)
     t.set_defaults(func=cmd_transcribe)
+
+
+LOCAL_WINDOW_DEFAULT = (128, 128)  # NVIDIA's long-audio setting for the parakeet cards
+PROGRESS_MIN_S = 60.0
+
+
+def switch_attention(model: AsrModel, attention: str, ctx: ContextSize | None) -> ContextSize:
+    """Apply ``--attention`` to a loaded model; returns the context (or window) to run with."""
+    if attention == "local":
+        model.change_attention("rel_pos_local_attn", ctx or LOCAL_WINDOW_DEFAULT)
+        return model.check_context(None)
+    if attention == "full" and model.config.encoder.is_local_attention:
+        model.change_attention("rel_pos", ctx)
+        return model.check_context(None)
+    return model.check_context(ctx)
+
+
+@contextlib.contextmanager
+def progress_bar(name: str, seconds: float, mode: str) -> Iterator[Progress | None]:
+    """A tqdm bar on stderr over encoder layers and decoded frames, for long files (see ``--progress``)."""
+    show = mode == "on" or (mode == "auto" and seconds >= PROGRESS_MIN_S and sys.stderr.isatty())
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=f"{os.path.basename(name)} ({seconds / 60:.1f} min)", unit="%",
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
+              file=sys.stderr) as bar:
+        def update(stage: str, done: int, total: int) -> None:
+            # the encoder is most of the work offline: its layers take the first 90%
+            share = 90.0 * done / total if stage == "encoder" else 90.0 + 10.0 * done / max(total, 1)
+            bar.set_postfix_str(f"{stage} {done}/{total}", refresh=False)
+            bar.update(share - bar.n)
+
+        yield update
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -81,12 +136,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, TRANSCRIBE_FLAGS).model
     model = load_model(settings)
     kind = model.check_decoder(settings.decoder)
-    ctx = model.check_context(settings.att_context_size)
-    run = transcribe_streaming if args.mode == "streaming" else transcribe_offline
+    ctx = switch_attention(model, args.attention, settings.att_context_size)
+    if args.mode == "streaming" and model.config.encoder.is_local_attention:
+        raise ConfigError("--mode streaming needs a cache-aware model; local attention is for offline mode")
     sr = model.config.features.sample_rate
     for f in args.files:
         audio = load_audio(f, sr)
-        result = run(model, audio, kind, ctx)
+        if args.mode == "streaming":
+            result = transcribe_streaming(model, audio, kind, ctx)
+        else:
+            with progress_bar(f, len(audio) / sr, args.progress) as progress:
+                result = transcribe_offline(model, audio, kind, ctx, progress)
         if args.format == "json":
             obj = {"file": f, **result.to_json(), "duration_s": round(len(audio) / sr, 3),
                    "mode": args.mode, "decoder": kind, "att_context_size": list(ctx)}

@@ -294,8 +294,8 @@ def test_parse_hybrid_and_ctc() -> None:
     [
         ({"encoder__subsampling": "striding"}, "encoder.subsampling='striding' (supported: 'dw_striding')"),
         (
-            {"encoder__self_attention_model": "rel_pos_local_attn"},
-            "self_attention_model='rel_pos_local_attn'",
+            {"encoder__self_attention_model": "abs_pos"},
+            "self_attention_model='abs_pos' (supported: 'rel_pos', 'rel_pos_local_attn')",
         ),
         ({"encoder__conv_norm_type": "group_norm"}, "conv_norm_type='group_norm' (supported: 'batch_norm', "),
         (

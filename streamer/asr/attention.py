@@ -24,20 +24,25 @@ from streamer.asr.config import ContextSize
 MASK_FILL = -10000.0  # NeMo's fill value for masked attention scores
 
 
+def sinusoid_rows(positions: Tensor, d_model: int) -> Tensor:
+    """NeMo's ``create_pe`` for the given relative positions [P] -> [P, D] (sin on even, cos on odd columns)."""
+    positions = positions.to(torch.float32).unsqueeze(1)
+    div_term = torch.exp(
+        torch.arange(0, d_model, 2, dtype=torch.float32, device=positions.device) * -(math.log(10000.0) / d_model)
+    )
+    pe = torch.zeros(positions.size(0), d_model, device=positions.device)
+    pe[:, 0::2] = torch.sin(positions * div_term)
+    pe[:, 1::2] = torch.cos(positions * div_term)
+    return pe
+
+
 def rel_positional_table(n: int, d_model: int, device: torch.device | None = None) -> Tensor:
     """NeMo ``RelPositionalEncoding`` rows for relative positions ``n-1, ..., -(n-1)``: [2n-1, D].
 
     Same float32 op order as NeMo's ``extend_pe``; every row depends only on its own position, so the
     table for any ``n`` equals the matching slice of NeMo's long table.
     """
-    positions = torch.arange(n - 1, -n, -1, dtype=torch.float32, device=device).unsqueeze(1)
-    div_term = torch.exp(
-        torch.arange(0, d_model, 2, dtype=torch.float32, device=device) * -(math.log(10000.0) / d_model)
-    )
-    pe = torch.zeros(positions.size(0), d_model, device=device)
-    pe[:, 0::2] = torch.sin(positions * div_term)
-    pe[:, 1::2] = torch.cos(positions * div_term)
-    return pe
+    return sinusoid_rows(torch.arange(n - 1, -n, -1, dtype=torch.float32, device=device), d_model)
 
 
 class RelPositionMultiHeadAttention(nn.Module):

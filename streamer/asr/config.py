@@ -42,7 +42,7 @@ class FeatureConfig:
 
 @dataclass(frozen=True, slots=True)
 class EncoderConfig:
-    """NeMo ``ConformerEncoder`` settings for a FastConformer (dw_striding, rel_pos)."""
+    """NeMo ``ConformerEncoder`` settings for a FastConformer (dw_striding; rel_pos or rel_pos_local_attn)."""
 
     feat_in: int = 80
     n_layers: int = 2
@@ -62,6 +62,16 @@ class EncoderConfig:
     conv_norm_type: str = "layer_norm"  # or "batch_norm"
     conv_context_size: ContextSize | None = None  # None -> symmetric ((K-1)//2, (K-1)//2)
     use_bias: bool = True
+    # "rel_pos" (full attention under the context mask) or "rel_pos_local_attn" (a sliding window of
+    # att_context_sizes[0] plus global tokens; offline only, linear in the audio's length)
+    self_attention_model: str = "rel_pos"
+    global_tokens: int = 0
+    global_tokens_spacing: int = 1
+    global_attn_separate: bool = False
+
+    @property
+    def is_local_attention(self) -> bool:
+        return self.self_attention_model == "rel_pos_local_attn"
 
     @property
     def conv_context(self) -> ContextSize:

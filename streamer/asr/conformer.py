@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from streamer.asr.attention import RelPositionMultiHeadAttention
 from streamer.asr.config import ContextSize, EncoderConfig
+from streamer.asr.local_attention import LocalRelPositionMultiHeadAttention
 from streamer.errors import ConfigError
 
 
@@ -129,6 +130,21 @@ class ConvModule(nn.Module):
         return out if conv.bias is None else out + conv.bias
 
 
+def attention_module(cfg: EncoderConfig) -> RelPositionMultiHeadAttention:
+    """The self-attention ``cfg`` asks for: full (masked) or local + global (``rel_pos_local_attn``)."""
+    if cfg.is_local_attention:
+        return LocalRelPositionMultiHeadAttention(
+            cfg.n_heads,
+            cfg.d_model,
+            cfg.use_bias,
+            cfg.default_att_context_size,
+            cfg.global_tokens,
+            cfg.global_tokens_spacing,
+            cfg.global_attn_separate,
+        )
+    return RelPositionMultiHeadAttention(cfg.n_heads, cfg.d_model, cfg.use_bias)
+
+
 class ConformerLayer(nn.Module):
     """Macaron Conformer block: FF/2, MHSA, conv, FF/2, LayerNorm (NeMo ``ConformerLayer``)."""
 
@@ -138,7 +154,7 @@ class ConformerLayer(nn.Module):
         self.norm_feed_forward1 = nn.LayerNorm(d)
         self.feed_forward1 = FeedForward(d, d * cfg.ff_expansion_factor, bias)
         self.norm_self_att = nn.LayerNorm(d)
-        self.self_attn = RelPositionMultiHeadAttention(cfg.n_heads, d, bias)
+        self.self_attn = attention_module(cfg)
         self.norm_conv = nn.LayerNorm(d)
         self.conv = ConvModule(d, cfg.conv_kernel_size, cfg.conv_context, cfg.conv_norm_type, bias)
         self.norm_feed_forward2 = nn.LayerNorm(d)
@@ -164,7 +180,10 @@ class ConformerLayer(nn.Module):
         if joins is not None:
             k = joins.k = fill_end(joins.k, k, dim=2)
             v = joins.v = fill_end(joins.v, v, dim=2)
-        r = r + att.attend(q, k, v, p, att_mask)
+        if isinstance(att, LocalRelPositionMultiHeadAttention):
+            r = r + att.attend_local(xn, q, k, v, p, pad_mask)
+        else:
+            r = r + att.attend(q, k, v, p, att_mask)
         r = r + self.conv(self.norm_conv(r), pad_mask, joins)
         r = r + 0.5 * self.feed_forward2(self.norm_feed_forward2(r))
         return self.norm_out(r)

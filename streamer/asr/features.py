@@ -103,6 +103,10 @@ def mel_filterbank(cfg: FeatureConfig) -> np.ndarray:
 # Normalisation and masking
 
 
+# Offline features of longer inputs are computed this many frames (60 s) at a time.
+LONG_WINDOW_FRAMES = 6000
+
+
 def length_mask(lengths: Tensor, size: int) -> Tensor:
     """(B, size) bool, True at positions ``i < lengths[b]`` (valid samples or frames)."""
     return torch.arange(size, device=lengths.device)[None, :] < lengths[:, None]
@@ -204,6 +208,20 @@ class FilterbankFeatures(nn.Module):
         frames = signal.unfold(1, cfg.n_fft, cfg.hop_length)  # (B, M, n_fft), the framing of torch.stft
         return self.log_mel_of_frames(frames, pad_single_column=pad_single_column)
 
+    def _log_mel_in_windows(self, padded: Tensor, num_frames: int, window_frames: int | None = None) -> Tensor:
+        """:meth:`_log_mel` of all frames, ``window_frames`` at a time (default :data:`LONG_WINDOW_FRAMES`):
+        frames are independent, so the result is the one-shot one, while the STFT's temporaries (15 bytes
+        of spectrum per sample) stay bounded for hours of audio."""
+        step = window_frames or LONG_WINDOW_FRAMES
+        if num_frames <= step:
+            return self._log_mel(padded, 0, num_frames, pad_single_column=False)
+        hop = self.cfg.hop_length
+        parts = [
+            self._log_mel(padded, hop * m, min(step, num_frames - m), pad_single_column=False)
+            for m in range(0, num_frames, step)
+        ]
+        return torch.cat(parts, dim=2)
+
     def log_mel_of_frames(self, frames: Tensor, *, pad_single_column: bool) -> Tensor:
         """Log-mel of STFT frames (B, M, n_fft) cut from the pre-emphasised, padded signal: (B, F, M)."""
         cfg = self.cfg
@@ -253,7 +271,7 @@ class FilterbankFeatures(nn.Module):
             y = y.masked_fill(~length_mask(lengths, y.shape[1]), 0.0)  # NeMo >= 2.5 masks the tail
             padded = F.pad(y, (cfg.n_fft // 2, cfg.n_fft // 2))  # centre=True, constant (zero) padding
             num_frames = clocks.num_stft_frames(x.shape[1], cfg.hop_length)
-            feats = self._log_mel(padded, 0, num_frames, pad_single_column=False)
+            feats = self._log_mel_in_windows(padded, num_frames)
             if self.is_normalized:
                 feats = normalize_per_feature(feats, out_lengths)
             feats = feats.masked_fill(~length_mask(out_lengths, num_frames)[:, None, :], cfg.pad_value)

@@ -12,6 +12,7 @@ Shape legend::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Literal
 
@@ -108,6 +109,12 @@ class AsrModel(AsrNetwork):
     def check_context(self, att_context_size: ContextSize | None) -> ContextSize:
         """Validate a look-ahead choice (None = the model's default)."""
         return self.encoder.check_context(att_context_size)
+
+    def change_attention(self, self_attention_model: str, window: ContextSize | None = None) -> None:
+        """Switch the encoder's attention (see :meth:`FastConformerEncoder.change_attention`); the model's
+        config follows, so :meth:`save` writes the switched model."""
+        self.encoder.change_attention(self_attention_model, window)
+        self.config = dataclasses.replace(self.config, encoder=self.encoder.cfg)
 
     def to_checkpoint(self, source: str = "") -> Checkpoint:
         """This model's config, weights and tokenizer as a :class:`Checkpoint` (CPU tensors)."""

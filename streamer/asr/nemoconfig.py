@@ -182,7 +182,8 @@ def _parse_encoder(enc: Mapping[str, Any], problems: list[str]) -> EncoderConfig
     p = "encoder"
     _choice(_target_class(enc) or "ConformerEncoder", ("ConformerEncoder",), f"{p}._target_", problems)
     _choice(enc.get("subsampling", "striding"), ("dw_striding",), f"{p}.subsampling", problems)
-    _choice(enc.get("self_attention_model", "rel_pos"), ("rel_pos",), f"{p}.self_attention_model", problems)
+    attention = str(enc.get("self_attention_model", "rel_pos"))
+    _choice(attention, ("rel_pos", "rel_pos_local_attn"), f"{p}.self_attention_model", problems)
     _choice(
         enc.get("att_context_style", "regular"),
         ("regular", "chunked_limited"),
@@ -222,6 +223,10 @@ def _parse_encoder(enc: Mapping[str, Any], problems: list[str]) -> EncoderConfig
         conv_norm_type=str(enc.get("conv_norm_type", "batch_norm")),
         conv_context_size=_conv_context(enc.get("conv_context_size"), kernel, problems),
         use_bias=_get(enc, p, "use_bias", bool, True),
+        self_attention_model=attention,
+        global_tokens=_get(enc, p, "global_tokens", int, 0),
+        global_tokens_spacing=_get(enc, p, "global_tokens_spacing", int, 1),
+        global_attn_separate=_get(enc, p, "global_attn_separate", bool, False),
     )
 
 

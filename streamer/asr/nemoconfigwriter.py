@@ -55,7 +55,7 @@ def _features_section(f: FeatureConfig) -> dict[str, Any]:
 
 def _encoder_section(e: EncoderConfig) -> dict[str, Any]:
     sizes = [list(size) for size in e.att_context_sizes]
-    return {
+    section = {
         "_target_": NEMO_MODULES + "ConformerEncoder",
         "feat_in": e.feat_in,
         "feat_out": -1,
@@ -66,7 +66,7 @@ def _encoder_section(e: EncoderConfig) -> dict[str, Any]:
         "subsampling_conv_channels": e.subsampling_conv_channels,
         "causal_downsampling": e.causal_downsampling,
         "ff_expansion_factor": e.ff_expansion_factor,
-        "self_attention_model": "rel_pos",
+        "self_attention_model": e.self_attention_model,
         "n_heads": e.n_heads,
         "att_context_size": sizes[0] if len(sizes) == 1 else sizes,
         "att_context_style": e.att_context_style,
@@ -82,6 +82,13 @@ def _encoder_section(e: EncoderConfig) -> dict[str, Any]:
         "dropout_emb": 0.0,
         "dropout_att": 0.1,
     }
+    if e.is_local_attention:
+        section |= {
+            "global_tokens": e.global_tokens,
+            "global_tokens_spacing": e.global_tokens_spacing,
+            "global_attn_separate": e.global_attn_separate,
+        }
+    return section
 
 
 def _transducer_sections(t: TransducerConfig, d_model: int, pieces: list[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,30 +91,53 @@ def make_transcript(model: AsrModel, span: TokenSpan) -> Transcript:
     )
 
 
+# Offline decoding goes through the encoder output this many frames (40 s) at a time; the greedy decoders are
+# stateful, so the tokens equal one pass over all frames (the streaming path relies on the same property).
+DECODE_WINDOW_FRAMES = 500
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total): "encoder" layers, then "decoder" frames
+
+
 @torch.inference_mode()
 def transcribe_offline(
     model: AsrModel,
     audio: np.ndarray,
     decoder: DecoderKind | None = None,
     att_context_size: ContextSize | None = None,
+    progress: Progress | None = None,
 ) -> Transcript:
-    """Recognize a whole utterance (16 kHz mono float32) with one encoder pass."""
+    """Recognize a whole utterance (16 kHz mono float32) with one encoder pass.
+
+    With a local-attention model (:meth:`AsrModel.change_attention`) time and memory grow linearly with the
+    audio, so hours go through in one pass; ``progress`` hears each encoder layer and decoded window.
+    """
     kind = model.check_decoder(decoder)
     ctx = model.check_context(att_context_size)
     param = next(model.parameters())
     x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None].to(param.device)
     feats, lens = model.preprocessor(x, torch.tensor([x.size(1)], device=param.device))
-    enc, enc_len = model.encoder(feats, lens, ctx)
-    span = _decode(model, kind, enc, enc_len)
+    del x
+    on_layer = None if progress is None else (lambda done, total: progress("encoder", done, total))
+    enc, enc_len = model.encoder(feats, lens, ctx, on_layer=on_layer)
+    span = _decode(model, kind, enc, enc_len, progress)
     return make_transcript(model, span)
 
 
-def _decode(model: AsrModel, kind: DecoderKind, enc: Tensor, enc_len: Tensor) -> TokenSpan:
+def _decode(
+    model: AsrModel, kind: DecoderKind, enc: Tensor, enc_len: Tensor, progress: Progress | None = None
+) -> TokenSpan:
     greedy = model.greedy_decoder(kind)
     state = greedy.init_state(enc.size(0))
     inputs = model.ctc_log_probs(enc) if isinstance(greedy, GreedyCTCDecoder) else enc
-    spans, _ = greedy.step(inputs, enc_len, state)
-    return spans[0]
+    total = int(enc_len[0])
+    span = TokenSpan()
+    for start in range(0, max(total, 1), DECODE_WINDOW_FRAMES):
+        n = min(DECODE_WINDOW_FRAMES, total - start)
+        spans, state = greedy.step(inputs[:, start : start + n], torch.tensor([n], device=enc.device), state)
+        span = span + spans[0]
+        if progress is not None:
+            progress("decoder", start + n, total)
+    return span
 
 
 _ids = itertools.count(1)
