@@ -29,6 +29,7 @@ examples:
   streamer transcribe x.wav --model nvidia/stt_en_fastconformer_hybrid_large_streaming_multi --decoder ctc
   streamer bench                                        latency and real-time factor table
   streamer loadtest --streams 1,2,4,8 --att-context-size 70,1   live streams this box holds
+  streamer convert model.nemo model-hf/ --verify         .nemo <-> Hugging Face transformers directory
 
 --model takes a .nemo file, a Hugging Face model directory (config.json + model.safetensors),
 a name from models/registry.toml, or a Hugging Face id (downloaded once, then cached).
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     from streamer.bench import add_bench_parser
+    from streamer.convert_command import add_convert_parser
     from streamer.loadtest_cli import add_loadtest_parser
     from streamer.mic_command import add_mic_parser
     from streamer.service import add_serve_parser
@@ -64,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_parser(sub)
     add_bench_parser(sub)
     add_loadtest_parser(sub)
+    add_convert_parser(sub)
     from streamer.training.cli import add_training_parsers
 
     add_training_parsers(sub)

@@ -38,6 +38,9 @@ from streamer.errors import CheckpointError, UnsupportedCheckpointError
 PARAKEET_TYPES = ("parakeet_tdt", "parakeet_rnnt", "parakeet_ctc")
 NEMOTRON_TYPE = "nemotron_asr_streaming"
 SUPPORTED_TYPES = (*PARAKEET_TYPES, NEMOTRON_TYPE)
+# NeMo's class for transducers transformers cannot name (EOU models); `streamer convert` writes it.
+NEMO_CLASS_KEY = "nemo_model_class"
+_NAMED_TRANSDUCER_CLASSES = ("EncDecRNNTBPEModel", "EncDecRNNTBPEEOUModel")
 # transformers' NemotronAsrStreamingProcessor default when processor_config.json does not list them.
 NEMOTRON_LOOKAHEADS = (13, 6, 1, 0)
 
@@ -262,9 +265,13 @@ def model_config(directory: Path) -> ModelConfig:
             else (),
             max_symbols=int(cfg.get("max_symbols_per_step", 10)),
         )
+    model_class = "EncDecCTCModelBPE" if ctc is not None else "EncDecRNNTBPEModel"
+    if NEMO_CLASS_KEY in cfg:
+        model_class = str(cfg[NEMO_CLASS_KEY])
+        if ctc is not None or model_class not in _NAMED_TRANSDUCER_CLASSES:
+            problems.append(f"{NEMO_CLASS_KEY}={model_class!r} (supported: {', '.join(_NAMED_TRANSDUCER_CLASSES)})")
     if problems:
         raise UnsupportedCheckpointError(f"{directory}: streamer does not implement " + "; ".join(problems))
-    model_class = "EncDecCTCModelBPE" if ctc is not None else "EncDecRNNTBPEModel"
     return ModelConfig(
         features=features,
         encoder=encoder,

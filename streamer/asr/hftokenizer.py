@@ -101,3 +101,76 @@ def sentencepiece_from_tokenizer_json(data: Mapping[str, Any]) -> bytes:
     normalizer.remove_extra_whitespaces = bool(_find(data.get("normalizer"), "Replace"))
     normalizer.escape_whitespaces = True
     return proto.SerializeToString()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The other way: tokenizer.json from a SentencePiece model
+
+
+def _bpe_merges(vocab: Mapping[str, int], mergeable: set[str]) -> list[list[str]]:
+    """Every ``[left, right]`` pair whose concatenation is a piece, ordered by the merged piece's id.
+
+    SentencePiece's BPE applies merges by the merged piece's score, which falls with its id; the
+    tokenizers library applies them by their rank in this list, so the order carries over.
+    """
+    merges: list[tuple[int, int, int, str, str]] = []
+    for piece in mergeable:
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                merges.append((vocab[piece], vocab[left], vocab[right], left, right))
+    return [[left, right] for *_, left, right in sorted(merges)]
+
+
+def tokenizer_json_from_sentencepiece(tokenizer_model: bytes, *, blank_token: str = "<blank>") -> dict[str, Any]:
+    """A transformers ``tokenizer.json`` (tokenizers BPE) for a SentencePiece BPE model, plus the blank.
+
+    The blank is an added special token one past the pieces, as transformers' Parakeet tokenizers
+    have it; control pieces become special added tokens and user-defined pieces (``<EOU>``) plain ones.
+    `sentencepiece_from_tokenizer_json` reads it back with the same ids, pieces and types.
+
+    Raises:
+        UnsupportedCheckpointError: the SentencePiece model is not BPE.
+    """
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(tokenizer_model)
+    if proto.trainer_spec.model_type != sp_model.TrainerSpec.BPE:
+        raise UnsupportedCheckpointError("only SentencePiece BPE tokenizers can be written as tokenizer.json")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    unk = next((p.piece for p in proto.pieces if p.type == Piece.UNKNOWN), "<unk>")
+    added = [
+        {"id": i, "content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": p.type == Piece.CONTROL}
+        for i, p in enumerate(proto.pieces)
+        if p.type in (Piece.CONTROL, Piece.USER_DEFINED)
+    ]
+    added.append({"id": len(vocab), "content": blank_token, "single_word": False, "lstrip": False,
+                  "rstrip": False, "normalized": False, "special": True})
+    spec = proto.normalizer_spec
+    normalizers: list[dict[str, Any]] = []
+    if spec.precompiled_charsmap:
+        charsmap = base64.b64encode(spec.precompiled_charsmap).decode()
+        normalizers.append({"type": "Precompiled", "precompiled_charsmap": charsmap})
+    if spec.remove_extra_whitespaces:
+        normalizers += [
+            {"type": "Strip", "strip_left": False, "strip_right": True},
+            {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "▁"},
+        ]
+    metaspace = {"type": "Metaspace", "replacement": "▁",
+                 "prepend_scheme": "always" if spec.add_dummy_prefix else "never", "split": True}
+    mergeable = {p.piece for p in proto.pieces if p.type == Piece.NORMAL}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers} if normalizers else None,
+        "pre_tokenizer": metaspace,
+        "post_processor": None,
+        "decoder": dict(metaspace),
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": proto.trainer_spec.byte_fallback,
+            "ignore_merges": False, "vocab": vocab, "merges": _bpe_merges(vocab, mergeable),
+        },
+    }
