@@ -95,6 +95,20 @@ async def test_release_and_renewal_touch_only_a_lease_that_is_still_ours(redis_s
         assert await store.get("test:stream:den") is None
 
 
+async def test_a_lease_outlives_its_ttl_while_renewed_and_lapses_without(redis_server: RedisServer) -> None:
+    async with leases(redis_server, "node-a", ttl_s=1.5) as a, leases(redis_server, "node-b") as b:
+        assert (await a.claim("kitchen")).granted and (await a.claim("porch")).granted
+        renewer = asyncio.create_task(a.run())
+        try:
+            a.held.discard("porch")  # as if its stream had ended on a replica that could not delete the lease
+            await asyncio.sleep(4.0)  # well past the ttl: renewed every 0.5 s
+            assert not (await b.claim("kitchen")).granted
+            assert (await b.claim("porch")).granted  # not renewed: it lapsed
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+
+
 async def test_an_unreachable_store_is_an_error_naming_it() -> None:
     store = StreamLeases(f"redis://127.0.0.1:{free_port()}/0", "node-a", "run", 10.0)
     try:
