@@ -103,6 +103,8 @@ class Daemon:
         self.mic: Any = None
         self.vosk: Any = None  # VoskServer, with vosk.enabled
         self.hermes: Any = None  # HermesAdapter, with hermes.enabled
+        self.leases: Any = None  # StreamLeases, with [cluster]
+        self.bus: Any = None  # ResultsBus, with [cluster]
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
     @property
@@ -130,6 +132,10 @@ class Daemon:
         self.metrics = metrics = Metrics()
         self.mqtt = _make_mqtt(settings, metrics)  # opens the finals journal: fail before the model loads
         self.sessions = sessions = _make_session_store(settings)  # likewise
+        if settings.cluster.enabled:
+            from streamer.server.cluster import make_bus, make_leases
+
+            self.leases = make_leases(settings, self.mqtt)
         metrics.session_journal_unsaved.source = lambda: sessions.unsaved
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
@@ -156,7 +162,9 @@ class Daemon:
         model = ModelInfo(_model_name(settings.model.spec), tuple(recognizer.att_context_size),
                           round(recognizer.chunk_seconds, 3))
         limits = SessionLimits.from_settings(settings.server, settings.engine)
-        self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions)
+        if self.leases is not None:
+            self.bus = make_bus(settings, self.mqtt, self.hub, self.scheduler)
+        self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions, self.leases)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context,
                                       settings.deepgram)
         await self.server.start()
@@ -186,8 +194,9 @@ class Daemon:
                 tasks.append(tg.create_task(scheduler.run(), name="scheduler"))
                 if self.mqtt is not None:
                     tasks.append(tg.create_task(self.mqtt.run(), name="mqtt"))
-                if self.hermes is not None:
-                    tasks.append(tg.create_task(self.hermes.run(), name="hermes"))
+                for name, part in (("hermes", self.hermes), ("results-bus", self.bus), ("leases", self.leases)):
+                    if part is not None:
+                        tasks.append(tg.create_task(part.run(), name=name))
                 tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)
@@ -223,8 +232,8 @@ class Daemon:
         return 0
 
     async def _close_adapters(self) -> None:
-        """Close the other protocols' servers (Wyoming, Vosk) and the Hermes client."""
-        for adapter in (self.wyoming, self.vosk, self.hermes):
+        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client and the cluster's leases."""
+        for adapter in (self.wyoming, self.vosk, self.hermes, self.leases):
             if adapter is not None:
                 await adapter.close()
 
@@ -246,7 +255,7 @@ class Daemon:
         except TimeoutError:
             logger.error("open segments not flushed within %.0f s", FLUSH_TIMEOUT_S)
         await server.close()  # caption subscribers get their finals, then 1001
-        await self._close_adapters()  # their sessions' last results went out with server.shutdown
+        await self._close_adapters()  # their sessions' last results went out (and leases were released) with shutdown
         if self.mqtt is not None:
             await self.mqtt.close()  # delivers the outbox, publishes "offline"
         for task in tasks:
@@ -304,8 +313,10 @@ def _make_mqtt(settings: Settings, metrics: Any) -> Any:
     directory = state_directory(settings.state)
     journal = FinalJournal.open(directory) if directory is not None else None
     m = settings.mqtt
+    cluster = settings.cluster  # a replica's topics carry its node id unless mqtt.device_id says otherwise
     sink = MqttSink(
-        m.host, m.port, prefix=m.prefix, device=m.device_id, tls=m.tls, tls_ca_file=m.ca_file,
+        m.host, m.port, prefix=m.prefix, device=m.device_id or (cluster.node_id if cluster.enabled else None),
+        tls=m.tls, tls_ca_file=m.ca_file,
         tls_cert_file=m.cert_file, tls_key_file=m.key_file, username=m.username,
         password=m.password.get_secret_value() if m.password else None, outbox_size=m.outbox_size,
         max_inflight=m.max_inflight, keepalive_s=m.keepalive_s, journal=journal,

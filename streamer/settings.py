@@ -31,6 +31,7 @@ from streamer.settings_models import (
     CONFIG_FILE,
     ENV_PREFIX,
     SECTIONS,
+    ClusterSettings,
     DeepgramSettings,
     EndpointingSettings,
     EngineSettings,
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
     "SECTIONS",
+    "ClusterSettings",
     "DeepgramSettings",
     "EndpointingSettings",
     "EngineSettings",
@@ -81,7 +83,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = Path("/etc/streamer/streamer.toml")
 MASK = "********"
 CLIENT_ENV = {"STREAMER_TOKEN"}  # read by the clients (ws_client.py, streamer mic), not a setting
-SECRET_KEYS = {"server": ("auth_tokens",), "mqtt": ("password",)}
+SECRET_KEYS = {"server": ("auth_tokens",), "mqtt": ("password",), "cluster": ("store_password",)}
 
 
 def read_toml(path: Path) -> dict[str, Any]:

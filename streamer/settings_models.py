@@ -310,6 +310,33 @@ class DeepgramSettings(_Section):
     )
 
 
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ClusterSettings(_Section):
+    """[cluster]: replicas that share one results bus (the [mqtt] broker) and one lease store (Redis), so a viewer
+    may land on any replica and a stream name is unique across all of them (``streamer.server.results_bus``,
+    ``streamer.server.stream_leases``)."""
+
+    enabled: bool = False
+    node_id: str | None = Field(
+        None, pattern=NODE_ID_PATTERN, description="this replica's name in leases and logs; None: the host name"
+    )
+    bus: Literal["mqtt"] = Field("mqtt", description="where replicas exchange results: the broker of [mqtt]")
+    store_url: str = Field("redis://localhost:6379/0", description="the lease store: redis://, rediss:// or unix://")
+    store_password: SecretStr | None = Field(None, description="the store's password, if not in store_url")
+    lease_ttl_s: float = Field(
+        10.0, ge=1.0, le=3600.0, description="a stream name's lease lives this long unless renewed (every ttl/3)"
+    )
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url_is_redis(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{url!r} is no Redis URL: give redis://HOST:PORT/DB, rediss://... or unix://PATH")
+        return url
+
+
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
 
 
@@ -329,6 +356,7 @@ class Settings(BaseSettings):
     hermes: HermesSettings = HermesSettings()
     vosk: VoskSettings = VoskSettings()
     deepgram: DeepgramSettings = DeepgramSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -21,8 +21,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # the real ~/.local/state/streamer; tests of the journal set state.dir to their tmp_path.
 os.environ.setdefault("STREAMER_STATE__DIR", "")
 
-# Real peers: a mosquitto broker on a free loopback port, the virtual PulseAudio microphone.
-pytest_plugins = ["tests.fixtures_realpeers"]
+# Real peers: a mosquitto broker and a redis-server on free loopback ports, the virtual PulseAudio microphone.
+pytest_plugins = ["tests.fixtures_realpeers", "tests.fixtures_redis"]
 
 
 @pytest.fixture(scope="session")

@@ -262,8 +262,8 @@ class SiteWorker:
         if not session.is_started:
             if frame.format_key == listening.refused_format:
                 return
-            session.start(StartOptions(frame.sample_rate, frame.encoding, frame.channels,
-                                       stream=stream_name(self.site_id), live=True))
+            await session.begin(StartOptions(frame.sample_rate, frame.encoding, frame.channels,
+                                             stream=stream_name(self.site_id), live=True))
             if not session.is_started:  # the core said why (unsupported_audio, stream_in_use, server_busy)
                 listening.refused_format = frame.format_key
                 return

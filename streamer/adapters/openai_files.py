@@ -173,8 +173,8 @@ class TranscriptionsRoute:
         try:
             name = parse_qs(urlsplit(exchange.request.path).query).get("stream", [None])[-1]
             hotwords = prompt_hotwords(request.prompt, self.core.limits.max_hotwords)
-            session.start(StartOptions(RATE_HZ, "pcm_f32le", stream=name, interim_results=request.stream, live=False,
-                                       hotwords=hotwords))
+            await session.begin(StartOptions(RATE_HZ, "pcm_f32le", stream=name, interim_results=request.stream,
+                                             live=False, hotwords=hotwords))
             if not session.is_started:
                 problem = sink.problem or Problem("internal_error", "the session did not start")
                 status = START_STATUS.get(problem.code, 500)

@@ -230,8 +230,8 @@ class RealtimeConnection:
             return
         if not session.is_started:
             hotwords = prompt_hotwords(self.config.transcription.get("prompt"), self.core.limits.max_hotwords)
-            session.start(StartOptions(self.config.rate_hz, "pcm_s16le", 1, self.stream, live=False,
-                                       endpointing=endpointing(self.config), hotwords=hotwords))
+            await session.begin(StartOptions(self.config.rate_hz, "pcm_s16le", 1, self.stream, live=False,
+                                             endpointing=endpointing(self.config), hotwords=hotwords))
             if not session.is_started:
                 return  # the core said why (an error event); the audio is not taken
         if session.is_open and data:

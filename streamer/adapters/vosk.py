@@ -240,7 +240,7 @@ class VoskConnection:
 
     async def _start(self, session: Session) -> bool:
         """Start the core session at the configured rate; False (after an error and the close) when it refused."""
-        session.start(StartOptions(self.config.sample_rate, "pcm_s16le", 1, hotwords=self.config.phrase_list))
+        await session.begin(StartOptions(self.config.sample_rate, "pcm_s16le", 1, hotwords=self.config.phrase_list))
         if session.is_started:
             return True
         problem = self.problems[-1] if self.problems else Problem("unsupported_audio", "the session did not start")

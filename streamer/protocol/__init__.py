@@ -145,11 +145,13 @@ and the session goes on (the client may, for example, send a corrected ``start``
 - ``already_started``: a second ``start``;
 - ``unsupported_audio``: sample rate, encoding or channel count out of range;
 - ``bad_audio``: NaN or infinite float samples (the frame is dropped whole);
-- ``stream_in_use``: another live source (or a session held for a resume) already sends that stream name;
+- ``stream_in_use``: another live source (or a session held for a resume, or in a cluster another replica,
+  which the message names) already sends that stream name;
 - ``resume_failed``: the ``start`` could not resume the session it names (see above); a new session
   is started instead;
 - ``server_busy``: the session cap is reached (then closed with 1013);
-- ``not_ready``: the server is starting or stopping (then closed with 1013);
+- ``not_ready``: the server is starting or stopping (then closed with 1013); or, at ``start`` in a cluster,
+  its stream-name lease store is unreachable (the connection stays open; a later ``start`` may succeed);
 - ``start_timeout``: no ``start`` within ``server.start_timeout_s`` of connecting, keepalive or not (then 1008);
 - ``idle_timeout``: nothing received for ``server.idle_timeout_s`` (the open segment is flushed,
   ``end`` sent, then closed with 1008);
@@ -191,7 +193,9 @@ Captions on ``/v1/captions?stream=NAME``
 ========================================
 
 A read-only subscription to the partials and finals of a named stream (the microphone, a file
-source or a ``/v1/listen`` session), in the same JSON as above. Partials may be skipped when the
+source or a ``/v1/listen`` session; in a cluster, also a stream another replica recognizes, relayed from
+the results bus, with warning ``results_bus_down`` when this replica loses the bus), in the same JSON as
+above. Partials may be skipped when the
 subscriber is behind (the latest wins); finals are never skipped: a subscriber that leaves
 ``server.max_pending_messages`` finals unread is closed with 1008. A subscriber sends nothing: the
 first text or binary message it sends anyway gets error ``bad_message`` (``/v1/captions`` is

@@ -198,6 +198,16 @@ class Hub:
     def subscribers(self) -> Iterable[Outbox]:
         return [o for subs in self._subscribers.values() for o in subs]
 
+    def relay(self, stream: str, msg: ServerMessage) -> None:
+        """A result (or a warning) of a stream another replica recognizes, from the cluster's results bus: to this
+        replica's subscribers of ``stream`` only (its source and MQTT have it already)."""
+        for sub in tuple(self._subscribers.get(stream, ())):
+            sub.offer(msg)
+
+    def subscribed_streams(self) -> list[str]:
+        """The streams that have subscribers."""
+        return list(self._subscribers)
+
     def publish(self, stream: str, events: Iterable[ServerMessage]) -> None:
         """Deliver events in order: all to the source client; partials and finals to subscribers and MQTT."""
         source = self._sources.get(stream)

@@ -201,8 +201,8 @@ class ListenConnection:
     async def _dispatch(self, session: Session, msg: ClientMessage) -> None:
         if isinstance(msg, Start):
             resume = msg.resume
-            session.start(start_options(msg), None if resume is None else
-                          ResumeRequest(resume.session, resume.token, resume.next_segment))
+            await session.begin(start_options(msg), None if resume is None else
+                                ResumeRequest(resume.session, resume.token, resume.next_segment))
         elif isinstance(msg, KeepAlive):
             pass
         elif not session.is_started:

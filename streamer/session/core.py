@@ -77,6 +77,7 @@ if TYPE_CHECKING:
     from streamer.engine.scheduler import Scheduler
     from streamer.server.metrics import Metrics
     from streamer.server.session_journal import SessionStore
+    from streamer.server.stream_leases import StreamLeases
 
 logger = logging.getLogger("streamer.session")
 
@@ -92,6 +93,7 @@ class SessionCore:
         endpoint: the default endpointing rules (a start may override some).
         model: the model, as ``Opened`` tells clients.
         journal: what a resume may replay after a restart (and the previous run's orphans).
+        leases: the cluster's stream-name leases ([cluster]); None: names are unique on this daemon only.
     """
 
     def __init__(
@@ -103,9 +105,11 @@ class SessionCore:
         endpoint: EndpointConfig,
         model: ModelInfo,
         journal: SessionStore,
+        leases: StreamLeases | None = None,
     ) -> None:
         self.limits, self.scheduler, self.hub, self.metrics = limits, scheduler, hub, metrics
         self.endpoint, self.model, self.journal = endpoint, model, journal
+        self.leases = leases
         self.sessions: set[Session] = set()  # every link from connect to release
         self.is_ready = False  # model warm, not shutting down: links are let in
 

@@ -26,6 +26,7 @@ from streamer.errors import AudioError, ConfigError
 from streamer.protocol import STREAM_NAME, Final, MessageError, Partial, check_hotword_weight, check_hotwords
 from streamer.protocol import Warning as WarningMessage
 from streamer.session.audio import SessionAudio
+from streamer.session.claim import start_claimed
 from streamer.session.events import (
     Accounting,
     ClientSink,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from streamer.engine.scheduler import Scheduler
     from streamer.server.metrics import Metrics
     from streamer.server.session_journal import Orphan, SessionStore
+    from streamer.server.stream_leases import StreamLeases
     from streamer.session.limits import SessionLimits
 
 logger = logging.getLogger("streamer.session")
@@ -70,6 +72,7 @@ class Registry(Protocol):
     endpoint: EndpointConfig
     model: ModelInfo
     journal: SessionStore
+    leases: StreamLeases | None
 
     def find_resumable(self, resume: ResumeRequest) -> tuple[Session | None, str | None]: ...
 
@@ -149,7 +152,7 @@ class Session:
         except MessageError as exc:
             self.error(exc.code, str(exc))
             return
-        name = options.stream or f"{self._name_prefix}-{self.id}"
+        name = self.stream_name(options)
         if not STREAM_NAME.fullmatch(name):
             self.error("bad_message", f"stream name {name!r} is not valid: letters, digits, '_', '.', '-', at most 64")
             return
@@ -182,6 +185,14 @@ class Session:
                 f"{' ...' if len(compiled.unspellable) > 10 else ''}", name))
         logger.info("session %s: stream %s, %d Hz %s x%d, %d hotword(s)", self.id, name, options.sample_rate,
                     options.encoding, options.channels, len(hotwords))
+
+    def stream_name(self, options: StartOptions) -> str:
+        """The stream a new session started with ``options`` is called (unnamed: ``<name_prefix>-<id>``)."""
+        return options.stream or f"{self._name_prefix}-{self.id}"
+
+    async def begin(self, options: StartOptions, resume: ResumeRequest | None = None) -> None:
+        """`start`, the stream name leased across the cluster first when in one (`streamer.session.claim`)."""
+        await start_claimed(self, options, resume)
 
     def _refuse_busy(self) -> None:
         cap = self.core.limits.max_sessions
@@ -385,5 +396,7 @@ class Session:
             await self.audio.write_tail(channel, self.id)
         await self.core.scheduler.close(channel, reason)
         hub.set_source(self.stream, None)
+        if self.core.leases is not None:
+            self.core.leases.release(self.stream)
         if forget:
             self.core.journal.end(self.id)

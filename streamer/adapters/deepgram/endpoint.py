@@ -116,7 +116,7 @@ class DeepgramEndpoint:
             await ws.close(1013, "not ready" if session.code == "not_ready" else "server busy")
             return
         try:
-            session.start(options.start_options())
+            await session.begin(options.start_options())
             if not session.is_started:  # refused: the client has the Error (and at the cap, the close)
                 connection.outbox.close_after_queue(1008, close_reason("the session could not start; see the Error"))
                 await connection.outbox.run()

@@ -153,7 +153,7 @@ class WyomingConnection:
         if kind == "audio-chunk":
             await self._audio_chunk(data, event.payload)
         elif kind == "audio-start":
-            self._audio_start(data)
+            await self._audio_start(data)
         elif kind == "audio-stop":
             await self._audio_stop()
         elif kind == "transcribe":
@@ -219,7 +219,7 @@ class WyomingConnection:
                 return language if ours.lower() == wanted else ours
         return None
 
-    def _audio_start(self, data: dict[str, Any]) -> None:
+    async def _audio_start(self, data: dict[str, Any]) -> None:
         if self.utterance is not None:
             self._error("bad_event", "'audio-start' while an utterance is open; send 'audio-stop' first (ignored)")
             return
@@ -240,7 +240,7 @@ class WyomingConnection:
             self._error(session.code, f"{session.message}; the utterance's audio is dropped")
             return
         utterance.session = session
-        session.start(StartOptions(audio.rate, ENCODINGS[audio.width], audio.channels, hotwords=self.hotwords))
+        await session.begin(StartOptions(audio.rate, ENCODINGS[audio.width], audio.channels, hotwords=self.hotwords))
         if not session.is_started:  # refused (the core said why): this utterance's audio goes nowhere
             self.core.release(session)
             utterance.session = None
