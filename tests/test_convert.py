@@ -28,10 +28,12 @@ NEMO_FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
 FIXTURES = sorted(p.parent.name for p in NEMO_FIXTURES.glob("*/model.nemo"))
 HF_FIXTURES = sorted(p.parent.parent.name for p in NEMO_FIXTURES.glob("*/hf/config.json"))
 # Fixtures transformers has a class for, and why the others have none (words the error must contain).
-CONVERTIBLE = {"tdt_offline_sym": "parakeet_tdt", "rnnt_eou": "nemotron_asr_streaming"}
+CONVERTIBLE = {"tdt_offline_sym": "parakeet_tdt", "rnnt_eou": "nemotron_asr_streaming", "local_switch": "parakeet_tdt"}
 REFUSED = {
     "tdt_streaming": "cache-aware TDT",
     "hybrid_streaming": "no hybrid RNNT+CTC model class",
+    "local_global_shared": "local attention",
+    "local_global_separate": "local attention",
 }
 
 pytestmark = pytest.mark.checkpoint

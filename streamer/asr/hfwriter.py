@@ -56,6 +56,9 @@ def _encoder_problems(e: EncoderConfig, streaming: bool) -> list[str]:
     problems = []
     if not e.untie_biases:
         problems.append("untie_biases=false (transformers keeps per-layer pos_bias_u/v)")
+    if e.is_local_attention:
+        problems.append("local attention (rel_pos_local_attn): transformers' FastConformer attends to the whole input")
+        return problems
     if streaming:
         lefts = {left for left, _ in e.att_context_sizes}
         if e.conv_norm_type != "layer_norm" or not e.is_causal or len(lefts) != 1:
