@@ -159,8 +159,9 @@ class Daemon:
         metrics.max_stream_lag_seconds.source = lambda: max(lags().values(), default=0.0)
         sdnotify.notify("STATUS=warming up")
         await asyncio.to_thread(self.scheduler.warm_up)
+        latency = getattr(recognizer, "latency_seconds", None)  # buffered streaming only
         model = ModelInfo(_model_name(settings.model.spec), tuple(recognizer.att_context_size),
-                          round(recognizer.chunk_seconds, 3))
+                          round(recognizer.chunk_seconds, 3), None if latency is None else round(latency, 3))
         limits = SessionLimits.from_settings(settings.server, settings.engine)
         if self.leases is not None:
             self.bus = make_bus(settings, self.mqtt, self.hub, self.scheduler)

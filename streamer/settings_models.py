@@ -189,6 +189,18 @@ class EngineSettings(_Section):
     max_hotwords: int = Field(
         100, ge=0, le=MAX_HOTWORDS, description="the most hotword phrases one session may list; 0: none"
     )
+    streaming: Literal["auto", "cache_aware", "buffered"] = Field(
+        "auto", description="how live audio is recognized: cache_aware (the model's own streaming step; needs a "
+        "cache-aware model), buffered (NeMo's buffered streaming: the offline encoder re-run on a sliding buffer, "
+        "for full-context models such as parakeet-tdt-0.6b), auto: cache_aware when the model can, else buffered",
+    )
+    buffer_left_s: float = Field(10.0, ge=0, description="buffered streaming: audio before the chunk (context only)")
+    buffer_chunk_s: float = Field(
+        1.6, gt=0, description="buffered streaming: audio decoded per step (the step period)"
+    )
+    buffer_right_s: float = Field(
+        1.6, ge=0, description="buffered streaming: look-ahead after the chunk; latency = chunk + right"
+    )
 
 
 _RULES = EndpointConfig()  # the endpointing rules and their defaults live in streamer.engine.endpoint

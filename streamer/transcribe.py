@@ -56,7 +56,11 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="encoder precision (model.dtype; default: float32); half precision on CUDA only")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (model.threads; default: torch's)")
-    t.add_argument("--mode", choices=("offline", "streaming"), default="offline")
+    t.add_argument("--mode", choices=("offline", "streaming", "buffered"), default="offline",
+                   help="offline: one encoder pass; streaming: the cache-aware step the daemon runs; buffered: "
+                   "NeMo's buffered streaming (what the daemon runs for a full-context model), see --buffer")
+    t.add_argument("--buffer", type=parse_buffer, default=(10.0, 1.6, 1.6), metavar="LEFT,CHUNK,RIGHT",
+                   help="with --mode buffered: seconds of left context, chunk and look-ahead (engine.buffer_*_s)")
     t.add_argument(
         "--att-context-size",
         type=parse_context,
@@ -85,6 +89,15 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
                    help="write FILE's result to DIR/<name>.<txt|json|srt|vtt> instead of stdout")
     add_settings_args(t)
     t.set_defaults(func=cmd_transcribe)
+
+
+def parse_buffer(text: str) -> tuple[float, float, float]:
+    """``LEFT,CHUNK,RIGHT`` seconds."""
+    try:
+        left, chunk, right = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEFT,CHUNK,RIGHT seconds, e.g. 10,1.6,1.6; got {text!r}") from None
+    return left, chunk, right
 
 
 LOCAL_WINDOW_DEFAULT = (128, 128)  # NVIDIA's long-audio setting for the parakeet cards
@@ -144,6 +157,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         audio = load_audio(f, sr)
         if args.mode == "streaming":
             result = transcribe_streaming(model, audio, kind, ctx)
+        elif args.mode == "buffered":
+            from streamer.engine.buffered import transcribe_buffered
+
+            result = transcribe_buffered(model, audio, kind, *args.buffer)
         else:
             with progress_bar(f, len(audio) / sr, args.progress) as progress:
                 result = transcribe_offline(model, audio, kind, ctx, progress)

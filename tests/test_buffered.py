@@ -80,3 +80,54 @@ def test_buffer_sizes_round_to_frames_and_refuse_nonsense() -> None:
         BufferSizes.from_seconds(1.0, 0.05, 0.0, 1280, 16000)
     with pytest.raises(ConfigError, match=">= 0"):
         BufferSizes.from_seconds(-1.0, 1.0, 0.0, 1280, 16000)
+
+
+async def _listen(port: int, pcm: bytes, rate: int) -> tuple[dict, list[dict]]:
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    async def recv(ws) -> dict:
+        async with asyncio.timeout(60):
+            return json.loads(await ws.recv())
+
+    async with connect(f"ws://127.0.0.1:{port}/v1/listen") as ws:
+        await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", "stream": "talk"}))
+        ready = await recv(ws)
+        for i in range(0, len(pcm), 4410):
+            await ws.send(pcm[i : i + 4410])
+        await ws.send(json.dumps({"type": "stop"}))
+        out = [await recv(ws)]
+        while out[-1]["type"] != "end":
+            out.append(await recv(ws))
+    return ready, out
+
+
+@pytest.mark.slow
+async def test_serve_streams_a_full_context_model_by_buffering(tmp_path: Path) -> None:
+    """`streamer serve` with a full-context checkpoint (auto picks buffered streaming) gives partials and finals
+    over /v1/listen, and `ready` states the latency; the bundled model forced to buffered streaming recognizes
+    espeak-ng speech with the words a cache-aware pass gets."""
+    from tests.serve_process import serve
+    from tests.speech import espeak_sentences
+
+    text = "the weather will be cold tomorrow"
+    ((samples, rate),) = espeak_sentences(tmp_path, [text], dtype="int16").values()
+    pcm = np.concatenate([np.zeros(rate // 2, np.int16), samples, np.zeros(rate, np.int16)]).tobytes()
+    env = {"STREAMER_STATE__DIR": "", "STREAMER_ENGINE__BUFFER_LEFT_S": "2.0",
+           "STREAMER_ENGINE__BUFFER_CHUNK_S": "0.48", "STREAMER_ENGINE__BUFFER_RIGHT_S": "0.32"}
+    model = str(FIXTURES / "tdt_offline_sym" / "model.nemo")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with serve(tmp_path / "a", env, "--model", model) as served:
+        ready, out = await _listen(served.port, pcm, rate)
+    assert ready["type"] == "ready" and ready["latency_s"] == pytest.approx(0.8)
+    assert ready["chunk_s"] == pytest.approx(0.48)
+    kinds = [m["type"] for m in out]
+    assert "partial" in kinds and "final" in kinds and kinds[-1] == "end"
+    async with serve(tmp_path / "b", {**env, "STREAMER_ENGINE__STREAMING": "buffered"}) as served:
+        ready, out = await _listen(served.port, pcm, rate)
+    assert "latency_s" in ready
+    finals = " ".join(m["text"] for m in out if m["type"] == "final")
+    assert sum(word in finals.split() for word in text.split()) >= 4, finals

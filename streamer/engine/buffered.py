@@ -37,7 +37,7 @@ from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel, DecoderKind
 from streamer.asr.state import stack, unstack
 from streamer.asr.transducer import TransducerState
-from streamer.engine.recognizer import Transcript, make_transcript
+from streamer.engine.recognizer import Recognizer, Transcript, make_transcript
 from streamer.errors import ConfigError
 
 _ids = itertools.count(1)
@@ -253,3 +253,5 @@ def transcribe_buffered(
     rec.run_to_end([stream])
     return stream.transcript()
 
+
+AnyRecognizer = Recognizer | BufferedRecognizer  # what a channel and the scheduler drive

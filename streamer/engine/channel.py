@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streamer.asr.clocks import window_reach
 from streamer.asr.hypothesis import TokenSpan
 from streamer.audio.ring import RingBuffer
+from streamer.engine.buffered import AnyRecognizer
 from streamer.engine.endpoint import EndpointConfig
 from streamer.engine.hotwords import CompiledHotwords, Hotwords, compile_hotwords
 from streamer.engine.pause import Pause
-from streamer.engine.recognizer import Recognizer
 from streamer.engine.segmenting import Clock, Segmenter
 from streamer.protocol import Final, Partial
 
@@ -70,15 +69,14 @@ class Channel:
     """
 
     def __init__(
-        self, recognizer: Recognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float, is_live: bool = True,
+        self, recognizer: AnyRecognizer, name: str, endpoint: EndpointConfig, ring_capacity_s: float,
+        is_live: bool = True,
         pause_s: float | None = None,
         hotwords: Hotwords | None = None,
     ) -> None:
         model = recognizer.model
         self.recognizer, self.name, self.endpoint, self.is_live = recognizer, name, endpoint, is_live
         self.sample_rate_hz = model.config.features.sample_rate
-        self._hop = model.config.features.hop_length
-        self._reach = window_reach(model.config.features.win_length, model.config.features.n_fft)
         # loop side
         self._ring = RingBuffer(max(1, round(ring_capacity_s * self.sample_rate_hz)))
         self._taken = 0  # ring position (samples ever written) up to which audio was taken or dropped
@@ -215,7 +213,7 @@ class Channel:
         """Recognize all audio fed so far (padding silence to the chunk boundary), then cut the segment."""
         out = self._step_alone()
         real_end = self._fed
-        while self.stream.mel_consumed * self._hop < real_end:  # some real audio is not recognized yet
+        while self.stream.samples_recognized < real_end:  # some real audio is not recognized yet
             pad = max(1, self._samples_to_ready())
             self.clock.padded(self._fed, pad)
             self._feed(np.zeros(pad, dtype=np.float32))
@@ -233,7 +231,4 @@ class Channel:
 
     def _samples_to_ready(self) -> int:
         """More samples the stream needs before its next full step (0: it is ready)."""
-        if self.stream.input_done:
-            return 0
-        target = self.stream.mel_consumed + self.stream.frames_needed  # mel frames it will have consumed
-        return max(0, (target - 1) * self._hop + self._reach - self.stream.samples_in)
+        return self.stream.samples_to_ready

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from streamer.errors import ConfigError
 from streamer.settings import EngineSettings, ModelSettings
 
 if TYPE_CHECKING:
     from streamer.asr.model import AsrModel
-    from streamer.engine.recognizer import Recognizer
+    from streamer.engine.buffered import AnyRecognizer
 
 
 def load_model(model: ModelSettings) -> AsrModel:
@@ -40,20 +41,46 @@ def load_model(model: ModelSettings) -> AsrModel:
     return loaded
 
 
-def load_recognizer(model: ModelSettings, engine: EngineSettings | None = None) -> Recognizer:
-    """:func:`load_model`, then the streaming recognizer at ``model.att_context_size`` with ``model.decoder``.
+def load_recognizer(model: ModelSettings, engine: EngineSettings | None = None) -> AnyRecognizer:
+    """:func:`load_model`, then the live recognizer ``engine.streaming`` asks for, with ``model.decoder``:
+    cache-aware streaming at ``model.att_context_size``, or buffered streaming (``engine.buffer_*_s``) of a model
+    that cannot stream by itself (``auto`` picks).
 
-    On CUDA with ``engine.cuda_graphs``, the encoder step's graphs are captured here for every batch bucket
-    up to ``engine.max_batch``, so no step pays for a capture later.
+    On CUDA with ``engine.cuda_graphs``, the cache-aware encoder step's graphs are captured here for every batch
+    bucket up to ``engine.max_batch``, so no step pays for a capture later.
 
     Raises:
-        ConfigError: the model cannot stream, or has no such look-ahead or decoder, or as :func:`load_model`.
+        ConfigError: cache_aware asked of a model that cannot, no such look-ahead or decoder, or as
+            :func:`load_model`.
     """
+    from streamer.engine.buffered import BufferedRecognizer
     from streamer.engine.recognizer import Recognizer
 
     engine = engine or EngineSettings()
-    recognizer = Recognizer(load_model(model), model.att_context_size, model.decoder,
+    loaded = load_model(model)
+    mode = engine.streaming
+    if mode == "auto":
+        mode = "cache_aware" if cache_aware_problem(loaded) is None else "buffered"
+    if mode == "buffered":
+        return BufferedRecognizer(loaded, model.decoder, engine.buffer_left_s, engine.buffer_chunk_s,
+                                  engine.buffer_right_s, model.att_context_size)
+    problem = cache_aware_problem(loaded)
+    if problem is not None:
+        raise ConfigError(f"engine.streaming = cache_aware: {problem}; use buffered (or auto)")
+    recognizer = Recognizer(loaded, model.att_context_size, model.decoder,
                             cuda_graphs=engine.cuda_graphs, max_batch=engine.max_batch)
     if recognizer.runner is not None:
         recognizer.runner.prepare()
     return recognizer
+
+
+def cache_aware_problem(model: AsrModel) -> str | None:
+    """Why ``model`` has no cache-aware streaming step (None: it has one)."""
+    enc, features = model.config.encoder, model.config.features
+    if enc.is_local_attention:
+        return "the model uses local attention (offline only)"
+    if not enc.is_causal:
+        return "the model is full-context (non-causal subsampling or convolution), not cache-aware"
+    if features.normalize not in ("NA", "None", "none", ""):
+        return f"the model normalises features per utterance ({features.normalize!r})"
+    return None

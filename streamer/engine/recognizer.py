@@ -207,6 +207,21 @@ class Stream:
         return streaming.chunk_mel_frames if self.mel_consumed else streaming.first_chunk_mel_frames
 
     @property
+    def samples_recognized(self) -> int:
+        """Samples the encoder has consumed (padding the channel added included)."""
+        return self.mel_consumed * self.recognizer.model.config.features.hop_length
+
+    @property
+    def samples_to_ready(self) -> int:
+        """More samples the stream needs before its next full step (0: it is ready, or its input is finished)."""
+        if self.input_done:
+            return 0
+        cfg = self.recognizer.model.config.features
+        target = self.mel_consumed + self.frames_needed  # mel frames it will have consumed
+        reach = clocks.window_reach(cfg.win_length, cfg.n_fft)
+        return max(0, (target - 1) * cfg.hop_length + reach - self.samples_in)
+
+    @property
     def is_ready(self) -> bool:
         """True when a step would make progress: a full chunk is pending, or the tail must be flushed."""
         if self.flushed:

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.engine.buffered import AnyRecognizer
 from streamer.engine.channel import Channel, Event, Work
 from streamer.engine.endpoint import EndpointConfig
 from streamer.engine.hotwords import Hotwords
-from streamer.engine.recognizer import Recognizer
 from streamer.protocol import Warning as WarningMessage
 from streamer.protocol.limits import DEFAULT_HOTWORD_WEIGHT
 
@@ -73,7 +73,7 @@ class Scheduler:
 
     def __init__(
         self,
-        recognizer: Recognizer,
+        recognizer: AnyRecognizer,
         publish: Publish,
         max_batch: int = 64,
         max_wait_ms: float = 10.0,

@@ -117,7 +117,8 @@ class Ready:
     ``resume_token`` resumes this session once, within ``resume_window_s`` of a dropped connection;
     ``resumed`` is true when this ``start`` resumed one; ``audio_s`` is the audio received in the session
     so far (exact; re-send from there). ``hotwords`` (the phrases boosted) and ``hotword_weight`` are there only
-    when the session has hotwords.
+    when the session has hotwords. ``latency_s`` is there only when the server streams a full-context model by
+    buffering: the seconds of audio (chunk and look-ahead) a word waits for before it can be recognized.
     """
 
     session: str
@@ -135,6 +136,7 @@ class Ready:
     live: bool = False
     hotwords: tuple[str, ...] | None = None
     hotword_weight: float | None = None
+    latency_s: float | None = None
     type: ClassVar[str] = "ready"
 
     def to_json(self) -> str:

@@ -108,11 +108,12 @@ def ready_message(opened: Opened) -> Ready:
     if opened.resume_window_s <= 0:
         return Ready(opened.session, opened.stream, model.model, model.att_context_size, opened.sample_rate,
                      model.chunk_s, opened.endpointing, live=opened.live, hotwords=opened.hotwords,
-                     hotword_weight=opened.hotword_weight)
+                     hotword_weight=opened.hotword_weight, latency_s=model.latency_s)
     return Ready(opened.session, opened.stream, model.model, model.att_context_size, opened.sample_rate,
                  model.chunk_s, opened.endpointing, resume_token=opened.resume_token,
                  resume_window_s=opened.resume_window_s, resumed=opened.resumed, audio_s=opened.received_s,
-                 live=opened.live, hotwords=opened.hotwords, hotword_weight=opened.hotword_weight)
+                 live=opened.live, hotwords=opened.hotwords, hotword_weight=opened.hotword_weight,
+                 latency_s=model.latency_s)
 
 
 def end_message(accounting: Accounting) -> End:

@@ -73,6 +73,7 @@ class ModelInfo:
     model: str
     att_context_size: tuple[int, int]
     chunk_s: float  # seconds of audio per model step
+    latency_s: float | None = None  # buffered streaming: chunk + right context a word waits for (else None)
 
 
 @dataclass(frozen=True, slots=True)
