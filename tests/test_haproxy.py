@@ -199,7 +199,8 @@ async def test_haproxy_spreads_sessions_by_capacity_and_drain(tmp_path: Path) ->
                         await asyncio.sleep(0.05)
             text, code = await speak(held, pcm, rate)  # the draining box's session finishes on its own
             assert code == 1000 and text
-            assert await one.terminate() == 0
+            async with asyncio.timeout(60 * TIMEOUT):  # its last session ended: the drain is over, it exits
+                assert await one.proc.wait() == 0
             assert await two.terminate() == 0
     assert "Traceback" not in one.tail(100_000) + two.tail(100_000)
 
