@@ -12,6 +12,8 @@ APT_PACKAGES=(
   libportaudio2 pulseaudio pulseaudio-utils libasound2-plugins alsa-utils espeak-ng sox libsox-fmt-all
   # MQTT broker and clients (tests start their own broker on a free loopback port)
   mosquitto mosquitto-clients
+  # HAProxy in front of two daemons (tests/test_haproxy.py runs deploy/haproxy/haproxy.cfg on free ports)
+  haproxy
   # systemd-analyze for checking the unit file
   systemd
   # headless browser tests of the caption page (Playwright drives this chromium; no download)
