@@ -14,6 +14,8 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients
   # Redis for [cluster]'s stream-name leases (tests start their own redis-server on a free loopback port)
   redis-server
+  # HAProxy in front of two daemons (tests/test_haproxy.py runs deploy/haproxy/haproxy.cfg on free ports)
+  haproxy
   # systemd-analyze for checking the unit file
   systemd
   # headless browser tests of the caption page (Playwright drives this chromium; no download)

@@ -1,8 +1,9 @@
 """``streamer serve``: the composition root that builds the daemon and runs it until SIGTERM.
 
-Start: load the model, warm it up with one step, bind the port, start the scheduler, MQTT, the
-microphone, a file source and the systemd watchdog as named tasks of one TaskGroup, then
-``READY=1``. Stop (SIGTERM or SIGINT): ``STOPPING=1``; stop taking audio; flush every open segment as
+Start: load the model, warm it up with one step, measure the capacity if it is ``"auto"``, bind the port (and
+the agent check's), start the scheduler, MQTT, the microphone, a file source and the systemd watchdog as named
+tasks of one TaskGroup, then ``READY=1``. Stop (SIGTERM or SIGINT): ``STOPPING=1``; stop taking sessions (and
+wait up to ``admission.drain_timeout_s`` for the open ones to end); stop taking audio; flush every open segment as
 a final to every sink; ``end`` and close 1001 for every client; MQTT ``offline``; exit 0. A failure
 of the model, the scheduler, the microphone or MQTT's task ends the TaskGroup: exit 1 (systemd
 restarts us).
@@ -105,6 +106,7 @@ class Daemon:
         self.hermes: Any = None  # HermesAdapter, with hermes.enabled
         self.leases: Any = None  # StreamLeases, with [cluster]
         self.bus: Any = None  # ResultsBus, with [cluster]
+        self.agent: Any = None  # AgentCheckServer, with admission.agent_port set
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
     @property
@@ -118,7 +120,9 @@ class Daemon:
             ConfigError: the token file or a TLS file does not load, or the MQTT or session journal cannot be
                 opened (checked before the model loads).
         """
+        from streamer.engine.capacity import resolve_capacity
         from streamer.engine.scheduler import Scheduler, StepStats
+        from streamer.server.agent_check import start_agent_check
         from streamer.server.auth import TokenAuth
         from streamer.server.fanout import Hub
         from streamer.server.metrics import Metrics
@@ -162,13 +166,17 @@ class Daemon:
         latency = getattr(recognizer, "latency_seconds", None)  # buffered streaming only
         model = ModelInfo(_model_name(settings.model.spec), tuple(recognizer.att_context_size),
                           round(recognizer.chunk_seconds, 3), None if latency is None else round(latency, 3))
-        limits = SessionLimits.from_settings(settings.server, settings.engine)
+        if settings.admission.capacity_streams == "auto":
+            sdnotify.notify("STATUS=measuring capacity")
+        capacity = await resolve_capacity(settings, recognizer)
+        limits = SessionLimits.from_settings(settings.server, settings.engine, capacity)
         if self.leases is not None:
             self.bus = make_bus(settings, self.mqtt, self.hub, self.scheduler)
         self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions, self.leases)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context,
-                                      settings.deepgram)
+                                      settings.deepgram, settings.admission)
         await self.server.start()
+        self.agent = await start_agent_check(self.core, settings.admission, settings.server.host)
         if settings.wyoming.enabled:
             from streamer.adapters.wyoming import WyomingServer
 
@@ -213,7 +221,7 @@ class Daemon:
                 server.is_ready = True
                 self.ready.set()
                 sdnotify.notify("READY=1", f"STATUS=listening on {address}")
-                logger.info("ready: listening on %s", address)
+                logger.info("ready: listening on %s, taking %d session(s)", address, self.core.limits.session_cap)
                 await stop.wait()
                 logger.info("stopping: flushing open segments")
                 sdnotify.notify("STOPPING=1", "STATUS=flushing open segments")
@@ -233,15 +241,16 @@ class Daemon:
         return 0
 
     async def _close_adapters(self) -> None:
-        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client and the cluster's leases."""
-        for adapter in (self.wyoming, self.vosk, self.hermes, self.leases):
+        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client, the agent check and the
+        cluster's leases."""
+        for adapter in (self.wyoming, self.vosk, self.hermes, self.agent, self.leases):
             if adapter is not None:
                 await adapter.close()
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop input, flush every segment to every sink, close clients and MQTT, then end the tasks."""
         server, scheduler = self.server, self.scheduler
-        server.is_ready = False
+        await self.core.drain(self.settings.admission.drain_timeout_s)  # no new sessions; the open ones may end
         for task in tasks:
             if task.get_name() == "file-source":
                 task.cancel()
@@ -278,6 +287,8 @@ async def serve(settings: Settings, source: FileSourceSpec | None = None, port_f
             print(f"streamer: wyoming on {daemon.wyoming.url}", flush=True)
         if daemon.vosk is not None:
             print(f"streamer: vosk on {daemon.vosk.url}", flush=True)
+        if daemon.agent is not None:
+            print(f"streamer: agent check on {daemon.agent.address}", flush=True)
         if port_file is not None:
             port_file.write_text(f"{daemon.port}\n")
         return await daemon.run(stop, source)

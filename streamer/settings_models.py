@@ -347,6 +347,30 @@ class ClusterSettings(_Section):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"{url!r} is no Redis URL: give redis://HOST:PORT/DB, rediss://... or unix://PATH")
         return url
+class AdmissionSettings(_Section):
+    """[admission]: what one box takes before a load balancer should send sessions elsewhere (``/readyz``, the
+    load in ``/metrics``, HAProxy's agent check); the defaults change nothing."""
+
+    capacity_streams: int | Literal["auto"] = Field(
+        0, description="sessions this box serves in real time; 0: no capacity (server.max_sessions is the only "
+        "cap); 'auto': measured at start-up by timing the engine's batched step"
+    )
+    agent_port: int | None = Field(
+        None, ge=0, le=65535, description="HAProxy agent-check TCP port (weight, ready, drain); None: off; 0: any free"
+    )
+    agent_host: str | None = Field(None, description="the agent check's address; None: server.host")
+    drain_timeout_s: float = Field(
+        0.0, ge=0, le=86400, description="on SIGTERM, wait this long for sessions to end (refusing new ones, "
+        "/readyz 503, agent 'drain') before flushing and closing the rest; 0: flush at once"
+    )
+    retry_after_s: int = Field(2, ge=0, le=3600, description="Retry-After of an HTTP 503 refusal at capacity")
+
+    @field_validator("capacity_streams")
+    @classmethod
+    def _capacity_is_count_or_auto(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"{value} is no capacity: give a number of streams (0: none) or 'auto'")
+        return value
 
 
 CONFIG_FILE: ContextVar[Path | None] = ContextVar("CONFIG_FILE", default=None)
@@ -369,6 +393,7 @@ class Settings(BaseSettings):
     vosk: VoskSettings = VoskSettings()
     deepgram: DeepgramSettings = DeepgramSettings()
     cluster: ClusterSettings = ClusterSettings()
+    admission: AdmissionSettings = AdmissionSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -46,6 +46,10 @@ SERIES = {
     "streamer_max_stream_lag_seconds": ("gauge", None),
     "streamer_connections_refused_total": ("counter", "reason"),
     "streamer_accept_errors_total": ("counter", None),
+    # the load a load balancer and an autoscaler read ([admission], README "Scaling out")
+    "streamer_sessions_active": ("gauge", None),
+    "streamer_capacity_sessions": ("gauge", None),
+    "streamer_load_ratio": ("gauge", None),
 }
 
 

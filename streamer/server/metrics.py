@@ -190,6 +190,17 @@ class Metrics:
             r, "streamer_mqtt_finals_recovered", "Finals found in the MQTT outbox journal at start (left by a crash)."
         )
         self.ready = Gauge(r, "streamer_ready", "1 once the model is warm and the daemon accepts audio.")
+        self.sessions_active = Gauge(
+            r, "streamer_sessions_active",
+            "Started sessions of every protocol, held ones included: what counts against the capacity.",
+        )
+        self.capacity_sessions = Gauge(
+            r, "streamer_capacity_sessions",
+            "Sessions this box takes: admission.capacity_streams (configured or measured), else server.max_sessions.",
+        )
+        self.load_ratio = Gauge(
+            r, "streamer_load_ratio", "streamer_sessions_active / streamer_capacity_sessions (1: full)."
+        )
         self.auth_failures_total = Counter(
             r,
             "streamer_auth_failures_total",

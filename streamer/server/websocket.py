@@ -15,7 +15,8 @@ HTTP 403), then its token (:mod:`streamer.server.auth`, 400 or 401); connections
 request are capped (:mod:`streamer.server.gate`). The session caps are the core's
 (:class:`~streamer.session.core.SessionCore`): a ``/v1/listen`` connection takes a place under
 ``server.max_sessions`` only once it has started a session; until then it counts under
-``server.max_pending_connections`` and has ``server.start_timeout_s`` to send ``start``.
+``server.max_pending_connections`` and has ``server.start_timeout_s`` to send ``start``. ``/readyz`` and, with
+a capacity set, the refusal of a session's handshake with HTTP 503 are :mod:`streamer.server.admission`'s.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from streamer.protocol import STREAM_NAME, Error
 from streamer.resources import web_root
 from streamer.server import address
 from streamer.server.address import bound_port
+from streamer.server.admission import Admission
 from streamer.server.auth import Refusal, TokenAuth, exposure_warnings
 from streamer.server.fanout import Hub, Outbox
 from streamer.server.gate import AcceptErrors, HandshakeGate, connection_factory
@@ -45,7 +47,7 @@ from streamer.server.http_body import BodyRoutes
 from streamer.server.listen import serve_listen
 from streamer.server.metrics import Metrics
 from streamer.server.origin import OriginPolicy
-from streamer.settings import DeepgramSettings
+from streamer.settings import AdmissionSettings, DeepgramSettings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ROUTE_PROTOCOLS = {"/v1/listen": "listen", "/v1/realtime": "openai_realtime"}  # a refusal's metrics label
 MAX_LOGGED_PEERS = 1024  # refusals are logged once per peer and reason; past this many peers the memory starts over
 
 PLACEHOLDER_PAGE = """<!doctype html>
@@ -78,6 +81,7 @@ class WebSocketServer:
         auth: the accepted tokens; None lets every request in.
         ssl_context: TLS for ``wss://`` and ``https://``; None serves plain ``ws://`` and ``http://``.
         deepgram: the ``[deepgram]`` settings; None: the defaults (on).
+        admission: the ``[admission]`` settings; None: the defaults (no capacity: nothing refused at the handshake).
     """
 
     def __init__(
@@ -89,11 +93,13 @@ class WebSocketServer:
         auth: TokenAuth | None = None,
         ssl_context: ssl.SSLContext | None = None,
         deepgram: DeepgramSettings | None = None,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.settings, self.core, self.hub, self.metrics = settings, core, hub, metrics
         self.auth = auth or TokenAuth()
         self.deepgram = DeepgramEndpoint(deepgram or DeepgramSettings(), settings, core, metrics, self.auth)
         self.ssl_context = ssl_context
+        self.admission = Admission(core, metrics, (admission or AdmissionSettings()).retry_after_s)
         self._server: Server | None = None
         self._policy: OriginPolicy | None = None
         self._accept_errors = AcceptErrors(metrics)
@@ -217,8 +223,8 @@ class WebSocketServer:
         refused = self.check_access(connection, request)
         if refused is not None:
             return refused
-        if self.deepgram.claims(request):
-            return None  # checked by the Deepgram endpoint (its query and key): on to the upgrade
+        if self.deepgram.claims(request):  # checked by the Deepgram endpoint (its query and key)
+            return self.admission.refuse_handshake(connection, "deepgram")  # None: on to the upgrade
         if path in ("/v1/listen", "/v1/captions") or path in self.ws_routes:
             if request.method != "GET":
                 return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} is a WebSocket endpoint: open it "
@@ -226,15 +232,15 @@ class WebSocketServer:
             if getattr(connection, "pipelined", False):
                 return connection.respond(HTTPStatus.BAD_REQUEST, "data came after the WebSocket handshake request "
                                           "before its answer; wait for the answer (101) before sending frames\n")
+            if path != "/v1/captions":  # a session: 503 when this box cannot take one (with a capacity set)
+                return self.admission.refuse_handshake(connection, ROUTE_PROTOCOLS.get(path, path))
             return None  # the WebSocket handshake goes on
         if request.method not in ("GET", "HEAD"):
             return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD are supported\n")
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
-            if self.is_ready:
-                return connection.respond(HTTPStatus.OK, "ready\n")
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+            return self.admission.readyz(connection)
         if path == "/metrics":
             self.metrics.sessions_held.set(self.core.held_count())
             self.metrics.subscribers.set(self.hub.subscriber_count)

@@ -36,7 +36,8 @@ Who owns what:
 
 - :class:`SessionCore` (one per daemon, shared by every adapter): the collaborators (scheduler, results
   hub, metrics, session journal, the default endpointing rules, the model's description), the limits, the
-  set of sessions, readiness, and the caps: ``max_sessions`` started sessions (held ones count), at most
+  set of sessions, readiness (and draining), the load, and the caps: ``max_sessions`` started sessions (or fewer,
+  the box's capacity, ``admission.capacity_streams``; held ones count), at most
   ``max_pending_connections`` links that have not started one, ``start_timeout_s`` to start.
 - :class:`~streamer.session.machine.Session` (one per client link, from ``connect`` until the adapter's
   ``release``): the phase (awaiting start, streaming, held, moved, ending), and, once started, the session
@@ -112,6 +113,11 @@ class SessionCore:
         self.leases = leases
         self.sessions: set[Session] = set()  # every link from connect to release
         self.is_ready = False  # model warm, not shutting down: links are let in
+        self.is_draining = False  # stopping: no new links, the open ones go on (or are flushed) until exit
+        self._emptied: asyncio.Event | None = None  # set when the last link is released while draining
+        metrics.sessions_active.source = self.counted_sessions
+        metrics.capacity_sessions.source = lambda: limits.session_cap
+        metrics.load_ratio.source = self.load_ratio
 
     def connect(self, sink: ClientSink, protocol: str = "listen", name_prefix: str = "ws") -> Session | Problem:
         """A new client link, or the refusal to send it (then close it): not ready, or a cap is reached.
@@ -126,12 +132,12 @@ class SessionCore:
             return Problem("not_ready", "the server is starting or stopping and takes no audio now; try again later")
         # Held sessions count against the cap too, but a link may come in to resume one of them (its start is
         # refused a new session while the cap is reached).
-        if self.live_count() >= limits.max_sessions:
-            return self._refuse(protocol, limits.max_sessions, "sessions", "max_sessions")
+        if self.live_count() >= limits.session_cap:
+            return self._refuse(protocol, limits.session_cap, "sessions", limits.cap_setting)
         # A link takes a place under max_sessions only with its start; until then it waits among these.
         if self.pending_count() >= limits.max_pending_connections:
             return self._refuse(protocol, limits.max_pending_connections, "connections waiting for their 'start'",
-                                "max_pending_connections")
+                                "server.max_pending_connections")
         session = Session(self, sink, protocol, name_prefix)
         self.sessions.add(session)
         return session
@@ -139,11 +145,13 @@ class SessionCore:
     def release(self, session: Session) -> None:
         """The adapter is done with ``session``'s link (its handler returns); it no longer counts."""
         self.sessions.discard(session)
+        if not self.sessions and self._emptied is not None:
+            self._emptied.set()
 
     def _refuse(self, protocol: str, cap: int, what: str, setting: str) -> Problem:
         self.metrics.sessions_refused_total.inc(label_value=protocol)
         self.metrics.protocol_errors_total.inc(label_value="server_busy")
-        logger.warning("refused a %s connection: %d %s open (the maximum, server.%s)", protocol, cap, what, setting)
+        logger.warning("refused a %s connection: %d %s open (the maximum, %s)", protocol, cap, what, setting)
         return Problem("server_busy", f"the server has {cap} {what} open, its maximum; try again later")
 
     def find_resumable(self, resume: ResumeRequest) -> tuple[Session | None, str | None]:
@@ -173,12 +181,50 @@ class SessionCore:
         """Sessions waiting for their client to come back."""
         return sum(s.phase is Phase.HELD for s in self.sessions)
 
+    def counted_sessions(self) -> int:
+        """The sessions that count against the cap: started ones, held ones too (not links awaiting start)."""
+        return sum(s.channel is not None for s in self.sessions)
+
     def is_full_for_new_session(self) -> bool:
-        """True when a new session would exceed max_sessions: started sessions count, held ones too, while
-        links that have not started one do not (the asker has not)."""
-        return sum(s.channel is not None for s in self.sessions) >= self.limits.max_sessions
+        """True when a new session would exceed the cap (:attr:`SessionLimits.session_cap`): started sessions
+        count, held ones too, while links that have not started one do not (the asker has not)."""
+        return self.counted_sessions() >= self.limits.session_cap
+
+    def load_ratio(self) -> float:
+        """Counted sessions over the cap: 0 idle, 1 full (``streamer_load_ratio``)."""
+        return self.counted_sessions() / self.limits.session_cap
+
+    def refusal_reason(self) -> str | None:
+        """Why a new session would be refused now (``/readyz``, the agent check), or None when it would not.
+
+        ``starting``, ``draining``, or, only with a capacity set (``admission.capacity_streams``: a box behind a
+        load balancer), ``at capacity N/N sessions``; without one a full box stays ready, as it always was.
+        """
+        if self.is_draining:
+            return "draining"
+        if not self.is_ready:
+            return "starting"
+        if self.limits.capacity > 0 and self.is_full_for_new_session():
+            return f"at capacity {self.counted_sessions()}/{self.limits.session_cap} sessions"
+        return None
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new links and wait up to ``timeout_s`` for the open ones to end; returns how many are left.
+
+        The sessions go on meanwhile; whatever is left is flushed by :meth:`shutdown`.
+        """
+        self.is_ready, self.is_draining = False, True
+        if self.sessions and timeout_s > 0:
+            logger.info("draining: waiting up to %g s for %d session(s) to end", timeout_s, len(self.sessions))
+            self._emptied = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._emptied.wait()
+            except TimeoutError:
+                logger.info("drain time is up with %d session(s) open; flushing them", len(self.sessions))
+        return len(self.sessions)
 
     async def shutdown(self) -> None:
         """Flush every session's segment to every sink; each client gets its ``Ended``."""
-        self.is_ready = False
+        self.is_ready, self.is_draining = False, True
         await asyncio.gather(*(s.end("shutdown") for s in list(self.sessions)))

@@ -195,7 +195,7 @@ class Session:
         await start_claimed(self, options, resume)
 
     def _refuse_busy(self) -> None:
-        cap = self.core.limits.max_sessions
+        cap = self.core.limits.session_cap
         self.core.metrics.sessions_refused_total.inc(label_value=self.protocol)
         self.error("server_busy", f"the server has {cap} sessions open, its maximum, counting sessions kept for "
                    "their clients to reconnect; try again later")
