@@ -30,7 +30,7 @@ import numpy as np
 
 from streamer.engine.channel import Channel
 from streamer.engine.endpoint import EndpointConfig
-from streamer.engine.recognizer import Recognizer
+from streamer.engine.buffered import AnyRecognizer
 
 if TYPE_CHECKING:
     from streamer.settings import Settings
@@ -74,7 +74,7 @@ def round_limit_s(chunk_s: float, max_wait_s: float) -> float:
 
 
 def measure_capacity(
-    recognizer: Recognizer, most: int, max_batch: int, max_wait_s: float, budget_s: float = DEFAULT_BUDGET_S
+    recognizer: AnyRecognizer, most: int, max_batch: int, max_wait_s: float, budget_s: float = DEFAULT_BUDGET_S
 ) -> CapacityMeasure:
     """Time rounds of growing batches and return the largest that holds (blocking; call before serving).
 
@@ -124,7 +124,7 @@ def _expected_s(tried: dict[int, float], n: int) -> float:
     return (TIMED_ROUNDS + 1) * min(tried[k], 10.0) * n / k
 
 
-def _median_round_s(recognizer: Recognizer, n: int, max_batch: int, limit_s: float, deadline: float) -> float:
+def _median_round_s(recognizer: AnyRecognizer, n: int, max_batch: int, limit_s: float, deadline: float) -> float:
     """The median of :data:`TIMED_ROUNDS` rounds of ``n`` streams; stops early once most rounds are over
     ``limit_s`` or the deadline passes."""
     chunk_samples = round(recognizer.chunk_seconds * recognizer.model.config.features.sample_rate)
@@ -146,7 +146,7 @@ def _median_round_s(recognizer: Recognizer, n: int, max_batch: int, limit_s: flo
     return statistics.median(times) if times else float("inf")
 
 
-def _round(recognizer: Recognizer, channels: list[Channel], max_batch: int) -> None:
+def _round(recognizer: AnyRecognizer, channels: list[Channel], max_batch: int) -> None:
     """One scheduling round as the scheduler runs it: take, absorb, batched steps of at most ``max_batch``."""
     for start in range(0, len(channels), max_batch):
         batch = channels[start:start + max_batch]
@@ -177,7 +177,7 @@ def speech_like(samples: int, seed: int, rate_hz: int = 16000) -> np.ndarray:
     return (0.3 * tilted * syllables * phrases).astype(np.float32)
 
 
-async def resolve_capacity(settings: Settings, recognizer: Recognizer) -> int:
+async def resolve_capacity(settings: Settings, recognizer: AnyRecognizer) -> int:
     """``admission.capacity_streams`` as a number: as configured, or measured now for ``"auto"`` (logged either
     way); 0 when none is set.
 
