@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from streamer.engine.buffered import AnyRecognizer
 from streamer.engine.channel import Channel
 from streamer.engine.endpoint import EndpointConfig
-from streamer.engine.buffered import AnyRecognizer
 
 if TYPE_CHECKING:
     from streamer.settings import Settings
