@@ -35,7 +35,7 @@ from streamer.asr.attention import MASK_FILL, RelPositionMultiHeadAttention, sin
 from streamer.asr.config import ContextSize
 from streamer.errors import ConfigError
 
-_BLOCK_ELEMENTS = 1 << 24  # dense block scores alive at once (64 MiB of float32)
+_BLOCK_ELEMENTS = 1 << 22  # dense block scores alive at once (16 MiB of float32)
 
 
 def local_positional_table(window: ContextSize, d_model: int, device: torch.device | None = None) -> Tensor:
