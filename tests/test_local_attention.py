@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamer.asr.features import length_mask, normalize_per_feature
 from streamer.asr.local_attention import LocalRelPositionMultiHeadAttention, local_positional_table
 from streamer.asr.model import AsrModel
 from streamer.audio.io import load_audio
@@ -158,11 +159,16 @@ def test_chunked_front_end_equals_one_shot() -> None:
         model = AsrModel.load(str(FIXTURES / name / "model.nemo"))
         feat = model.preprocessor.featurizer
         rng = np.random.default_rng(0)
-        audio = torch.from_numpy(rng.standard_normal((1, 16000 * 4 + 123)).astype(np.float32) * 0.1)
-        padded = torch.nn.functional.pad(feat._preemphasis(audio, torch.nn.functional.pad(audio, (1, 0))[:, :-1]),
-                                         (256, 256))
-        frames = 1 + audio.size(1) // 160
-        assert torch.equal(feat._log_mel_in_windows(padded, frames, 97), feat._log_mel_in_windows(padded, frames))
+        audio = torch.from_numpy(rng.standard_normal((2, 16000 * 4 + 123)).astype(np.float32) * 0.1)
+        lengths = torch.tensor([audio.size(1), 16000 * 3 + 5])
+        one_shot, lens = feat(audio, lengths)
+        frames = one_shot.size(2)
+        for window in (97, 1000, frames):
+            windows = feat._log_mel_in_windows(audio, lengths, frames, window)
+            if feat.is_normalized:
+                windows = normalize_per_feature(windows, lens)
+            windows = windows.masked_fill(~length_mask(lens, frames)[:, None, :], feat.cfg.pad_value)
+            assert torch.equal(windows, one_shot), (name, window)
         mel = torch.randn(2, model.config.features.n_mels, 1001).transpose(1, 2)
         lengths = torch.tensor([1001, 517])
         with torch.inference_mode():

@@ -208,19 +208,29 @@ class FilterbankFeatures(nn.Module):
         frames = signal.unfold(1, cfg.n_fft, cfg.hop_length)  # (B, M, n_fft), the framing of torch.stft
         return self.log_mel_of_frames(frames, pad_single_column=pad_single_column)
 
-    def _log_mel_in_windows(self, padded: Tensor, num_frames: int, window_frames: int | None = None) -> Tensor:
-        """:meth:`_log_mel` of all frames, ``window_frames`` at a time (default :data:`LONG_WINDOW_FRAMES`):
-        frames are independent, so the result is the one-shot one, while the STFT's temporaries (15 bytes
-        of spectrum per sample) stay bounded for hours of audio."""
-        step = window_frames or LONG_WINDOW_FRAMES
-        if num_frames <= step:
-            return self._log_mel(padded, 0, num_frames, pad_single_column=False)
-        hop = self.cfg.hop_length
-        parts = [
-            self._log_mel(padded, hop * m, min(step, num_frames - m), pad_single_column=False)
-            for m in range(0, num_frames, step)
-        ]
+    def _log_mel_in_windows(self, x: Tensor, lengths: Tensor, num_frames: int, window_frames: int) -> Tensor:
+        """Log-mel of all ``num_frames`` frames of raw audio ``x`` (B, S), ``window_frames`` at a time: each
+        window pre-emphasises, masks and zero-pads only the samples it covers (the same element-wise ops as the
+        one-shot path, so the same bits), so an hour of audio costs the audio and its features, not several
+        padded copies of it and a spectrum of every frame (15 bytes per sample)."""
+        cfg, hop = self.cfg, self.cfg.hop_length
+        parts = []
+        for m in range(0, num_frames, window_frames):
+            n = min(window_frames, num_frames - m)
+            lo = hop * m - cfg.n_fft // 2  # the window's first sample in the (unpadded) signal
+            span = hop * (n - 1) + cfg.n_fft
+            parts.append(self._log_mel(self._padded_slice(x, lengths, lo, lo + span), 0, n, pad_single_column=False))
         return torch.cat(parts, dim=2)
+
+    def _padded_slice(self, x: Tensor, lengths: Tensor, lo: int, hi: int) -> Tensor:
+        """Samples ``lo..hi-1`` of the pre-emphasised, length-masked signal with zeros outside ``[0, S)``."""
+        a, b = max(lo, 0), min(hi, x.shape[1])
+        if b <= a:
+            return x.new_zeros(x.shape[0], hi - lo)
+        previous = x[:, a - 1 : b - 1] if a > 0 else F.pad(x[:, : b - 1], (1, 0))
+        y = self._preemphasis(x[:, a:b], previous)
+        valid = torch.arange(a, b, device=x.device)[None, :] < lengths[:, None]
+        return F.pad(y.masked_fill(~valid, 0.0), (a - lo, hi - b))
 
     def log_mel_of_frames(self, frames: Tensor, *, pad_single_column: bool) -> Tensor:
         """Log-mel of STFT frames (B, M, n_fft) cut from the pre-emphasised, padded signal: (B, F, M)."""
@@ -267,11 +277,14 @@ class FilterbankFeatures(nn.Module):
             x = audio.float()
             lengths = lengths.long()
             out_lengths = clocks.num_mel_frames(lengths, cfg.hop_length, cfg.n_fft)
-            y = self._preemphasis(x, F.pad(x, (1, 0))[:, :-1])
-            y = y.masked_fill(~length_mask(lengths, y.shape[1]), 0.0)  # NeMo >= 2.5 masks the tail
-            padded = F.pad(y, (cfg.n_fft // 2, cfg.n_fft // 2))  # centre=True, constant (zero) padding
             num_frames = clocks.num_stft_frames(x.shape[1], cfg.hop_length)
-            feats = self._log_mel_in_windows(padded, num_frames)
+            if num_frames > LONG_WINDOW_FRAMES:
+                feats = self._log_mel_in_windows(x, lengths, num_frames, LONG_WINDOW_FRAMES)
+            else:
+                y = self._preemphasis(x, F.pad(x, (1, 0))[:, :-1])
+                y = y.masked_fill(~length_mask(lengths, y.shape[1]), 0.0)  # NeMo >= 2.5 masks the tail
+                padded = F.pad(y, (cfg.n_fft // 2, cfg.n_fft // 2))  # centre=True, constant (zero) padding
+                feats = self._log_mel(padded, 0, num_frames, pad_single_column=False)
             if self.is_normalized:
                 feats = normalize_per_feature(feats, out_lengths)
             feats = feats.masked_fill(~length_mask(out_lengths, num_frames)[:, None, :], cfg.pad_value)
