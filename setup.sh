@@ -16,6 +16,8 @@ APT_PACKAGES=(
   redis-server
   # HAProxy in front of two daemons (tests/test_haproxy.py runs deploy/haproxy/haproxy.cfg on free ports)
   haproxy
+  # `ip netns` and veth pairs: tests/test_multihost.py puts each replica, HAProxy, the broker and the store on a host of its own
+  iproute2
   # systemd-analyze for checking the unit file
   systemd
   # headless browser tests of the caption page (Playwright drives this chromium; no download)
