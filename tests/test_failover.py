@@ -228,3 +228,29 @@ async def test_sigterm_drains_a_session_to_another_replica(
     log_a = a.log.read_text()
     assert "draining: 1 of 1 session(s) moved" in log_a
     assert "taken over from server node-a" in b.log.read_text()
+
+
+async def test_a_replica_that_lives_hands_a_held_session_over_when_its_client_reconnects_elsewhere(
+    tmp_path: Path, mosquitto_broker: Mosquitto, redis_server: RedisServer, speech: tuple[bytes, int, int]
+) -> None:
+    pcm, rate, middle = speech
+    async with replica(tmp_path, mosquitto_broker, redis_server, "node-a") as a, \
+            replica(tmp_path, mosquitto_broker, redis_server, "node-b") as b:
+        client = Client(rate, "hall")
+        first = await client.open(a.port)
+        await client.capture_and_send(pcm[:middle])
+        await client.read_until(mid_second_sentence)
+        assert client.ws is not None
+        client.ws.transport.abort()  # the network drops: no close frame, so A holds the session (and its lease)
+        await client.read_to_close()
+        await a.wait_for_log(f"session {first.session}: connection lost")
+        resumed = await client.open(b.port)  # the balancer sends the reconnect to B; A is alive
+        assert resumed.resumed and resumed.session == first.session
+        await client.capture_and_send(pcm[middle:])
+        await client.ws.send(json.dumps({"type": "stop"}))
+        end = await client.read_until(lambda m: m["type"] == "end")
+        after = check_finals(client, end)
+        assert "timer" in after and "minutes" in after, client.finals()
+        await client.ws.close()
+        assert a.proc.returncode is None
+    assert f"session {first.session}: handed over" in a.log.read_text()

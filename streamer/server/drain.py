@@ -3,7 +3,7 @@ another replica instead of being cut (``README.md`` "Scaling out", "Sessions tha
 
 Called by the daemon's shutdown (``streamer.service``) after it stopped taking new connections and before it
 ends the sessions that are left: each streaming v1 session is finalized at a clean point, its facts are stored,
-its client is told ``moved`` and the connection closes with 1012 (:meth:`streamer.session.failover.Failover.move`);
+its client is told ``moved`` and the connection closes with 1012 (:func:`streamer.session.handoff.move`);
 the client reconnects through the load balancer and resumes on a replica that stays. Sessions of the other
 protocols, and held ones, end as on a single daemon.
 """
@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from streamer.session import Phase
+from streamer.session.handoff import move
 
 if TYPE_CHECKING:
     from streamer.session import SessionCore
@@ -31,7 +32,7 @@ async def drain(core: SessionCore, failover: Failover, timeout_s: float) -> int:
     if not movable:
         return 0
     logger.info("draining: moving %d session(s) to other replicas", len(movable))
-    results = await asyncio.gather(*(failover.move(s, timeout_s) for s in movable), return_exceptions=True)
+    results = await asyncio.gather(*(move(failover, s, timeout_s) for s in movable), return_exceptions=True)
     for session, result in zip(movable, results, strict=True):
         if isinstance(result, BaseException):
             logger.error("session %s: moving it failed: %r; it ends with the shutdown", session.id, result,

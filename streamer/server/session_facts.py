@@ -12,6 +12,10 @@ Writes (:meth:`SessionFacts.put`, :meth:`~SessionFacts.forget`, :meth:`~SessionF
 caller: they queue, and one task (:meth:`SessionFacts.run`) sends them in order, each under ``OP_TIMEOUT_S``. A
 failure is logged; the session goes on (a resume elsewhere then finds stale facts or none, and says so).
 :meth:`SessionFacts.flush` waits for the queue (a draining replica before it tells clients to move).
+
+Hand-over requests travel on Redis pub/sub, channel ``<prefix>:handover:<node>``: a replica that is to resume a
+session which another live replica holds (its client's connection broke and the balancer chose another replica)
+asks that replica to let it go (:meth:`SessionFacts.request_handover`, :meth:`SessionFacts.handover_requests`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,7 +103,7 @@ class SessionFacts:
 
     def __init__(self, url: str, ttl_s: float, max_finals: int, prefix: str = "streamer",
                  password: str | None = None) -> None:
-        self.url, self.ttl_s, self._prefix = url, ttl_s, prefix
+        self.url, self.ttl_s, self._prefix, self._password = url, ttl_s, prefix, password
         self._ttl_ms, self._max_finals = max(1, round(ttl_s * 1000)), max(1, max_finals)
         self._redis: Redis = Redis.from_url(url, password=password, socket_timeout=OP_TIMEOUT_S,
                                             socket_connect_timeout=OP_TIMEOUT_S, decode_responses=True)
@@ -204,6 +208,40 @@ class SessionFacts:
         done = await self._call(f"taking session {session} over",
                                 self._take_over(keys=[self.key(session)], args=[nonce, new_nonce, node]))
         return int(done) == 1
+
+    # ------------------------------------------------------------------ hand-over requests
+
+    def _handover_channel(self, node: str) -> str:
+        return f"{self._prefix}:handover:{node}"
+
+    async def request_handover(self, node: str, session: str, nonce: str) -> None:
+        """Ask replica ``node`` to let ``session`` go (``nonce``: of the session's latest token, which the asker
+        verified).
+
+        Raises:
+            LeaseStoreError: the store is unreachable.
+        """
+        await self._call(f"asking {node} to hand session {session} over",
+                         self._redis.publish(self._handover_channel(node), f"{session} {nonce}"))
+
+    async def handover_requests(self, node: str) -> AsyncIterator[tuple[str, str]]:
+        """The hand-over requests sent to ``node``, as ``(session, nonce)``, until the connection fails.
+
+        Raises:
+            RedisError, OSError: the store went away (the caller subscribes again).
+        """
+        listener: Redis = Redis.from_url(self.url, password=self._password, socket_connect_timeout=OP_TIMEOUT_S,
+                                         health_check_interval=30, decode_responses=True)
+        pubsub = listener.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self._handover_channel(node))
+            async for message in pubsub.listen():
+                session, _, nonce = str(message.get("data", "")).partition(" ")
+                if session and nonce:
+                    yield session, nonce
+        finally:
+            await pubsub.aclose()
+            await listener.aclose()
 
     async def _call(self, what: str, operation: Awaitable[Any]) -> Any:
         try:

@@ -9,15 +9,15 @@ client's audio (the stream clock, in the client's sample frames).
 A v1 ``start`` whose ``resume`` names a session this replica does not have, with a token signed by the cluster's
 secret, is continued here (:meth:`Failover.resume`): the token is verified (signature, expiry, session), the
 facts are read (the token must be the session's latest; the format must match), the stream's lease is taken once
-the old replica's lapsed (killed: after at most ``lease_ttl_s``) or was released (drained), the facts are taken
-over (one resume wins), and :meth:`Session.continue_from <streamer.session.machine.Session.continue_from>` opens a
+the old replica's lapsed (killed: after at most ``lease_ttl_s``) or was released (drained, or handed over on
+request: its client's connection broke while the replica lives), the facts are read again and taken over (one
+resume wins), and :meth:`Session.continue_from <streamer.session.machine.Session.continue_from>` opens a
 fresh recognizer at the end of the last final: ``ready`` says ``resumed: true`` and ``audio_s`` there, the
 client re-sends its buffered audio from that point, finals are numbered on, the kept finals the client lacks are
 replayed, and none it has is sent again.
 
-A graceful drain (:meth:`Failover.move`, at SIGTERM: ``streamer.server.drain``) finalizes each live session at
-a clean point (its last final reaches the client), stores the facts, tells the client ``moved`` and closes; the
-client resumes on another replica the same way.
+A graceful drain, and a hand-over to a replica that resumes a session this one holds, are
+:mod:`streamer.session.handoff`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from streamer.session.events import Carried, Moved, ResumeRequest, StartOptions
+from streamer.session.events import Carried, ResumeRequest, StartOptions
 from streamer.session.machine import Phase
 from streamer.session.results import start_mismatch
 from streamer.session.resume_token import ResumeTokenError, TokenClaims, TokenSigner, is_signed
@@ -72,6 +72,7 @@ class Failover:
         self.signer, self.facts, self.leases, self.node = signer, facts, leases, node
         self.lease_wait_s = lease_wait_s
         self._progress: dict[str, tuple[int, int]] = {}  # session -> (next final's segment, audio frames before)
+        self.nonces: dict[str, str] = {}  # session -> the nonce of its latest token (hand-over requests name it)
 
     # ------------------------------------------------------------------ a session's facts as it runs
 
@@ -80,6 +81,7 @@ class Failover:
         from streamer.server.session_facts import Facts
 
         token, nonce = self.signer.issue(session.id, session.stream, self.node)
+        self.nonces[session.id] = nonce
         next_segment, frames = self._progress.setdefault(session.id, (0, 0))
         assert session.options is not None
         self.facts.put(session.id, Facts(session.stream, self.node, nonce, session.options, next_segment,
@@ -97,9 +99,27 @@ class Failover:
     def forget(self, session_id: str) -> None:
         """The session is over: its facts go."""
         self._progress.pop(session_id, None)
+        self.nonces.pop(session_id, None)
         self.facts.forget(session_id)
 
+    def drop(self, session_id: str) -> None:
+        """The session went on on another replica: forget it here (its facts stay in the store)."""
+        self._progress.pop(session_id, None)
+        self.nonces.pop(session_id, None)
+
+    def progress(self, session_id: str) -> tuple[int, int]:
+        """The number of the session's next final, and the end of its last one in client sample frames."""
+        return self._progress.get(session_id, (0, 0))
+
     async def run(self, sessions: Callable[[], Iterable[Session]]) -> None:
+        """Renew the facts of ``sessions()`` and answer hand-over requests, until cancelled."""
+        from streamer.session.handoff import serve_handovers
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.renew(sessions), name="session-facts-renewal")
+            tg.create_task(serve_handovers(self, sessions), name="hand-over-requests")
+
+    async def renew(self, sessions: Callable[[], Iterable[Session]]) -> None:
         """Renew the facts of every session this replica runs (or holds) every ttl/3, until cancelled."""
         while True:
             await asyncio.sleep(self.facts.ttl_s / 3)
@@ -110,30 +130,31 @@ class Failover:
 
     async def resume(self, session: Session, options: StartOptions, resume: ResumeRequest) -> Outcome:
         """Continue the session ``resume`` names, which another replica ran; see the module docstring."""
+        from streamer.server.stream_leases import LeaseStoreError
+
         if not is_signed(resume.token):
             return Outcome.NOT_SIGNED
         try:
-            claims, facts, finals = await self._check(session, options, resume)
-            await self._lease(facts.stream)
+            claims, facts, _ = await self._check(session, options, resume)
+            await self._lease(facts.stream, facts.node, resume.session, claims.nonce)
         except ResumeRefused as exc:
-            session.error("resume_failed", f"cannot resume session {resume.session!r}: {exc}; starting a new "
-                          "session instead")
-            return Outcome.FAILED
-        try:
+            return self._refuse(session, resume, str(exc))
+        stream = facts.stream
+        try:  # read again: a replica that handed the session over stored its last final meanwhile
+            claims, facts, finals = await self._check(session, options, resume)
             taken = await self.facts.take_over(resume.session, claims.nonce, "moving:" + secrets.token_urlsafe(8),
                                                self.node)
-        except Exception as exc:  # the store failed (LeaseStoreError) or a bug: never keep the lease
-            self.leases.release(facts.stream)
-            session.error("resume_failed", f"cannot resume session {resume.session!r}: {exc}; starting a new "
-                          "session instead")
-            return Outcome.FAILED
+        except (ResumeRefused, LeaseStoreError) as exc:
+            self.leases.release(stream)
+            return self._refuse(session, resume, str(exc))
+        except BaseException:
+            self.leases.release(stream)
+            raise
         if not taken or not session.is_open or session.is_started:
-            self.leases.release(facts.stream)
+            self.leases.release(stream)
             if taken or not session.is_open:
                 return Outcome.FAILED  # the link ended while waiting; nobody to tell
-            session.error("resume_failed", f"cannot resume session {resume.session!r}: another connection resumed "
-                          "it meanwhile; starting a new session instead")
-            return Outcome.FAILED
+            return self._refuse(session, resume, "another connection resumed it meanwhile")
         self._progress[resume.session] = (facts.next_segment, facts.audio_frames)
         carried = Carried(resume.session, facts.stream, facts.options, facts.next_segment, facts.audio_frames,
                           finals, resume.token)
@@ -143,6 +164,12 @@ class Failover:
             return Outcome.RESUMED
         self.leases.release(facts.stream)
         self._progress.pop(resume.session, None)
+        return Outcome.FAILED
+
+    @staticmethod
+    def _refuse(session: Session, resume: ResumeRequest, why: str) -> Outcome:
+        session.error("resume_failed", f"cannot resume session {resume.session!r}: {why}; starting a new session "
+                      "instead")
         return Outcome.FAILED
 
     async def _check(self, session: Session, options: StartOptions,
@@ -178,8 +205,9 @@ class Failover:
             raise ResumeRefused(f"this server has {session.core.limits.max_sessions} sessions open, its maximum")
         return claims, facts, finals
 
-    async def _lease(self, stream: str) -> None:
-        """Lease ``stream``, waiting up to ``lease_wait_s`` for its old replica's lease to lapse.
+    async def _lease(self, stream: str, node: str, session: str, nonce: str) -> None:
+        """Lease ``stream``, waiting up to ``lease_wait_s`` for the lease of the session's replica ``node`` to lapse
+        (it died) or be released (it drains, or hands the session over: it is asked to once).
 
         Raises:
             ResumeRefused: the store is unreachable, or the lease is still held when the wait is over.
@@ -187,53 +215,21 @@ class Failover:
         from streamer.server.stream_leases import LeaseStoreError
 
         loop = asyncio.get_running_loop()
-        deadline, told = loop.time() + self.lease_wait_s, False
+        deadline, asked = loop.time() + self.lease_wait_s, False
         while True:
             try:
                 claim = await self.leases.claim(stream)
+                if not claim.granted and not asked:
+                    logger.info("stream %s: leased by server %s; asking it to hand session %s over, waiting up to "
+                                "%g s", stream, claim.holder, session, self.lease_wait_s)
+                    if claim.holder == node:
+                        await self.facts.request_handover(node, session, nonce)
+                    asked = True
             except LeaseStoreError as exc:
                 raise ResumeRefused(str(exc)) from exc
             if claim.granted:
                 return
             if loop.time() >= deadline:
                 raise ResumeRefused(f"its stream {stream!r} is still leased by server {claim.holder!r}, which is "
-                                    f"alive (its lease was renewed for {self.lease_wait_s:g} s); reconnect to it")
-            if not told:
-                logger.info("stream %s: waiting up to %g s for server %s's lease to lapse", stream,
-                            self.lease_wait_s, claim.holder)
-                told = True
+                                    f"alive and did not let it go within {self.lease_wait_s:g} s")
             await asyncio.sleep(LEASE_POLL_S)
-
-    # ------------------------------------------------------------------ drain
-
-    async def move(self, session: Session, timeout_s: float) -> bool:
-        """Finalize ``session`` at a clean point, store its facts, tell its client ``moved``; True when it was
-        moved (a session that is not streaming, or has no token, is left to the ordinary shutdown)."""
-        channel, audio, options = session.channel, session.audio, session.options
-        if session.phase is not Phase.STREAMING or channel is None or audio is None or options is None or \
-                session.resume_token is None:
-            return False
-        session.phase = Phase.MOVED  # the link reads no more audio
-        core = session.core
-        try:
-            async with asyncio.timeout(timeout_s):
-                await audio.settled()  # a write under way lands before the cut
-                await core.scheduler.finalize(channel).wait()  # its final reaches the client first
-        except TimeoutError:
-            logger.warning("session %s: not finalized within %g s; it ends with the shutdown", session.id, timeout_s)
-            session.phase = Phase.STREAMING
-            return False
-        next_segment, frames = self._progress.get(session.id, (0, 0))  # the cut's final (if any) is stored
-        if not await self.facts.flush(timeout_s):
-            logger.warning("session %s: its facts were not stored within %g s; its resume may fail", session.id,
-                           timeout_s)
-        session.offer(Moved(session.id, session.stream, session.resume_token,
-                            frames / options.sample_rate, next_segment))
-        core.hub.set_source(session.stream, None)
-        await core.scheduler.close(channel, "shutdown")  # nothing is left in it after the cut
-        session.channel = None
-        self.leases.release(session.stream)
-        core.journal.end(session.id)  # the session lives on elsewhere
-        logger.info("session %s: moved (stream %s, %d final(s), %.3f s of audio)", session.id, session.stream,
-                    next_segment, frames / options.sample_rate)
-        return True

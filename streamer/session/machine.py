@@ -265,6 +265,12 @@ class Session:
         logger.info("session %s: connection lost; stream %s is kept %g s for a resume", self.id, self.stream,
                     self.core.limits.resume_window_s)
 
+    def move_away(self) -> None:
+        """The session goes on on another replica (``streamer.session.handoff``): its link takes no more audio,
+        and a held session stops waiting for its client."""
+        self.phase = Phase.MOVED
+        self._released.set()
+
     async def wait_for_resume(self) -> None:
         """Wait out the resume window of a held session; unless it was resumed or ended meanwhile, end it as a
         disconnect. Cancelling stops the wait and leaves the session held (the core's shutdown ends it)."""
