@@ -61,10 +61,12 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, int]:
 
 
 @contextlib.asynccontextmanager
-async def replica(tmp_path: Path, broker: Mosquitto, store: RedisServer, node: str) -> AsyncIterator[Served]:
+async def replica(tmp_path: Path, broker: Mosquitto, store: RedisServer, node: str,
+                  **settings: str) -> AsyncIterator[Served]:
     folder = tmp_path / node
     folder.mkdir()
-    async with serve(folder, env_of(broker, store, node) | {"STREAMER_CLUSTER__RESUME_SECRET": SECRET}) as served:
+    env = env_of(broker, store, node) | {"STREAMER_CLUSTER__RESUME_SECRET": SECRET} | settings
+    async with serve(folder, env) as served:
         await served.wait_for_log("results bus: subscribed")
         yield served
 
@@ -132,6 +134,8 @@ def check_finals(client: Client, end: dict[str, Any]) -> str:
     assert end["segments"] == len(finals) >= 2, (end, finals)
     assert "kitchen" in finals[0][1] and "kitchen" not in " ".join(t for _, t in finals[1:]), finals
     assert abs(end["audio_s"] - client.session.session_audio_s) < 0.002, (end, client.session.session_audio_s)
+    times = [(m["start"], m["end"]) for m in client.messages if m["type"] == "final"]
+    assert all(end_s <= start_s for (_, end_s), (start_s, _) in zip(times, times[1:])), times  # one clock throughout
     return " ".join(text for _, text in finals[1:])
 
 
@@ -156,7 +160,8 @@ async def test_kill_9_mid_utterance_the_client_resumes_on_another_replica_withou
 ) -> None:
     pcm, rate, middle = speech
     async with replica(tmp_path, mosquitto_broker, redis_server, "node-a") as a, \
-            replica(tmp_path, mosquitto_broker, redis_server, "node-b") as b:
+            replica(tmp_path, mosquitto_broker, redis_server, "node-b", STREAMER_SERVER__START_TIMEOUT_S="1") as b:
+        # (B's start timeout is shorter than the lease A leaves behind: a resume waiting for it is not cut)
         client = Client(rate, "kitchen")
         first = await client.open(a.port)
         assert first.resume_token and first.resume_token.startswith("c1~") and not first.resumed

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from streamer.protocol import STREAM_NAME
 from streamer.session.results import start_mismatch
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from streamer.server.stream_leases import StreamLeases
     from streamer.session.events import ResumeRequest, StartOptions
     from streamer.session.failover import Failover
+    from streamer.session.machine import Session as MachineSession
 
 
 class _Core(Protocol):
@@ -64,7 +65,7 @@ async def start_claimed(session: Session, options: StartOptions, resume: ResumeR
     if resume is not None and failover is not None:  # a session another replica ran, or a bad token
         from streamer.session.failover import Outcome
 
-        outcome = await failover.resume(session, options, resume)
+        outcome = await failover.resume(cast("MachineSession", session), options, resume)
         if outcome is Outcome.RESUMED or not session.is_open:
             return
         if outcome is Outcome.FAILED:

@@ -23,6 +23,7 @@ A graceful drain, and a hand-over to a replica that resumes a session this one h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hmac
 import logging
@@ -130,40 +131,51 @@ class Failover:
 
     async def resume(self, session: Session, options: StartOptions, resume: ResumeRequest) -> Outcome:
         """Continue the session ``resume`` names, which another replica ran; see the module docstring."""
-        from streamer.server.stream_leases import LeaseStoreError
-
         if not is_signed(resume.token):
             return Outcome.NOT_SIGNED
+        session.is_taking_over = True  # the start deadline waits for this
+        try:
+            return await self._take_over(session, options, resume)
+        finally:
+            session.is_taking_over = False
+
+    async def _take_over(self, session: Session, options: StartOptions, resume: ResumeRequest) -> Outcome:
+        from streamer.server.stream_leases import LeaseStoreError
+
         try:
             claims, facts, _ = await self._check(session, options, resume)
             await self._lease(facts.stream, facts.node, resume.session, claims.nonce)
         except ResumeRefused as exc:
             return self._refuse(session, resume, str(exc))
         stream = facts.stream
+        moving = "moving:" + secrets.token_urlsafe(8)
         try:  # read again: a replica that handed the session over stored its last final meanwhile
             claims, facts, finals = await self._check(session, options, resume)
-            taken = await self.facts.take_over(resume.session, claims.nonce, "moving:" + secrets.token_urlsafe(8),
-                                               self.node)
+            if not session.is_open:  # the link ended while waiting: leave the session to the client's next try
+                self.leases.release(stream)
+                return Outcome.FAILED
+            taken = await self.facts.take_over(resume.session, claims.nonce, moving, self.node)
         except (ResumeRefused, LeaseStoreError) as exc:
             self.leases.release(stream)
             return self._refuse(session, resume, str(exc))
         except BaseException:
             self.leases.release(stream)
             raise
-        if not taken or not session.is_open or session.is_started:
+        if not taken:
             self.leases.release(stream)
-            if taken or not session.is_open:
-                return Outcome.FAILED  # the link ended while waiting; nobody to tell
             return self._refuse(session, resume, "another connection resumed it meanwhile")
         self._progress[resume.session] = (facts.next_segment, facts.audio_frames)
         carried = Carried(resume.session, facts.stream, facts.options, facts.next_segment, facts.audio_frames,
                           finals, resume.token)
         logger.info("session %s: taken over from server %s (%d final(s) there)", resume.session, facts.node,
                     facts.next_segment)
-        if session.continue_from(carried, options.interim_results, resume.next_segment):
+        if session.is_open and not session.is_started and \
+                session.continue_from(carried, options.interim_results, resume.next_segment):
             return Outcome.RESUMED
-        self.leases.release(facts.stream)
+        self.leases.release(facts.stream)  # not continued (said why): the client's token works again
         self._progress.pop(resume.session, None)
+        with contextlib.suppress(LeaseStoreError):
+            await self.facts.take_over(resume.session, moving, claims.nonce, facts.node)
         return Outcome.FAILED
 
     @staticmethod

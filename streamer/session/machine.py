@@ -106,6 +106,7 @@ class Session:
         self.spent_tokens: set[str] = set()
         self._interim_results = True
         self._released = asyncio.Event()  # a held session was resumed or ended
+        self.is_taking_over = False  # its start resumes another replica's session (and may wait for its lease)
 
     @property
     def is_open(self) -> bool:
@@ -384,6 +385,8 @@ class Session:
         ``connect`` on; cancel it when the link ends)."""
         timeout_s = self.core.limits.start_timeout_s
         await asyncio.sleep(timeout_s)
+        while self.is_taking_over and self.phase is Phase.AWAITING_START:  # its start came, and waits for a lease
+            await asyncio.sleep(0.1)
         if self.phase is not Phase.AWAITING_START:
             return
         self.error("start_timeout", f"no 'start' within {timeout_s:g} s of connecting (server.start_timeout_s; "
