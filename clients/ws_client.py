@@ -69,6 +69,7 @@ BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # waits before reconnect attempts; 
 GIVE_UP_S = 60.0  # a live source stops trying after this long without a connection
 # A resume on another replica of a cluster may wait for the old one's stream lease to lapse (cluster.lease_ttl_s).
 READY_TIMEOUT_S = 30.0
+RETRY_CODES = ("not_ready", "server_busy")  # refusals a session being resumed waits out (backoff, then again)
 CLEAR_LINE = "\r\x1b[K"
 
 
@@ -255,6 +256,8 @@ class LiveSession:
             self.show(raw)
             if isinstance(msg, Ready):
                 break
+            if isinstance(msg, Error) and msg.code in RETRY_CODES and self.session.ready is not None:
+                return None  # a replica that is stopping (or full) while the session moves: try again
             if not isinstance(msg, Error) or msg.code != "resume_failed":
                 return 1  # the start was refused (bad format, stream name in use, server busy)
         self._attempt, self._lost_at = 0, None

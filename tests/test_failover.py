@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -135,7 +136,7 @@ def check_finals(client: Client, end: dict[str, Any]) -> str:
     assert "kitchen" in finals[0][1] and "kitchen" not in " ".join(t for _, t in finals[1:]), finals
     assert abs(end["audio_s"] - client.session.session_audio_s) < 0.002, (end, client.session.session_audio_s)
     times = [(m["start"], m["end"]) for m in client.messages if m["type"] == "final"]
-    assert all(end_s <= start_s for (_, end_s), (start_s, _) in zip(times, times[1:])), times  # one clock throughout
+    assert all(a[1] <= b[0] for a, b in zip(times, times[1:], strict=False)), times  # one clock throughout
     return " ".join(text for _, text in finals[1:])
 
 
@@ -259,3 +260,77 @@ async def test_a_replica_that_lives_hands_a_held_session_over_when_its_client_re
         await client.ws.close()
         assert a.proc.returncode is None
     assert f"session {first.session}: handed over" in a.log.read_text()
+
+
+class Balancer:
+    """A TCP relay on 127.0.0.1 that sends each new connection to the first of ``ports`` that accepts it, as a
+    load balancer whose first choice went away would (the multi-host HAProxy test is another one)."""
+
+    def __init__(self, *ports: int) -> None:
+        self.ports, self.port, self.routed = ports, 0, []  # routed: the port each connection went to
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Balancer:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for port in self.ports:
+            with contextlib.suppress(OSError):
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+        else:
+            writer.transport.abort()
+            return
+        self.routed.append(port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_ws_client_follows_a_drained_session_to_another_replica(
+    tmp_path: Path, mosquitto_broker: Mosquitto, redis_server: RedisServer, speech: tuple[bytes, int, int]
+) -> None:
+    """clients/ws_client.py --realtime through a balancer: A drains mid-utterance, the client gets ``moved``, its
+    reconnect lands on B, it resumes, and it prints every final once."""
+    from tests.test_clients import finish, start_client, without_importtime
+
+    pcm, rate, _ = speech
+    wav = tmp_path / "speech.wav"
+    sf.write(wav, np.frombuffer(pcm, dtype=np.int16), rate)
+    async with replica(tmp_path, mosquitto_broker, redis_server, "node-a") as a, \
+            replica(tmp_path, mosquitto_broker, redis_server, "node-b") as b, Balancer(a.port, b.port) as balancer:
+        proc = await start_client("ws_client.py", str(wav), "--url", f"ws://127.0.0.1:{balancer.port}", "--realtime",
+                                  "--s16", "--stream", "desk", "--json")
+        assert proc.stdout is not None
+        head: list[str] = []
+        async with asyncio.timeout(WAIT_S):
+            while not head or not (head[-1].startswith("{") and mid_second_sentence(json.loads(head[-1]))):
+                line = (await proc.stdout.readline()).decode()
+                assert line, "ws_client ended early"
+                head.append(line)
+        a.proc.send_signal(signal.SIGTERM)
+        rc, out, err = await finish(proc)
+        assert await a.proc.wait() == 0
+    assert rc == 0, without_importtime(err)
+    messages = [json.loads(line) for line in "".join(head).splitlines() + out.splitlines() if line.startswith("{")]
+    assert [m["resumed"] for m in messages if m["type"] == "ready"][-1] is True
+    assert any(m["type"] == "moved" for m in messages) and "ws_client: resumed session" in err
+    assert balancer.routed[0] == a.port and balancer.routed[-1] == b.port
+    finals = [(m["segment"], m["text"]) for m in messages if m["type"] == "final"]
+    assert [s for s, _ in finals] == list(range(len(finals))) and len(finals) >= 3, finals
+    text = " ".join(t for _, t in finals)
+    assert "kitchen" in finals[0][1] and "timer" in text and "minutes" in text, finals
+    assert messages[-1]["type"] == "end" and messages[-1]["segments"] == len(finals)
+    assert "server received" not in err  # the accounting matched what the client sent
