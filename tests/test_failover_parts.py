@@ -157,3 +157,45 @@ def test_malformed_facts_are_refused() -> None:
                            "audio_frames": "0"})
     with pytest.raises(ValueError, match="malformed"):
         Facts.from_fields({"stream": "x"})
+
+
+# ------------------------------------------------------------------ the settings, the result log
+
+
+def test_failover_needs_a_secret_and_a_resume_window() -> None:
+    from streamer.server.cluster import make_failover
+    from streamer.server.stream_leases import StreamLeases
+    from streamer.settings import Settings
+
+    leases = StreamLeases("redis://127.0.0.1:1/0", "node-a", "run", 10.0)
+    assert make_failover(Settings(), leases) is None  # no secret: resume stays on its own replica
+    with_secret = {"cluster": {"enabled": True, "resume_secret": "s" * 20}}
+    failover = make_failover(Settings(**with_secret), leases)  # type: ignore[arg-type]
+    assert failover is not None and failover.node == "node-a" and failover.lease_wait_s == 11.0
+    assert failover.facts.ttl_s == 20.0  # the resume window plus the lease ttl
+    with pytest.raises(ConfigError, match="resume_window_s above 0"):
+        make_failover(Settings(server={"resume_window_s": 0}, **with_secret), leases)  # type: ignore[arg-type]
+
+
+def test_a_continued_log_replays_what_the_client_lacks_and_withholds_what_it_has() -> None:
+    from streamer.session.results import ResultLog
+
+    class Sink:
+        def __init__(self) -> None:
+            self.got: list[tuple[object, bool]] = []
+
+        def offer(self, event: object, replay: bool = False) -> None:
+            self.got.append((event, replay))
+
+    behind, sink = ResultLog(10), Sink()  # the store kept finals 0 and 1; the client has only final 0
+    behind.preload([final(0, "zero"), final(1, "one")], skip_below=1)
+    assert behind.attach(sink, 1) == 1 and sink.got == [(final(1, "one"), True)]
+    behind.offer(final(2, "two"))
+    assert sink.got[1:] == [(final(2, "two"), False)]
+
+    ahead, sink = ResultLog(10), Sink()  # the old replica sent final 2 but died before storing it
+    ahead.preload([final(0, "zero"), final(1, "one")], skip_below=3)
+    assert ahead.attach(sink, 3) == 0 and sink.got == []
+    ahead.offer(final(2, "two again"))  # recognized again here: the client has it already
+    ahead.offer(final(3, "three"))
+    assert sink.got == [(final(3, "three"), False)]
