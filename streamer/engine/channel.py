@@ -110,7 +110,8 @@ class Channel:
         self.segmenter.continue_at(segment, own_samples)
         lead_in = round(CONTINUE_LEAD_IN_S * self.sample_rate_hz)  # a fresh recognizer hears speech from its start
         self.clock.padded(0, lead_in)
-        self._feed(np.zeros(lead_in, dtype=np.float32))
+        self._feed(np.zeros(lead_in, dtype=np.float32))  # no step has run yet: the stream is not shared
+        self.settle()
 
     def write(self, samples: np.ndarray) -> int:
         """Buffer 16 kHz float32 samples; returns how many old samples the ring dropped to make room.
