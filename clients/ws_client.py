@@ -20,7 +20,9 @@ Live sources (``--mic``, ``--realtime``) survive a dropped connection: the clien
 with backoff and resumes the session with the token from ``ready`` (protocol: "Resuming a session"
 in ``streamer.protocol``), re-sending the audio from where the server's ``audio_s`` says it got
 to; the finals it missed arrive then, once each. If the session cannot be resumed (its window
-passed), it goes on in a new session. It gives up after ``GIVE_UP_S`` without a connection.
+passed), it goes on in a new session. It gives up after ``GIVE_UP_S`` without a connection. Behind the load
+balancer of a cluster (README "Scaling out") the same resume continues the session on another replica when its
+own died, or said ``moved`` while draining (it closes with 1012 then, and the reconnect resumes elsewhere).
 
 A daemon with ``server.auth_tokens`` needs ``--token`` (or ``STREAMER_TOKEN``), sent as
 ``Authorization: Bearer``; a refusal (HTTP 401) is one line on stderr and exit status 1. For a
@@ -65,6 +67,9 @@ from streamer.protocol import (
 FRAME_S = 0.1  # audio per binary frame
 BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # waits before reconnect attempts; the last one repeats
 GIVE_UP_S = 60.0  # a live source stops trying after this long without a connection
+# A resume on another replica of a cluster may wait for the old one's stream lease to lapse (cluster.lease_ttl_s).
+READY_TIMEOUT_S = 30.0
+RETRY_CODES = ("not_ready", "server_busy")  # refusals a session being resumed waits out (backoff, then again)
 CLEAR_LINE = "\r\x1b[K"
 
 
@@ -245,12 +250,14 @@ class LiveSession:
         previous = self.session.ready
         await ws.send(self.session.start_message().to_json())
         while True:
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(READY_TIMEOUT_S):
                 raw = await ws.recv()
             msg = parse_server_message(raw)
             self.show(raw)
             if isinstance(msg, Ready):
                 break
+            if isinstance(msg, Error) and msg.code in RETRY_CODES and self.session.ready is not None:
+                return None  # a replica that is stopping (or full) while the session moves: try again
             if not isinstance(msg, Error) or msg.code != "resume_failed":
                 return 1  # the start was refused (bad format, stream name in use, server busy)
         self._attempt, self._lost_at = 0, None

@@ -26,7 +26,10 @@ from streamer.terminal_captions import Captions
 
 MIC_RATE_HZ = clocks.SAMPLE_RATE_HZ  # what MicrophoneSource delivers (it resamples from the device's own rate)
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 15.0
-RECV_TIMEOUT_S = 10.0  # --url: waiting for "ready", and for "end" after "stop"
+RECV_TIMEOUT_S = 10.0  # --url: waiting for "end" after "stop"
+# --url: waiting for "ready"; a resume on another replica of a cluster may wait for the old one's stream lease to
+# lapse (cluster.lease_ttl_s)
+READY_TIMEOUT_S = 30.0
 
 
 def listen_url(url: str) -> str:
@@ -190,7 +193,7 @@ async def _start(ws: Any, uplink: Uplink, captions: Captions) -> Ready | int | N
     start = uplink.session.start_message()
     await ws.send(start.to_json())
     while True:
-        async with asyncio.timeout(RECV_TIMEOUT_S):
+        async with asyncio.timeout(READY_TIMEOUT_S):
             msg = parse_server_message(await ws.recv())
         if isinstance(msg, Ready):
             break

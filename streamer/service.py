@@ -3,8 +3,9 @@
 Start: load the model, warm it up with one step, measure the capacity if it is ``"auto"``, bind the port (and
 the agent check's), start the scheduler, MQTT, the microphone, a file source and the systemd watchdog as named
 tasks of one TaskGroup, then ``READY=1``. Stop (SIGTERM or SIGINT): ``STOPPING=1``; stop taking sessions (and
-wait up to ``admission.drain_timeout_s`` for the open ones to end); stop taking audio; flush every open segment as
-a final to every sink; ``end`` and close 1001 for every client; MQTT ``offline``; exit 0. A failure
+wait up to ``admission.drain_timeout_s`` for the open ones to end); stop taking audio; in a cluster with a resume
+secret, move every live ``/v1/listen`` session to another replica (``streamer.server.drain``); flush every open
+segment as a final to every sink; ``end`` and close 1001 for every client; MQTT ``offline``; exit 0. A failure
 of the model, the scheduler, the microphone or MQTT's task ends the TaskGroup: exit 1 (systemd
 restarts us).
 """
@@ -107,6 +108,7 @@ class Daemon:
         self.leases: Any = None  # StreamLeases, with [cluster]
         self.bus: Any = None  # ResultsBus, with [cluster]
         self.agent: Any = None  # AgentCheckServer, with admission.agent_port set
+        self.failover: Any = None  # Failover, with [cluster] and a resume_secret
         self.ready = asyncio.Event()  # set when READY=1 is sent
 
     @property
@@ -137,9 +139,10 @@ class Daemon:
         self.mqtt = _make_mqtt(settings, metrics)  # opens the finals journal: fail before the model loads
         self.sessions = sessions = _make_session_store(settings)  # likewise
         if settings.cluster.enabled:
-            from streamer.server.cluster import make_bus, make_leases
+            from streamer.server.cluster import make_bus, make_failover, make_leases
 
             self.leases = make_leases(settings, self.mqtt)
+            self.failover = make_failover(settings, self.leases)
         metrics.session_journal_unsaved.source = lambda: sessions.unsaved
         if self.recognizer is None:
             sdnotify.notify(f"STATUS=loading model {settings.model.spec}")
@@ -172,7 +175,8 @@ class Daemon:
         limits = SessionLimits.from_settings(settings.server, settings.engine, capacity)
         if self.leases is not None:
             self.bus = make_bus(settings, self.mqtt, self.hub, self.scheduler)
-        self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions, self.leases)
+        self.core = SessionCore(limits, self.scheduler, self.hub, metrics, self.endpoint, model, sessions, self.leases,
+                                self.failover)
         self.server = WebSocketServer(settings.server, self.core, self.hub, metrics, auth, ssl_context,
                                       settings.deepgram, settings.admission)
         await self.server.start()
@@ -206,6 +210,10 @@ class Daemon:
                 for name, part in (("hermes", self.hermes), ("results-bus", self.bus), ("leases", self.leases)):
                     if part is not None:
                         tasks.append(tg.create_task(part.run(), name=name))
+                if self.failover is not None:
+                    core = self.core
+                    tasks.append(tg.create_task(self.failover.facts.run(), name="session-facts"))
+                    tasks.append(tg.create_task(self.failover.run(lambda: list(core.sessions)), name="failover"))
                 tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)
@@ -244,13 +252,17 @@ class Daemon:
         """Close the other protocols' servers (Wyoming, Vosk), the Hermes client, the agent check and the
         cluster's leases."""
         for adapter in (self.wyoming, self.vosk, self.hermes, self.agent, self.leases):
+        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client and the cluster's leases."""
+        facts = self.failover.facts if self.failover is not None else None
+        for adapter in (self.wyoming, self.vosk, self.hermes, facts, self.leases):
             if adapter is not None:
                 await adapter.close()
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop input, flush every segment to every sink, close clients and MQTT, then end the tasks."""
         server, scheduler = self.server, self.scheduler
-        await self.core.drain(self.settings.admission.drain_timeout_s)  # no new sessions; the open ones may end
+        # No new sessions; the open ones may end on their own (with a resume secret they are moved at once below).
+        await self.core.drain(0.0 if self.failover is not None else self.settings.admission.drain_timeout_s)
         for task in tasks:
             if task.get_name() == "file-source":
                 task.cancel()
@@ -258,6 +270,10 @@ class Daemon:
             await self.mic.stop()  # delivers the resampler's tail first
         if self.wyoming is not None:
             self.wyoming.stop_accepting()
+        if self.failover is not None:  # live /v1/listen sessions move to other replicas rather than end
+            from streamer.server.drain import drain
+
+            await drain(self.core, self.failover, self.settings.cluster.drain_timeout_s)
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT_S):
                 await server.shutdown()  # every session (/v1/listen: final, end, 1001; Wyoming: transcript)

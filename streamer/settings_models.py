@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from streamer.engine.endpoint import EndpointConfig
+from streamer.errors import ConfigError
 from streamer.protocol.limits import DEFAULT_HOTWORD_WEIGHT, MAX_HOTWORD_WEIGHT, MAX_HOTWORDS
 
 ENV_PREFIX = "STREAMER_"
@@ -340,6 +341,38 @@ class ClusterSettings(_Section):
     lease_ttl_s: float = Field(
         10.0, ge=1.0, le=3600.0, description="a stream name's lease lives this long unless renewed (every ttl/3)"
     )
+    resume_secret: SecretStr | None = Field(
+        None, description="shared by every replica: signs resume tokens so any replica resumes a session; None: off"
+    )
+    resume_secret_file: str | None = Field(None, description="file whose first line is resume_secret")
+    resume_token_ttl_s: float = Field(
+        86400.0, ge=60.0, le=30 * 86400.0, description="a signed resume token is valid this long after its 'ready'"
+    )
+    drain_timeout_s: float = Field(
+        10.0, gt=0, le=600.0, description="at SIGTERM, how long moving the sessions to other replicas may take"
+    )
+
+    def resume_secret_bytes(self) -> bytes | None:
+        """The resume secret (from ``resume_secret`` or ``resume_secret_file``), or None when neither is set.
+
+        Raises:
+            ConfigError: the file cannot be read, or the secret is shorter than 16 bytes.
+        """
+        if self.resume_secret is not None:
+            secret = self.resume_secret.get_secret_value()
+        elif self.resume_secret_file is not None:
+            try:
+                lines = Path(self.resume_secret_file).read_text().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cluster.resume_secret_file: cannot read {self.resume_secret_file}: "
+                                  f"{exc.strerror or exc}") from exc
+            secret = lines[0].strip() if lines else ""
+        else:
+            return None
+        if len(secret.encode()) < 16:
+            raise ConfigError("cluster.resume_secret must be at least 16 bytes (32 random ones are best: "
+                              "`openssl rand -base64 32`), the same on every replica")
+        return secret.encode()
 
     @field_validator("store_url")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from typing import TextIO
 
-from streamer.protocol import Error, Final, Partial, ServerMessage, Warning
+from streamer.protocol import Error, Final, Moved, Partial, ServerMessage, Warning
 
 CLEAR_LINE = "\r\x1b[K"
 DIM, NORMAL = "\x1b[2m", "\x1b[0m"
@@ -54,6 +54,8 @@ class Captions:
             self._partial = ""
         elif isinstance(msg, Warning | Error):
             self.status(f"{msg.type}: {msg.code}: {msg.message}")
+        elif isinstance(msg, Moved):
+            self.status("the server is going away: the session resumes on another one")
         if isinstance(msg, Final):
             self.finals += 1
 

@@ -38,6 +38,7 @@ from streamer.protocol import Final, Partial
 
 Event = Partial | Final | Pause
 MAX_PENDING_REQUESTS = 8  # finalize requests beyond this merge into the last one
+CONTINUE_LEAD_IN_S = 0.5  # silence before the audio of a continued stream (not on its clock)
 
 
 class Request(enum.Enum):
@@ -100,6 +101,15 @@ class Channel:
         self.samples_wanted = self._samples_to_ready()
 
     # ------------------------------------------------------------------ loop side
+
+    def continue_at(self, segment: int, own_samples: int) -> None:
+        """Continue a stream another replica ran (a resumed session): its next final is numbered ``segment`` and
+        its clock starts at ``own_samples`` (model-rate samples). Call right after opening, before any audio."""
+        self.segmenter.continue_at(segment, own_samples)
+        lead_in = round(CONTINUE_LEAD_IN_S * self.sample_rate_hz)  # a fresh recognizer hears speech from its start
+        self.clock.padded(0, lead_in)
+        self._feed(np.zeros(lead_in, dtype=np.float32))  # no step has run yet: the stream is not shared
+        self.settle()
 
     def write(self, samples: np.ndarray) -> int:
         """Buffer 16 kHz float32 samples; returns how many old samples the ring dropped to make room.

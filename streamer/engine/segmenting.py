@@ -47,6 +47,10 @@ class Clock:
         self.sample_rate_hz = sample_rate_hz
         self._anchors = [_Anchor(0, 0, 1)]
 
+    def start_at(self, own: int) -> None:
+        """Begin the stream's clock at ``own`` samples rather than 0 (a stream continued from another replica)."""
+        self._anchors = [_Anchor(0, own, 1)]
+
     def own(self, fed: int) -> int:
         """The stream-clock sample of fed sample ``fed``."""
         for a in reversed(self._anchors):
@@ -107,6 +111,12 @@ class Segmenter:
         self._frames_seen = 0  # encoder frames the rules have looked at
         self.segment = 0  # number of the next final
         self._reset(0)
+
+    def continue_at(self, segment: int, own: int) -> None:
+        """Continue a stream another replica ran: number the next final ``segment`` and start the clock at
+        stream-clock sample ``own`` (call before any audio)."""
+        self.segment = segment
+        self.clock.start_at(own)
 
     def _reset(self, start_frame: int) -> None:
         self._tokens: list[tuple[int, int, int, float, float]] = []  # (id, frame, duration, confidence, logprob)

@@ -131,6 +131,23 @@ its latest token gets error ``resume_failed`` saying the server restarted, then 
 ``results_lost`` first when some are no longer kept), then the ``start`` goes on as a new session. This
 works once per session, within ``resume_window_s`` of the restarted server being ready.
 
+In a cluster whose replicas share ``cluster.resume_secret`` (``README.md`` "Sessions that survive a replica"),
+a ``start`` with ``resume`` is answered by any replica: when the session's replica died, another one continues
+it, after waiting up to ``cluster.lease_ttl_s`` + 1 s for the dead replica's stream lease to lapse (a client waits
+that long for ``ready``). Its ``ready`` says ``resumed: true`` and, as ``audio_s``, the end of the session's last
+final, which may be earlier than what the dead replica had received: the client re-sends from there as after
+any resume; finals go on with the next segment number, the ones the client lacks are replayed, and none it has
+is sent again. A replica that is stopped gracefully first sends each live session's client, after the final of
+the segment it cut there::
+
+    {"type": "moved", "session": "<id>", "stream": "<name>", "resume_token": "<token>", "audio_s": 4.69,
+     "next_segment": 2}
+
+and closes with 1012: the client reconnects (through the load balancer) and resumes with that token (its latest
+``ready``'s); the answering ``ready`` has the same ``audio_s``. A client that ignores ``moved`` just sees the
+connection close and resumes as after any drop. A token that was altered, is another cluster's, has expired, was
+spent, or names a session the cluster no longer keeps gets ``resume_failed`` saying which.
+
 Errors and limits
 =================
 
@@ -186,8 +203,8 @@ keeps the last ``server.max_pending_messages``).
 Close codes: 1000 after ``end``; 1001 when the server shuts down (every open segment is flushed and
 ``end`` sent first); 1008 idle timeout or a client too slow to read its results; 1009 a frame larger
 than ``server.max_frame_bytes``; 1011 an internal error outside the handling of a text message (a
-failure while handling one is error ``internal_error`` instead, and the session goes on); 1013 session cap
-reached or not ready.
+failure while handling one is error ``internal_error`` instead, and the session goes on); 1012 after ``moved``
+(a cluster replica draining: resume on another); 1013 session cap reached or not ready.
 
 Captions on ``/v1/captions?stream=NAME``
 ========================================
@@ -258,6 +275,7 @@ from streamer.protocol.messages import (
     KeepAlive,
     Message,
     MessageError,
+    Moved,
     Partial,
     Ready,
     Resume,
@@ -297,6 +315,7 @@ __all__ = [
     "MIN_SAMPLE_RATE_HZ",
     "Message",
     "MessageError",
+    "Moved",
     "PROTOCOL_VERSION",
     "Partial",
     "Ready",

@@ -243,7 +243,26 @@ class End:
         return _dumps(self)
 
 
-ServerMessage = Ready | Partial | Final | Warning | Error | End
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """The server is going away (a graceful drain) and moved the session: its open segment was finalized (that
+    final came before this), and the server closes the connection (1012). The client reconnects (through the
+    load balancer, to another replica) and resumes with ``resume_token``: the ``ready`` that answers says
+    ``resumed: true`` and ``audio_s``, where to re-send audio from (here ``audio_s`` says it in advance);
+    ``next_segment`` is the number of the session's next final."""
+
+    session: str
+    stream: str
+    resume_token: str
+    audio_s: float
+    next_segment: int
+    type: ClassVar[str] = "moved"
+
+    def to_json(self) -> str:
+        return _dumps(self)
+
+
+ServerMessage = Ready | Partial | Final | Warning | Error | End | Moved
 Message = ClientMessage | ServerMessage
 
 

@@ -27,6 +27,7 @@ from streamer.protocol.messages import (
     Finalize,
     KeepAlive,
     MessageError,
+    Moved,
     Partial,
     Ready,
     Resume,
@@ -67,7 +68,7 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
 def parse_server_message(text: str | bytes) -> ServerMessage:
     """Parse one message from the server (for clients). Unknown fields are ignored (newer servers)."""
     obj = _load_object(text)
-    classes: dict[str, type] = {c.type: c for c in (Ready, Partial, Final, Warning, Error, End)}
+    classes: dict[str, type] = {c.type: c for c in (Ready, Partial, Final, Warning, Error, End, Moved)}
     cls = classes.get(obj.get("type"))  # type: ignore[arg-type]
     if cls is None:
         raise MessageError("bad_message", f"unknown server message type {obj.get('type')!r}")

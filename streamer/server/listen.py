@@ -6,7 +6,8 @@ Frames in, core calls out: a text message is parsed into ``start`` (→ :meth:`S
 :class:`~streamer.session.events.ResumeRequest`), ``finalize``, ``stop`` or ``keepalive``; a binary frame is
 audio (→ :meth:`Session.push_audio <streamer.session.machine.Session.push_audio>`). Core events in, v1 messages out:
 ``Opened`` → ``ready``, ``Problem`` → ``error``, ``Ended`` → ``end`` (when a session ran) and the close code
-its reason maps to, ``Superseded`` → the connection is dropped; partials, finals and warnings go as they are.
+its reason maps to, ``Moved`` → ``moved`` and close 1012, ``Superseded`` → the connection is dropped; partials,
+finals and warnings go as they are.
 
 What is v1's own and stays here: the connection's :class:`~streamer.server.fanout.Outbox` (its send queue and
 slow-consumer rule), the idle timeout, the wording of ``no_start``, ``internal_error`` for a failure while
@@ -36,11 +37,13 @@ from streamer.protocol import (
     Stop,
     parse_client_message,
 )
+from streamer.protocol import Moved as ProtocolMoved
 from streamer.server.fanout import Outbox
 from streamer.session import (
     Accounting,
     Ended,
     Event,
+    Moved,
     Opened,
     Problem,
     ResumeRequest,
@@ -63,6 +66,7 @@ CLOSE_CODES: dict[str, tuple[int, str]] = {
     "idle": (1008, "idle timeout"),
     "start_timeout": (1008, "start timeout"),
     "server_busy": (1013, "server busy"),
+    "moved": (1012, "moved: resume on another server"),
 }
 
 
@@ -147,6 +151,10 @@ class ListenConnection:
             if event.accounting is not None:
                 self.outbox.offer(end_message(event.accounting))
             self.outbox.close_after_queue(*CLOSE_CODES.get(event.reason, (1000, event.reason)))
+        elif isinstance(event, Moved):  # a drain moved the session: the client resumes on another replica
+            self.outbox.offer(ProtocolMoved(event.session, event.stream, event.resume_token,
+                                            round(event.audio_s, 6), event.next_segment))
+            self.outbox.close_after_queue(*CLOSE_CODES["moved"])
         elif isinstance(event, Superseded):  # resumed on another connection: this one is dropped
             self.outbox.stop()
             self.ws.transport.abort()

@@ -62,6 +62,11 @@ class SessionAudio:
             else:
                 await self._scheduler.write_waiting(channel, samples)
 
+    async def settled(self) -> None:
+        """Wait until a write under way has landed in the channel."""
+        async with self._write_lock:
+            pass
+
     async def write_tail(self, channel: Channel, session_id: str) -> None:
         """The audio is over: write the converter's last samples and note an incomplete last sample frame."""
         self.incomplete_bytes = self.converter.incomplete_bytes

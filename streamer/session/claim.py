@@ -4,6 +4,8 @@
 - Granted: the session starts as on a single daemon (which still refuses a name one of its own sources sends).
 - Held by another replica: error ``stream_in_use`` (the single daemon's code for a name in use) naming that replica;
   the link stays open, so the client may send another ``start``.
+- A resume of a session this replica does not have, with a token signed by the cluster's secret: the session is
+  continued here (`streamer.session.failover`), or the client is told why not and a new session starts.
 - The store unreachable: error ``not_ready`` saying so; no stream starts without the guarantee that its name is
   unique. A later ``start`` may succeed. A resume of a session held on this replica needs no store (its lease is
   this replica's already).
@@ -11,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from streamer.protocol import STREAM_NAME
 from streamer.session.results import start_mismatch
@@ -20,10 +22,13 @@ if TYPE_CHECKING:
     from streamer.engine.scheduler import Scheduler
     from streamer.server.stream_leases import StreamLeases
     from streamer.session.events import ResumeRequest, StartOptions
+    from streamer.session.failover import Failover
+    from streamer.session.machine import Session as MachineSession
 
 
 class _Core(Protocol):
     leases: StreamLeases | None
+    failover: Failover | None
     scheduler: Scheduler
 
     def find_resumable(self, resume: ResumeRequest) -> tuple[Any, str | None]: ...
@@ -56,6 +61,16 @@ async def start_claimed(session: Session, options: StartOptions, resume: ResumeR
             _resumes_here(session, options, resume):
         session.start(options, resume)  # says what is wrong, if anything; a resumed stream's lease is ours
         return
+    failover = session.core.failover
+    if resume is not None and failover is not None:  # a session another replica ran, or a bad token
+        from streamer.session.failover import Outcome
+
+        outcome = await failover.resume(cast("MachineSession", session), options, resume)
+        if outcome is Outcome.RESUMED or not session.is_open:
+            return
+        if outcome is Outcome.FAILED:
+            resume = None  # what failed was said: a new session follows
+            name = session.stream_name(options)
     from streamer.server.stream_leases import LeaseStoreError
 
     try:

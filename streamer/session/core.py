@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from streamer.server.metrics import Metrics
     from streamer.server.session_journal import SessionStore
     from streamer.server.stream_leases import StreamLeases
+    from streamer.session.failover import Failover
 
 logger = logging.getLogger("streamer.session")
 
@@ -95,6 +96,7 @@ class SessionCore:
         model: the model, as ``Opened`` tells clients.
         journal: what a resume may replay after a restart (and the previous run's orphans).
         leases: the cluster's stream-name leases ([cluster]); None: names are unique on this daemon only.
+        failover: resumes across replicas ([cluster] with ``resume_secret``); None: resume on this daemon only.
     """
 
     def __init__(
@@ -107,10 +109,11 @@ class SessionCore:
         model: ModelInfo,
         journal: SessionStore,
         leases: StreamLeases | None = None,
+        failover: Failover | None = None,
     ) -> None:
         self.limits, self.scheduler, self.hub, self.metrics = limits, scheduler, hub, metrics
         self.endpoint, self.model, self.journal = endpoint, model, journal
-        self.leases = leases
+        self.leases, self.failover = leases, failover
         self.sessions: set[Session] = set()  # every link from connect to release
         self.is_ready = False  # model warm, not shutting down: links are let in
         self.is_draining = False  # stopping: no new links, the open ones go on (or are flushed) until exit

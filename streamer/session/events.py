@@ -9,7 +9,7 @@ The results themselves are the engine's records, the same objects the hub gives 
 :class:`~streamer.protocol.Warning` (the scheduler makes them; they are plain dataclasses of text, times and
 numbers, and protocol v1 sends them as they are), and :class:`~streamer.engine.pause.Pause` for a session that
 asked for it (``StartOptions.pause_s``). The core adds :class:`Opened`, :class:`Problem`,
-:class:`Ended` and :class:`Superseded`.
+:class:`Ended`, :class:`Superseded` and :class:`Moved`.
 """
 
 from __future__ import annotations
@@ -150,7 +150,43 @@ class Superseded:
     session: str
 
 
-Event = Partial | Final | Pause | WarningMessage | Opened | Problem | Ended | Superseded
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """The replica is going away (a graceful drain): the session was finalized at a clean point and its facts
+    stored; the client is to reconnect (through the load balancer) and resume it on another replica with
+    ``resume_token``, re-sending its audio from ``audio_s``. The adapter says so, then closes."""
+
+    session: str
+    stream: str
+    resume_token: str
+    audio_s: float
+    next_segment: int
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """A session another replica ran, as the store kept it, for a replica that continues it.
+
+    Attributes:
+        session: its id (kept across replicas).
+        stream: its stream name.
+        options: its start options.
+        next_segment: the number of its next final.
+        audio_frames: client sample frames up to the end of its last final (the client re-sends from there).
+        finals: its last finals, for the client's replay.
+        token: the resume token the client came with (spent once the session continues).
+    """
+
+    session: str
+    stream: str
+    options: StartOptions
+    next_segment: int
+    audio_frames: int
+    finals: Sequence[Final]
+    token: str
+
+
+Event = Partial | Final | Pause | WarningMessage | Opened | Problem | Ended | Superseded | Moved
 
 
 class ClientSink(Protocol):

@@ -29,6 +29,7 @@ from streamer.session.audio import SessionAudio
 from streamer.session.claim import start_claimed
 from streamer.session.events import (
     Accounting,
+    Carried,
     ClientSink,
     Ended,
     Event,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from streamer.server.metrics import Metrics
     from streamer.server.session_journal import Orphan, SessionStore
     from streamer.server.stream_leases import StreamLeases
+    from streamer.session.failover import Failover
     from streamer.session.limits import SessionLimits
 
 logger = logging.getLogger("streamer.session")
@@ -73,6 +75,7 @@ class Registry(Protocol):
     model: ModelInfo
     journal: SessionStore
     leases: StreamLeases | None
+    failover: Failover | None
 
     def find_resumable(self, resume: ResumeRequest) -> tuple[Session | None, str | None]: ...
 
@@ -103,6 +106,7 @@ class Session:
         self.spent_tokens: set[str] = set()
         self._interim_results = True
         self._released = asyncio.Event()  # a held session was resumed or ended
+        self.is_taking_over = False  # its start resumes another replica's session (and may wait for its lease)
 
     @property
     def is_open(self) -> bool:
@@ -137,40 +141,13 @@ class Session:
             return
         if resume is not None and self._resume(options, resume):
             return  # otherwise what failed was said; go on with a new session
-        try:
-            converter = PcmConverter(options.sample_rate, options.encoding, options.channels)
-            endpoint = self.core.endpoint.with_overrides(options.endpointing)
-            hotwords = check_hotwords(list(options.hotwords), self.core.limits.max_hotwords)
-            weight = self.core.limits.hotword_weight if options.hotword_weight is None else \
-                check_hotword_weight(options.hotword_weight)
-        except AudioError as exc:
-            self.error("unsupported_audio", str(exc))
-            return
-        except ConfigError as exc:
-            self.error("bad_message", str(exc))
-            return
-        except MessageError as exc:
-            self.error(exc.code, str(exc))
-            return
         name = self.stream_name(options)
-        if not STREAM_NAME.fullmatch(name):
-            self.error("bad_message", f"stream name {name!r} is not valid: letters, digits, '_', '.', '-', at most 64")
+        opened = self._open_stream(options, name)
+        if opened is None:
             return
-        scheduler = self.core.scheduler
-        if name in scheduler.channels:
-            self.error("stream_in_use", f"stream {name!r} is already sent by another source; choose another name")
-            return
-        if self.core.is_full_for_new_session():
-            self._refuse_busy()
-            return
-        try:
-            channel = scheduler.open(name, endpoint, is_live=options.live, pause_s=options.pause_s, hotwords=hotwords,
-                                     hotword_weight=weight)
-        except ValueError as exc:  # every channel is taken (sessions + microphone + file)
-            self.error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
-            return
+        channel, converter = opened
         self.channel, self.stream, self.options = channel, name, options
-        self.audio = SessionAudio(converter, scheduler)
+        self.audio = SessionAudio(converter, self.core.scheduler)
         self.phase = Phase.STREAMING
         self._interim_results = options.interim_results
         self.results.attach(self, 0)
@@ -184,7 +161,65 @@ class Session:
                 f"which are not boosted: {', '.join(repr(p) for p in compiled.unspellable[:10])}"
                 f"{' ...' if len(compiled.unspellable) > 10 else ''}", name))
         logger.info("session %s: stream %s, %d Hz %s x%d, %d hotword(s)", self.id, name, options.sample_rate,
-                    options.encoding, options.channels, len(hotwords))
+                    options.encoding, options.channels, len(options.hotwords))
+
+    def _open_stream(self, options: StartOptions, name: str) -> tuple[Channel, PcmConverter] | None:
+        """Check ``options`` and open stream ``name``'s engine channel; None after saying what is wrong."""
+        try:
+            converter = PcmConverter(options.sample_rate, options.encoding, options.channels)
+            endpoint = self.core.endpoint.with_overrides(options.endpointing)
+            hotwords = check_hotwords(list(options.hotwords), self.core.limits.max_hotwords)
+            weight = self.core.limits.hotword_weight if options.hotword_weight is None else \
+                check_hotword_weight(options.hotword_weight)
+        except AudioError as exc:
+            self.error("unsupported_audio", str(exc))
+            return None
+        except ConfigError as exc:
+            self.error("bad_message", str(exc))
+            return None
+        except MessageError as exc:
+            self.error(exc.code, str(exc))
+            return None
+        if not STREAM_NAME.fullmatch(name):
+            self.error("bad_message", f"stream name {name!r} is not valid: letters, digits, '_', '.', '-', at most 64")
+            return None
+        scheduler = self.core.scheduler
+        if name in scheduler.channels:
+            self.error("stream_in_use", f"stream {name!r} is already sent by another source; choose another name")
+            return None
+        if self.core.is_full_for_new_session():
+            self._refuse_busy()
+            return None
+        try:
+            channel = scheduler.open(name, endpoint, is_live=options.live, pause_s=options.pause_s, hotwords=hotwords,
+                                     hotword_weight=weight)
+        except ValueError as exc:  # every channel is taken (sessions + microphone + file)
+            self.error("server_busy", f"cannot open stream {name!r}: {exc}; try again later")
+            return None
+        return channel, converter
+
+    def continue_from(self, carried: Carried, interim_results: bool, next_segment: int) -> bool:
+        """Continue a session another replica ran (``streamer.session.failover``): a fresh recognizer from the
+        end of its last final, finals numbered on, the finals the client lacks (from ``next_segment`` on)
+        replayed. False after saying why it cannot (then the client's start goes on as a new session)."""
+        opened = self._open_stream(carried.options, carried.stream)
+        if opened is None:
+            return False
+        channel, converter = opened
+        channel.continue_at(carried.next_segment,
+                            round(carried.audio_frames * channel.sample_rate_hz / converter.sample_rate))
+        self.id, self.channel, self.stream, self.options = carried.session, channel, carried.stream, carried.options
+        self.audio = SessionAudio(converter, self.core.scheduler)
+        self.audio.received_bytes = carried.audio_frames * converter.frame_bytes
+        self.results.preload(carried.finals, skip_below=next_segment)
+        self.resume_token, self.phase, self._interim_results = carried.token, Phase.STREAMING, interim_results
+        self.core.metrics.sessions_resumed_total.inc()
+        self.offer(self._opened(resumed=True))
+        replayed = self.results.attach(self, next_segment)
+        self.core.hub.set_source(self.stream, self.results)
+        logger.info("session %s: continued from another replica at %.3f s of audio, segment %d; %d result(s) "
+                    "replayed", self.id, self.received_s, carried.next_segment, replayed)
+        return True
 
     def stream_name(self, options: StartOptions) -> str:
         """The stream a new session started with ``options`` is called (unnamed: ``<name_prefix>-<id>``)."""
@@ -208,7 +243,8 @@ class Session:
         if window_s > 0:  # a server without resume hands out no tokens
             if self.resume_token is not None:
                 self.spent_tokens.add(self.resume_token)
-            self.resume_token = new_token()
+            failover = self.core.failover
+            self.resume_token = new_token() if failover is None else failover.issue(self)
             self.core.journal.token(self.id, self.stream, self.resume_token)
         compiled = self.channel.hotwords
         return Opened(self.id, self.stream, self.core.model, self.options.sample_rate, self.channel.endpoint.to_dict(),
@@ -229,6 +265,12 @@ class Session:
         self.results.detach()
         logger.info("session %s: connection lost; stream %s is kept %g s for a resume", self.id, self.stream,
                     self.core.limits.resume_window_s)
+
+    def move_away(self) -> None:
+        """The session goes on on another replica (``streamer.session.handoff``): its link takes no more audio,
+        and a held session stops waiting for its client."""
+        self.phase = Phase.MOVED
+        self._released.set()
 
     async def wait_for_resume(self) -> None:
         """Wait out the resume window of a held session; unless it was resumed or ended meanwhile, end it as a
@@ -290,6 +332,8 @@ class Session:
 
     def _journal_final(self, final: Final) -> None:
         self.core.journal.final(self.id, final)
+        if self.core.failover is not None:
+            self.core.failover.on_final(self, final)
 
     # ------------------------------------------------------------------ audio, finalize, the end
 
@@ -341,6 +385,8 @@ class Session:
         ``connect`` on; cancel it when the link ends)."""
         timeout_s = self.core.limits.start_timeout_s
         await asyncio.sleep(timeout_s)
+        while self.is_taking_over and self.phase is Phase.AWAITING_START:  # its start came, and waits for a lease
+            await asyncio.sleep(0.1)
         if self.phase is not Phase.AWAITING_START:
             return
         self.error("start_timeout", f"no 'start' within {timeout_s:g} s of connecting (server.start_timeout_s; "
@@ -400,3 +446,5 @@ class Session:
             self.core.leases.release(self.stream)
         if forget:
             self.core.journal.end(self.id)
+            if self.core.failover is not None:
+                self.core.failover.forget(self.id)

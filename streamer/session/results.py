@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from streamer.protocol import Final, Partial, ServerMessage
@@ -86,9 +86,19 @@ class ResultLog:
         self._kept: deque[ServerMessage] = deque(maxlen=max(1, max_kept))  # finals; warnings while held
         self._partial: Partial | None = None  # the open segment's latest partial
         self._sink: ClientSink | None = None
+        self.skip_below = 0  # results of segments before this one are the client's already (see preload)
+
+    def preload(self, finals: Sequence[Final], skip_below: int) -> None:
+        """Keep ``finals`` (a session continued from another replica) and withhold the session's own results
+        of segments before ``skip_below``: the client has their finals already (its old replica died between
+        sending a final and storing it, so this replica recognizes that segment again)."""
+        self._kept.extend(finals)
+        self.skip_below = skip_below
 
     def offer(self, msg: ServerMessage) -> None:
         """Called by the hub on the loop for each of the stream's messages; never awaits."""
+        if isinstance(msg, Partial | Final) and msg.segment < self.skip_below:
+            return
         if isinstance(msg, Partial):
             self._partial = msg
         else:
