@@ -249,12 +249,10 @@ class Daemon:
         return 0
 
     async def _close_adapters(self) -> None:
-        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client, the agent check and the
-        cluster's leases."""
-        for adapter in (self.wyoming, self.vosk, self.hermes, self.agent, self.leases):
-        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client and the cluster's leases."""
+        """Close the other protocols' servers (Wyoming, Vosk), the Hermes client, the agent check, the session
+        facts store and the cluster's leases."""
         facts = self.failover.facts if self.failover is not None else None
-        for adapter in (self.wyoming, self.vosk, self.hermes, facts, self.leases):
+        for adapter in (self.wyoming, self.vosk, self.hermes, self.agent, facts, self.leases):
             if adapter is not None:
                 await adapter.close()
 

@@ -14,9 +14,10 @@ what it saw at each fault is printed (``pytest -s``) and logged.
   connection drop (1006, no ``end``), reconnects through HAProxy, lands on another replica, whose answer to the
   resume is ``resume_failed`` (then ``stream_in_use`` until the dead replica's lease lapses), and a new session
   takes the audio not sent yet: the finals before the kill arrived once, the words of the utterance cut by the
-  kill (sent to the dead replica, no final yet) are lost, and the later speech is recognized. The exactly-once
-  test (same session resumed, numbering goes on, the cut words there) needs cross-replica resume: it is
-  ``xfail(strict=True)`` until that is merged.
+  kill (sent to the dead replica, no final yet) would be lost without cross-replica resume. With
+  ``cluster.resume_secret`` set on every replica (as this scenario runs), the same session resumes on another
+  replica from the end of its last final, the client re-sends its audio from there, and every final arrives
+  once, in order, numbering going on, with the cut words.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 SENTENCES = ("please turn off the lights in the kitchen", "set a timer for ten minutes",
              "what is the weather like tomorrow morning")
 PAUSE_S = 1.5
+RESUME_SECRET = "multihost-test-resume-secret-0123456789"
 MAX_WER = 0.35
 
 pytestmark = [
@@ -241,7 +243,7 @@ async def kill9(cluster: Cluster, speech: tuple[bytes, int]) -> Killed:
     minutes'``, ``#2 ...``: every final once, in order, no word lost.
     """
     pcm, rate = speech
-    await cluster.restart_exited()
+    await with_resume_secret(cluster)
     client = LiveClient(cluster, pcm, rate, "porch")
     running = asyncio.create_task(client.run())
     try:
@@ -285,7 +287,6 @@ async def test_c_kill9_client_reconnects_through_haproxy_to_another_replica(kill
     assert len(missing) <= len(SENTENCES[2].split()) // 2, (missing, last.summary())
 
 
-@pytest.mark.xfail(strict=True, reason="cross-replica resume not merged yet")
 async def test_c_kill9_finals_arrive_exactly_once_in_order_with_the_words(kill9: Killed) -> None:
     later = [s for s in kill9.client.seen[1:] if s.ready]
     assert later and all(s.ready and s.ready.resumed for s in later), summaries(kill9.client.seen)
@@ -295,6 +296,56 @@ async def test_c_kill9_finals_arrive_exactly_once_in_order_with_the_words(kill9:
     assert segments == list(range(len(segments))), segments  # numbering goes on: none lost, none twice
     wer, said = wer_of(kill9.client.finals, SENTENCES)  # the words cut by the kill are there
     assert wer <= MAX_WER, said
+
+
+async def with_resume_secret(cluster: Cluster) -> None:
+    """Every replica with the same ``cluster.resume_secret`` (cross-replica resume, drains that move sessions):
+    restarted once (an idle replica's SIGTERM only waits for sessions that are not there)."""
+    if cluster.replica_env.get("STREAMER_CLUSTER__RESUME_SECRET") == RESUME_SECRET:
+        await cluster.restart_exited()
+        return
+    cluster.replica_env["STREAMER_CLUSTER__RESUME_SECRET"] = RESUME_SECRET
+    for replica in cluster.replicas:
+        if replica.is_running:
+            cluster.kill(replica, signal.SIGTERM)
+            await replica.wait_exit()
+    await cluster.restart_exited()
+
+
+async def test_d_drain_with_a_resume_secret_moves_the_session(cluster: Cluster, speech: tuple[bytes, int]) -> None:
+    """SIGTERM of the replica holding a live session, every replica sharing a resume secret: the session is moved,
+    not waited for. The client gets the open segment's final, ``moved`` and close 1012, resumes through HAProxy on
+    another replica, and every final arrives once, in order, with the words; the drained replica exits 0."""
+    pcm, rate = speech
+    await with_resume_secret(cluster)
+    client = LiveClient(cluster, pcm, rate, "hall")
+    running = asyncio.create_task(client.run())
+    try:
+        await client.wait_until(lambda c: bool(c.seen and c.seen[0].ready))
+        holder = await cluster.holder()
+        client.seen[0].replica = holder.name
+        await client.wait_until(lambda c: any(p.segment >= 1 and p.text for p in c.seen[0].partials))
+        at_signal_s = client.session.sent / rate
+        cluster.kill(holder, signal.SIGTERM)
+        await client.wait_until(lambda c: any(s.ready for s in c.seen[1:]))
+        exit_code = await holder.wait_exit()  # its session moved: the drain is over
+        landed = await cluster.holder()
+        next(s for s in client.seen[1:] if s.ready).replica = landed.name
+        async with asyncio.timeout(len(pcm) / 2 / rate + WAIT_S):
+            await running
+    finally:
+        running.cancel()
+    report("(d) SIGTERM (drain) with a resume secret: the session moves", [
+        f"SIGTERM to {holder.name} at {at_signal_s:.2f} s of the client's audio", *summaries(client.seen)])
+    first, later = client.seen[0], [s for s in client.seen[1:] if s.ready]
+    assert first.close_code == 1012, first.summary()
+    assert later and all(s.ready.resumed for s in later) and later[0].replica != holder.name, summaries(client.seen)
+    segments = [f.segment for f in client.finals]
+    assert segments == list(range(len(segments))), segments  # none lost, none twice
+    wer, said = wer_of(client.finals, SENTENCES)
+    assert wer <= MAX_WER, said
+    assert client.seen[-1].end is not None and client.seen[-1].close_code == 1000
+    assert exit_code == 0
 
 
 def summaries(seen: list[Seen]) -> list[str]:
