@@ -213,7 +213,10 @@ class Daemon:
                 if self.failover is not None:
                     core = self.core
                     tasks.append(tg.create_task(self.failover.facts.run(), name="session-facts"))
-                    tasks.append(tg.create_task(self.failover.run(lambda: list(core.sessions)), name="failover"))
+                    from streamer.session.handoff import run as run_failover
+
+                    tasks.append(tg.create_task(run_failover(self.failover, lambda: list(core.sessions)),
+                                                name="failover"))
                 tasks.append(tg.create_task(self.sessions.run(settings.server.resume_window_s), name="sessions"))
                 if settings.mic.enabled:
                     self.mic = await _start_mic(settings, scheduler, self.endpoint)

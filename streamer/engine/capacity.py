@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from streamer.asr.clocks import SAMPLE_RATE_HZ
 from streamer.engine.buffered import AnyRecognizer
 from streamer.engine.channel import Channel
 from streamer.engine.endpoint import EndpointConfig
@@ -160,7 +161,7 @@ def _round(recognizer: AnyRecognizer, channels: list[Channel], max_batch: int) -
             channel.settle()
 
 
-def speech_like(samples: int, seed: int, rate_hz: int = 16000) -> np.ndarray:
+def speech_like(samples: int, seed: int, rate_hz: int = SAMPLE_RATE_HZ) -> np.ndarray:
     """Noise shaped like speech for the engine's cost: syllables at about 4 Hz, pauses, a voice-band tilt.
 
     Args:

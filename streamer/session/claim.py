@@ -16,19 +16,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from streamer.protocol import STREAM_NAME
+from streamer.session.events import Outcome
 from streamer.session.results import start_mismatch
 
 if TYPE_CHECKING:
     from streamer.engine.scheduler import Scheduler
     from streamer.server.stream_leases import StreamLeases
     from streamer.session.events import ResumeRequest, StartOptions
-    from streamer.session.failover import Failover
-    from streamer.session.machine import Session as MachineSession
+
+
+class _Failover(Protocol):
+    """What a claimed start uses of `streamer.session.failover.Failover` (its type would make an import cycle)."""
+
+    async def resume(self, session: Any, options: StartOptions, resume: ResumeRequest) -> Outcome: ...
 
 
 class _Core(Protocol):
     leases: StreamLeases | None
-    failover: Failover | None
+    failover: _Failover | None
     scheduler: Scheduler
 
     def find_resumable(self, resume: ResumeRequest) -> tuple[Any, str | None]: ...
@@ -63,9 +68,8 @@ async def start_claimed(session: Session, options: StartOptions, resume: ResumeR
         return
     failover = session.core.failover
     if resume is not None and failover is not None:  # a session another replica ran, or a bad token
-        from streamer.session.failover import Outcome
-
-        outcome = await failover.resume(cast("MachineSession", session), options, resume)
+        # a machine Session; importing its type here would make an import cycle
+        outcome = await failover.resume(cast("Any", session), options, resume)
         if outcome is Outcome.RESUMED or not session.is_open:
             return
         if outcome is Outcome.FAILED:

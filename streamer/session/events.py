@@ -14,6 +14,7 @@ asked for it (``StartOptions.pause_s``). The core adds :class:`Opened`, :class:`
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -210,3 +211,11 @@ class ResultSource(Protocol):
     """What the router hands a stream's results to (a session's :class:`~streamer.session.results.ResultLog`)."""
 
     def offer(self, msg: ServerMessage) -> None: ...
+
+
+class Outcome(enum.Enum):
+    """What a cross-replica resume came to (``streamer.session.failover``)."""
+
+    RESUMED = "resumed"
+    FAILED = "failed"  # said to the client (resume_failed); its start goes on as a new session
+    NOT_SIGNED = "not signed"  # not a cluster token: the single daemon's rules apply

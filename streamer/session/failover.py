@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import hmac
 import logging
 import secrets
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from streamer.session.events import Carried, ResumeRequest, StartOptions
+from streamer.session.events import Carried, Outcome, ResumeRequest, StartOptions
 from streamer.session.machine import Phase
 from streamer.session.results import start_mismatch
 from streamer.session.resume_token import ResumeTokenError, TokenClaims, TokenSigner, is_signed
@@ -45,12 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("streamer.session")
 
 LEASE_POLL_S = 0.1  # how often a resume asks for the stream lease while the old replica's runs out
-
-
-class Outcome(enum.Enum):
-    RESUMED = "resumed"
-    FAILED = "failed"  # said to the client (resume_failed); its start goes on as a new session
-    NOT_SIGNED = "not signed"  # not a cluster token: the single daemon's rules apply
 
 
 class ResumeRefused(Exception):
@@ -111,14 +104,6 @@ class Failover:
     def progress(self, session_id: str) -> tuple[int, int]:
         """The number of the session's next final, and the end of its last one in client sample frames."""
         return self._progress.get(session_id, (0, 0))
-
-    async def run(self, sessions: Callable[[], Iterable[Session]]) -> None:
-        """Renew the facts of ``sessions()`` and answer hand-over requests, until cancelled."""
-        from streamer.session.handoff import serve_handovers
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.renew(sessions), name="session-facts-renewal")
-            tg.create_task(serve_handovers(self, sessions), name="hand-over-requests")
 
     async def renew(self, sessions: Callable[[], Iterable[Session]]) -> None:
         """Renew the facts of every session this replica runs (or holds) every ttl/3, until cancelled."""

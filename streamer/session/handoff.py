@@ -34,6 +34,13 @@ HANDOVER_TIMEOUT_S = 5.0  # cutting a session another replica asked for
 RESUBSCRIBE_S = 1.0  # after the store went away, subscribe again this much later
 
 
+async def run(failover: Failover, sessions: Callable[[], Iterable[Session]]) -> None:
+    """Renew the facts of ``sessions()`` and answer hand-over requests, until cancelled."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(failover.renew(sessions), name="session-facts-renewal")
+        tg.create_task(serve_handovers(failover, sessions), name="hand-over-requests")
+
+
 async def move(failover: Failover, session: Session, timeout_s: float) -> bool:
     """Cut a streaming session at a clean point and tell its client ``moved``; True when it was moved (one that
     is not streaming, has no token, or could not be cut within ``timeout_s`` is left to the shutdown)."""

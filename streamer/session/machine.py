@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     from streamer.server.metrics import Metrics
     from streamer.server.session_journal import Orphan, SessionStore
     from streamer.server.stream_leases import StreamLeases
-    from streamer.session.failover import Failover
     from streamer.session.limits import SessionLimits
 
 logger = logging.getLogger("streamer.session")
@@ -64,6 +63,16 @@ class Phase(enum.Enum):
     ENDING = "ending"
 
 
+class CrossReplica(Protocol):
+    """What a session uses of :class:`streamer.session.failover.Failover` (its type here would be an import cycle)."""
+
+    def issue(self, session: Session) -> str: ...
+
+    def on_final(self, session: Session, final: Final) -> None: ...
+
+    def forget(self, session_id: str) -> None: ...
+
+
 class Registry(Protocol):
     """What a session uses of the :class:`~streamer.session.core.SessionCore` that made it."""
 
@@ -75,7 +84,7 @@ class Registry(Protocol):
     model: ModelInfo
     journal: SessionStore
     leases: StreamLeases | None
-    failover: Failover | None
+    failover: CrossReplica | None
 
     def find_resumable(self, resume: ResumeRequest) -> tuple[Session | None, str | None]: ...
 
