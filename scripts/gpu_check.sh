@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one-command GPU check: CUDA parity with the CPU on the goldens, `streamer bench --device cuda` at 1 to 1024
 # streams, a `streamer loadtest` capacity search against `streamer serve` on the GPU, and offline RTFx of a
-# parakeet-tdt-0.6b-shaped model. At most about 7 minutes; prints one table at the end and writes gpu_check.json and
-# gpu_check.txt to $OUT when it is set (or --out DIR). README, section GPU, says how to read the table.
+# parakeet-tdt-0.6b-shaped model, eager and torch.compile'd. At most about 8 minutes; prints one table at the end and
+# writes gpu_check.json and gpu_check.txt to $OUT when it is set (or --out DIR). README, section GPU, says how to
+# read the table.
 #
 #   bash scripts/gpu_check.sh                      # on a GPU box
-#   bash scripts/gpu_check.sh --device cpu --quick # every stage on the CPU with tiny sizes (about a minute)
+#   bash scripts/gpu_check.sh --device cpu --quick # every stage on the CPU with tiny sizes (about two minutes)
 #   bash scripts/gpu_check.sh --dry-run            # the plan; nothing runs
 #
 # Python: $STREAMER_PYTHON, else .venv/bin/python, else python3; it needs a CUDA build of torch for --device cuda.

@@ -213,6 +213,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--utterance-s", type=float, default=20.0, help="with --offline: seconds per utterance")
     p.add_argument("--offline-layers", type=int, default=None,
                    help="with --offline: encoder layers instead of the model's 24 (a quick run)")
+    p.add_argument("--offline-compile", default="off", metavar="MODES",
+                   help="with --offline: also time the torch.compile'd encoder (model.compile) on the same model and "
+                        "inputs, each right after the eager row: offline (length buckets), offline-dynamic, "
+                        "offline-graphs (CUDA graphs, CUDA only), comma-separated, or all; first_call_s shows "
+                        "each row's compile plus one batch")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--save-model", metavar="PATH.nemo",
                    help="instead of measuring, write this 114M configuration as a .nemo with random weights, "

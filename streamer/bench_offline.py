@@ -7,6 +7,11 @@ utterances of ``--utterance-s`` seconds: audio copied to the device, features, t
 ``--dtypes``; features and decoder in float32) and, in the ``offline+tdt`` rows, batched greedy TDT decoding
 with the joint biased to emit ``--tokens-per-s`` labels as speech would (random weights would emit
 ``max_symbols`` per frame). Each timed batch ends with a device sync. Speed is reported, never asserted.
+
+``--offline-compile`` adds rows for the compiled encoder (:mod:`streamer.asr.compiled`) on the same model and
+inputs, right after the eager row: ``streamer/compiled`` (length buckets), ``streamer/compiled-dynamic`` and,
+on CUDA, ``streamer/compiled-graphs`` (buckets replayed as CUDA graphs). Every row's ``first_call_s`` is its
+first batch's wall time: for compiled rows the compile plus one batch.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from streamer.bench_model import PARAKEET_DECODER, PARAKEET_ENCODER, PARAKEET_FEATURES, calibrate_emission
+from streamer.errors import ConfigError
 
 
 def build_parakeet(device: Any, dtype: Any, n_layers: int | None = None) -> Any:
@@ -36,11 +42,18 @@ def build_parakeet(device: Any, dtype: Any, n_layers: int | None = None) -> Any:
     return to_precision(model.to(device), dtype)  # .to: buffers made from numpy (the mel filterbank) start on the CPU
 
 
+COMPILE_IMPLS = {"off": "streamer", "offline": "streamer/compiled", "offline-dynamic": "streamer/compiled-dynamic",
+                 "offline-graphs": "streamer/compiled-graphs"}
+
+
 def measure_offline(model: Any, dtype_name: str, batch: int, utterance_s: float, steps: int, warmup: int,
-                    with_decoder: bool, tokens_per_s: float = 4.0) -> dict[str, Any]:
+                    with_decoder: bool, tokens_per_s: float = 4.0, compile_mode: str = "off") -> dict[str, Any]:
     """Per-batch wall times of ``batch`` utterances of ``utterance_s`` seconds; arguments of
-    :func:`streamer.bench.summarize` as a dict (its ``chunk_s`` is the utterance, its ``streams`` the batch)."""
+    :func:`streamer.bench.summarize` as a dict (its ``chunk_s`` is the utterance, its ``streams`` the batch),
+    plus ``first_call_s``. ``compile_mode``: a ``model.compile`` value; the encoder is eager again afterwards."""
     import torch
+
+    from streamer.asr.compiled import compile_offline
 
     device = next(model.decoder.parameters()).device
     rate = model.config.features.sample_rate
@@ -65,17 +78,20 @@ def measure_offline(model: Any, dtype_name: str, batch: int, utterance_s: float,
             calibrate_emission(greedy, enc, enc_len, tokens_per_s * model.config.frame_shift_s, iterations=12)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         times = []
-        for i in range(warmup + steps):
-            sync()
-            t0 = time.perf_counter()
-            recognize()
-            sync()
-            if i >= warmup:
+        compile_offline(model.encoder, compile_mode)  # after the calibration: it runs another batch size
+        try:
+            for _ in range(1 + warmup + steps):  # the first call (compiles) is timed apart from the rest
+                sync()
+                t0 = time.perf_counter()
+                recognize()
+                sync()
                 times.append(time.perf_counter() - t0)
+        finally:
+            compile_offline(model.encoder, "off")
     params = sum(p.numel() for p in model.parameters())
-    return {"impl": "streamer", "scope": "offline+tdt" if with_decoder else "offline", "dtype": dtype_name,
-            "params": params, "ctx": (-1, -1), "chunk_s": utterance_s, "streams": batch, "times": times,
-            "threads": torch.get_num_threads()}
+    return {"impl": COMPILE_IMPLS[compile_mode], "scope": "offline+tdt" if with_decoder else "offline",
+            "dtype": dtype_name, "params": params, "ctx": (-1, -1), "chunk_s": utterance_s, "streams": batch,
+            "times": times[1 + warmup:], "first_call_s": round(times[0], 2), "threads": torch.get_num_threads()}
 
 
 def _encode_only(model: Any, audio: Any, lengths: Any, device: Any) -> tuple[Any, Any]:
@@ -83,23 +99,45 @@ def _encode_only(model: Any, audio: Any, lengths: Any, device: Any) -> tuple[Any
     return model.encoder(feats, lens)
 
 
-def offline_rows(args: Any, device_name: str, dtypes: list[str]) -> Iterator[dict[str, Any]]:
-    """Measure each precision in ``dtypes`` on ``device_name``, yielding :func:`measure_offline`'s dicts plus
-    ``device``.
+def compile_modes(text: str, device: Any) -> list[str]:
+    """``--offline-compile`` ("off,offline", "all") as the list of modes to measure, eager first.
 
     Raises:
-        ConfigError: the device or a precision cannot run here.
+        ConfigError: an unknown mode, or offline-graphs off CUDA.
+    """
+    from streamer.asr.compiled import COMPILE_MODES
+
+    cuda = device.type == "cuda"
+    asked = [m.strip() for m in text.split(",") if m.strip()]
+    if asked == ["all"]:
+        asked = [m for m in COMPILE_MODES if cuda or m != "offline-graphs"]
+    for m in asked:
+        if m not in COMPILE_MODES:
+            raise ConfigError(f"--offline-compile: {m!r} is not one of {', '.join(COMPILE_MODES)} (or all)")
+        if m == "offline-graphs" and not cuda:
+            raise ConfigError("--offline-compile offline-graphs replays CUDA graphs: it needs --device cuda")
+    return ["off", *(m for m in dict.fromkeys(asked) if m != "off")]
+
+
+def offline_rows(args: Any, device_name: str, dtypes: list[str]) -> Iterator[dict[str, Any]]:
+    """Measure each precision in ``dtypes`` on ``device_name``, eager and each ``--offline-compile`` mode,
+    yielding :func:`measure_offline`'s dicts plus ``device``.
+
+    Raises:
+        ConfigError: the device, a precision or a compile mode cannot run here.
     """
     import torch
 
     from streamer.asr.precision import check_device, check_dtype
 
     device = check_device(device_name)
+    modes = compile_modes(getattr(args, "offline_compile", "off"), device)
     for name in dtypes:
         model = build_parakeet(device, check_dtype(name, device), args.offline_layers)
         for with_decoder in ([False] if args.no_decoder else [False, True]):
-            yield {**measure_offline(model, name, args.offline_batch, args.utterance_s, args.steps, args.warmup,
-                                     with_decoder, args.tokens_per_s), "device": str(device)}
+            for mode in modes:
+                yield {**measure_offline(model, name, args.offline_batch, args.utterance_s, args.steps,
+                                         args.warmup, with_decoder, args.tokens_per_s, mode), "device": str(device)}
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

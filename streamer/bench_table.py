@@ -31,6 +31,7 @@ class Row:
     threads: int
     max_abs_diff: float | None = None  # onnxruntime rows: largest deviation from our float32 step
     device: str = "cpu"
+    first_call_s: float | None = None  # offline rows: the first batch's wall time (compiled: compile + one batch)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -67,6 +68,7 @@ def row_of(m: dict) -> Row:
     row = summarize(m["impl"], m["scope"], m["dtype"], m["params"], m["ctx"], m["chunk_s"], m["streams"], m["times"],
                     m["threads"])
     row.device = m["device"]
+    row.first_call_s = m.get("first_call_s")
     return row
 
 
@@ -87,6 +89,8 @@ def format_table(rows: Sequence[Row]) -> str:
     cols = list(COLUMNS)
     if any(r.device != "cpu" for r in rows):
         cols.insert(1, "device")
+    if any(r.first_call_s is not None for r in rows):
+        cols.insert(cols.index("rtfx_total") + 1, "first_call_s")
     data = [[_cell(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(d[i]) for d in data)) for i, c in enumerate(cols)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

@@ -11,6 +11,8 @@ Stages, each time-boxed (its command is killed at its budget; what it measured u
 * ``loadtest``: ``streamer serve`` on the GPU with the bundled model and the 114M one, ``streamer
   loadtest`` at growing N until a run fails its thresholds or the budget runs out: the capacity.
 * ``offline``: RTFx of a parakeet-tdt-0.6b-shaped model on a batch of long utterances.
+* ``compile``: the same model's encoder eager and ``torch.compile``d (length buckets; on CUDA also replayed as
+  CUDA graphs) on the same inputs: steady RTFx and compile time (:mod:`streamer.asr.compiled`).
 
 ``--device cpu --quick`` runs every stage on the CPU with tiny sizes (the CI test of this script);
 ``--dry-run`` prints the plan and the table's frame without running anything.
@@ -63,6 +65,8 @@ def describe_plan(plan: Plan) -> list[Row]:
         "offline": f"parakeet-tdt-0.6b shape, {plan.offline_batch} x {plan.utterance_s:g} s, "
                    f"{','.join(plan.offline_dtypes)}" + (f", {plan.offline_layers} layer(s)" if plan.offline_layers
                                                          else ""),
+        "compile": f"offline encoder eager vs {','.join(plan.compile_modes)}, {plan.compile_dtype}, "
+                   f"{plan.offline_batch} x {plan.utterance_s:g} s",
     }
     return [Row(s, text[s], f"time box {plan.budgets_s[s]:.0f} s", "planned") for s in plan.stages]
 

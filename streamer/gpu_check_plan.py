@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES = ("parity", "bench", "loadtest", "offline")
+STAGES = ("parity", "bench", "loadtest", "offline", "compile")
 
 
 @dataclass
@@ -31,6 +31,8 @@ class Plan:
     utterance_s: float
     offline_layers: int | None
     steps_offline: int
+    compile_modes: list[str] = field(default_factory=lambda: ["offline"])  # besides eager, same model and inputs
+    compile_dtype: str = "float32"
     threads: int | None = None  # torch threads of every command (None: torch's default)
     load_generators: int = 1  # loadtest processes sharing one N (one Python process cannot feed 2000 clients)
     load_min_share: int = 32  # clients per generator at least
@@ -39,16 +41,20 @@ class Plan:
 
 
 def make_plan(device: str, quick: bool, stages: list[str]) -> Plan:
-    """Sizes for a GPU box (about 7 minutes in all) or, with ``quick``, tiny ones for the CPU (under a minute)."""
+    """Sizes for a GPU box (about 8 minutes in all) or, with ``quick``, tiny ones for the CPU (about two minutes,
+    most of it compiling)."""
     if quick:
-        return Plan(device, True, {"parity": 60, "bench": 60, "loadtest": 90, "offline": 60}, [1, 2], ["float32"],
-                    2, 1, ["bundled"], [1, 2], 3.0, "float32", ["float32"], 1, 2.0, 1, 1, threads=1, stages=stages)
+        return Plan(device, True, {"parity": 60, "bench": 60, "loadtest": 90, "offline": 60, "compile": 120}, [1, 2],
+                    ["float32"], 2, 1, ["bundled"], [1, 2], 3.0, "float32", ["float32"], 1, 2.0, 1, 1, threads=1,
+                    stages=stages)
     cuda = device.startswith("cuda")
     halves = ["float32", "float16", "bfloat16"] if cuda else ["float32"]
-    return Plan(device, False, {"parity": 75, "bench": 100, "loadtest": 170, "offline": 60},
+    return Plan(device, False, {"parity": 75, "bench": 100, "loadtest": 170, "offline": 60, "compile": 90},
                 [2**k for k in range(11)], halves, 10, 3, ["114M", "bundled"], [32, 256, 1024, 2048], 10.0,
                 "float16" if cuda else "float32", halves, 128 if cuda else 4, 20.0, None, 3, stages=stages,
-                load_generators=4 if cuda else 1, load_frame_ms=80.0 if cuda else 40.0)
+                load_generators=4 if cuda else 1, load_frame_ms=80.0 if cuda else 40.0,
+                compile_modes=["offline", "offline-graphs"] if cuda else ["offline"],
+                compile_dtype="bfloat16" if cuda else "float32")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The four stages of :mod:`streamer.gpu_check`, each run as ``python -m streamer ...`` commands under a time box.
+"""The five stages of :mod:`streamer.gpu_check`, each run as ``python -m streamer ...`` commands under a time box.
 
 A stage adds its rows to the report and its raw results to ``report.data[stage]``. A command killed at the
 stage's budget counts as ``partial``: the rows it printed before (``--format json`` prints each as it is
@@ -24,7 +24,7 @@ def run_stage(stage: str, plan: Plan, workdir: Path, report: Report) -> None:
     """Run one stage; an unexpected error becomes a FAIL row, never a traceback that loses the table."""
     deadline = time.monotonic() + plan.budgets_s[stage]
     try:
-        {"parity": parity, "bench": bench, "loadtest": loadtest, "offline": offline}[stage](
+        {"parity": parity, "bench": bench, "loadtest": loadtest, "offline": offline, "compile": compiled}[stage](
             plan, workdir, report, deadline)
     except Exception as exc:  # noqa: BLE001 - the table must still be printed
         report.add(stage, "stage failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:200], "FAIL")
@@ -285,15 +285,7 @@ def merge_rows(n: int, rows: list[dict]) -> dict:
 
 def offline(plan: Plan, workdir: Path, report: Report, deadline: float) -> None:
     log = workdir / "offline.log"
-    command = streamer_command("bench", "--offline", "--device", plan.device, "--dtypes", ",".join(plan.offline_dtypes),
-                               "--offline-batch", str(plan.offline_batch), "--utterance-s", f"{plan.utterance_s:g}",
-                               "--steps", str(plan.steps_offline), "--warmup", "1" if not plan.quick else "0",
-                               "--nemo", "off", "--format", "json")
-    if plan.offline_layers:
-        command += ["--offline-layers", str(plan.offline_layers)]
-    if plan.threads:
-        command += ["--threads", str(plan.threads)]
-    code, out = run(command, deadline, log)
+    code, out = run(offline_command(plan, plan.offline_dtypes), deadline, log)
     rows = json_lines(out)
     report.data["offline"] = rows
     if not rows:
@@ -304,3 +296,41 @@ def offline(plan: Plan, workdir: Path, report: Report, deadline: float) -> None:
         report.add("offline", f"{r['scope']} {r['dtype']} {r['streams']} x {r['chunk_ms'] / 1000:g} s "
                               f"({r['params_m']:g}M)", f"RTFx {r['rtfx_total']:g} (batch p50 {r['p50_ms']:g} ms)",
                    "ok" if code == 0 else "partial")
+
+
+def offline_command(plan: Plan, dtypes: list[str], *extra: str) -> list[str]:
+    command = streamer_command("bench", "--offline", "--device", plan.device, "--dtypes", ",".join(dtypes),
+                               "--offline-batch", str(plan.offline_batch), "--utterance-s", f"{plan.utterance_s:g}",
+                               "--steps", str(plan.steps_offline), "--warmup", "1" if not plan.quick else "0",
+                               "--nemo", "off", "--format", "json", *extra)
+    if plan.offline_layers:
+        command += ["--offline-layers", str(plan.offline_layers)]
+    if plan.threads:
+        command += ["--threads", str(plan.threads)]
+    return command
+
+
+# ---------------------------------------------------------------- (e) compile
+
+
+def compiled(plan: Plan, workdir: Path, report: Report, deadline: float) -> None:
+    """The offline encoder eager, then torch.compile'd per ``plan.compile_modes`` (on CUDA also with CUDA graphs),
+    same model and inputs, encoder only: steady RTFx and the first call (the compile) of each."""
+    log = workdir / "compile.log"
+    command = offline_command(plan, [plan.compile_dtype], "--no-decoder", "--offline-compile",
+                              ",".join(plan.compile_modes))
+    code, out = run(command, deadline, log)
+    rows = json_lines(out)
+    report.data["compile"] = rows
+    status = "ok" if code == 0 else "partial" if code is None else "FAIL"
+    if not rows:
+        report.add("compile", "parakeet-tdt-0.6b shape", "timed out" if code is None else f"exit {code}: {tail(log)}",
+                   "FAIL")
+        return
+    eager = rows[0]["rtfx_total"]
+    for r in rows:
+        gain = "" if r is rows[0] else f", {r['rtfx_total'] / eager:.2f}x eager"
+        report.add("compile", f"{r['impl']} {r['dtype']} {r['streams']} x {r['chunk_ms'] / 1000:g} s",
+                   f"RTFx {r['rtfx_total']:g}{gain}, first call {r['first_call_s']:g} s", status)
+    for mode in plan.compile_modes[len(rows) - 1:]:
+        report.add("compile", f"{mode} {plan.compile_dtype}", "not reached within the time box", status)

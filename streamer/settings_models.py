@@ -44,6 +44,9 @@ class ModelSettings(_Section):
     threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; None: serve leaves one core to the event loop, others use all"
     )
+    compile: Literal["off", "offline", "offline-dynamic", "offline-graphs"] = Field(
+        "off", description="torch.compile of the offline encoder (length buckets; -dynamic; -graphs: CUDA graphs)"
+    )
 
     @field_validator("device")
     @classmethod

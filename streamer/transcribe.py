@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from streamer.asr.model import AsrModel
     from streamer.engine.recognizer import Progress
 
-TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype")}
+TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype"),
+                                     "compile": ("model", "compile")}
 
 
 def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +57,11 @@ def add_transcribe_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="encoder precision (model.dtype; default: float32); half precision on CUDA only")
     t.add_argument("--threads", type=int, default=None, help="torch intra-op threads (model.threads; default: torch's)")
+    t.add_argument("--compile", choices=("off", "offline", "offline-dynamic", "offline-graphs"), default=None,
+                   help="torch.compile the offline encoder (model.compile; default: off): offline pads each file to "
+                        "a length bucket (5 to 40 s) compiled on first use, longer files run eagerly; "
+                        "offline-dynamic compiles one graph for all lengths; offline-graphs adds CUDA graphs "
+                        "(CUDA only). Same tokens; pays only for many files of similar length (README, Benchmark)")
     t.add_argument("--mode", choices=("offline", "streaming", "buffered"), default="offline",
                    help="offline: one encoder pass; streaming: the cache-aware step the daemon runs; buffered: "
                    "NeMo's buffered streaming (what the daemon runs for a full-context model), see --buffer")

@@ -38,7 +38,7 @@ def test_unknown_stages_are_refused_by_name(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--dry-run", "--stages", "parity,benchmark"])
     assert info.value.code == 2
-    assert "--stages: benchmark: choose from parity, bench, loadtest, offline" in capsys.readouterr().err
+    assert "--stages: benchmark: choose from parity, bench, loadtest, offline, compile" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_plan_as_the_table_and_writes_the_files(capsys, tmp_path: Path) -> None:
@@ -56,7 +56,15 @@ def test_quick_plan_is_tiny_and_the_gpu_plan_fits_its_time() -> None:
     quick, full = make_plan("cpu", True, ["parity"]), make_plan("cuda", False, ["parity"])
     assert quick.bench_streams == [1, 2] and quick.load_ladder == [1, 2] and quick.offline_layers == 1
     assert full.bench_streams[-1] == 1024 and full.load_dtype == "float16" and full.offline_layers is None
-    assert sum(full.budgets_s.values()) <= 8 * 60 - 30  # the stages' time boxes leave room for setup
+    assert sum(full.budgets_s.values()) <= 540 - 45  # within the script's 540 s, with room for setup
+    assert full.compile_modes == ["offline", "offline-graphs"] and quick.compile_modes == ["offline"]
+    assert make_plan("cpu", False, ["compile"]).compile_modes == ["offline"]  # no CUDA graphs on the CPU
+
+
+def test_dry_run_plans_the_compiled_rows(capsys) -> None:
+    assert main(["--dry-run", "--stages", "compile"]) == 0
+    (line,) = table_lines(capsys.readouterr().out)[2:]
+    assert line.startswith("compile") and "eager vs offline,offline-graphs, bfloat16, 128 x 20 s" in line
 
 
 def test_the_table_aligns_its_columns_whatever_the_lengths() -> None:
@@ -115,12 +123,12 @@ def test_the_script_runs_every_stage_on_the_cpu_and_ends_with_the_table(tmp_path
     env = {**os.environ, "STREAMER_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     env.pop("OUT", None)
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick", "--out",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300, check=False)
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=480, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = table_lines(done.stdout)
     assert lines == done.stdout.rstrip("\n").splitlines()[-len(lines):]  # nothing printed after the table
     stages = [line.split("|")[0].strip() for line in lines[2:]]
-    assert stages[0] == "setup" and {"parity", "bench", "loadtest", "offline"} <= set(stages)
+    assert stages[0] == "setup" and {"parity", "bench", "loadtest", "offline", "compile"} <= set(stages)
     statuses = {line.split("|")[2].strip() for line in lines[2:]}
     assert statuses == {"ok"}, "\n".join(lines)
     data = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -128,6 +136,8 @@ def test_the_script_runs_every_stage_on_the_cpu_and_ends_with_the_table(tmp_path
     assert {r["streams"] for r in data["bench"]} == {1, 2} and all(r["p50_ms"] > 0 for r in data["bench"])
     assert [r["streams"] for r in data["loadtest"]["bundled"]] == [1, 2]
     assert {r["scope"] for r in data["offline"]} == {"offline", "offline+tdt"}
+    assert [r["impl"] for r in data["compile"]] == ["streamer", "streamer/compiled"]
+    assert all(r["first_call_s"] > 0 and r["rtfx_total"] > 0 for r in data["compile"])
 
 
 def test_merge_rows_sums_counts_and_keeps_the_worst_tail() -> None:

@@ -102,12 +102,13 @@ def _rel_shift(x: Tensor) -> Tensor:
 
 
 def attention_mask(
-    valid: Tensor, att_context_size: ContextSize, style: str, query_offset: int = 0
+    valid: Tensor, att_context_size: ContextSize, style: str, query_offset: int = 0, always: bool = False
 ) -> Tensor | None:
     """NeMo's attention mask (True = masked) for keys at positions ``0..M-1``.
 
     ``valid`` [B, M] marks real key positions. Queries are positions ``query_offset..M-1``. Returns
-    [B, Tq, M], or None when nothing is masked (full context, no padding).
+    [B, Tq, M], or None when nothing is masked (full context, no padding) unless ``always`` (no
+    data-dependent test, for a ``torch.compile``d graph).
     """
     b, m = valid.shape
     left, right = att_context_size
@@ -125,6 +126,6 @@ def attention_mask(
         if right >= 0:
             allowed &= kpos <= qpos + right
     ok = allowed[None] & valid[:, None, :] & valid[:, query_offset:, None]
-    if bool(ok.all()):
+    if not always and bool(ok.all()):
         return None
     return ~ok

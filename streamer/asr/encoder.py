@@ -57,6 +57,8 @@ class FastConformerEncoder(nn.Module):
         )
         self.layers = nn.ModuleList(ConformerLayer(cfg) for _ in range(cfg.n_layers))
         self.xscale = math.sqrt(cfg.d_model) if cfg.xscaling else None
+        # the compiled offline path (None: eager), a plain attribute: no parameters, not in the state dict
+        self.compiled_offline: Callable[[Tensor, Tensor, ContextSize], tuple[Tensor, Tensor] | None] | None = None
 
     def check_context(self, att_context_size: ContextSize | None) -> ContextSize:
         """Validate a look-ahead choice (None = the model's default).
@@ -84,21 +86,43 @@ class FastConformerEncoder(nn.Module):
         ``on_layer(done, total)`` is called after each layer (progress for long inputs).
 
         Full attention costs T x T; a local-attention model (``rel_pos_local_attn``) costs T x window, and
-        with it the whole path is linear in the audio's length.
+        with it the whole path is linear in the audio's length. With :attr:`compiled_offline` set
+        (:func:`streamer.asr.compiled.compile_offline`) inputs that fit one of its length buckets run
+        compiled (``on_layer`` then hears only the end); longer ones run here.
         """
         ctx = self.check_context(att_context_size)
-        x, lengths = self.subsample(mel.transpose(1, 2), lengths)
+        if self.compiled_offline is not None:
+            out = self.compiled_offline(mel, lengths, ctx)
+            if out is not None:
+                if on_layer is not None:
+                    on_layer(len(self.layers), len(self.layers))
+                return out
+        return self.encode(mel, lengths, ctx, on_layer=on_layer)
+
+    def encode(
+        self,
+        mel: Tensor,
+        lengths: Tensor,
+        ctx: ContextSize,
+        *,
+        on_layer: Callable[[int, int], None] | None = None,
+        always_mask: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward`'s arithmetic at a checked context, always eager. ``always_mask`` applies the padding
+        and attention masks even where nothing is padded (the same values): no branch depends on the data,
+        so ``torch.compile`` traces it as one graph per input shape."""
+        x, lengths = self.subsample(mel.transpose(1, 2), lengths, always_mask=always_mask)
         if self.xscale is not None:
             x = x * self.xscale
         t = x.size(1)
         valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
-        pad_mask = None if bool(valid.all()) else ~valid
+        pad_mask = None if not always_mask and bool(valid.all()) else ~valid
         if self.cfg.is_local_attention:
             pos = local_positional_table(ctx, self.cfg.d_model, x.device).to(x.dtype)
             att_mask = None
         else:
             pos = rel_positional_table(t, self.cfg.d_model, x.device).to(x.dtype)
-            att_mask = attention_mask(valid, ctx, self.cfg.att_context_style)
+            att_mask = attention_mask(valid, ctx, self.cfg.att_context_style, always=always_mask)
         for i, layer in enumerate(self.layers):
             p = layer.self_attn.project_pos(pos)
             x = layer(x, p, att_mask, pad_mask)
@@ -107,7 +131,8 @@ class FastConformerEncoder(nn.Module):
         return x, lengths
 
     def subsample(
-        self, x: Tensor, lengths: Tensor, window_mel_frames: int = SUBSAMPLING_WINDOW_MEL_FRAMES
+        self, x: Tensor, lengths: Tensor, window_mel_frames: int = SUBSAMPLING_WINDOW_MEL_FRAMES,
+        always_mask: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """``pre_encode`` of (B, M, F) -> ((B, T, D), lengths). Long inputs go through in windows of
         ``window_mel_frames`` plus a margin of 32 mel frames each side (the three stride-2 3x3 convs see
@@ -119,13 +144,13 @@ class FastConformerEncoder(nn.Module):
         step = max(factor, window_mel_frames // factor * factor)
         start = torch.zeros_like(lengths)
         if m <= step + 2 * margin:
-            y, _, out_len = self.pre_encode(x, start, lengths)
+            y, _, out_len = self.pre_encode(x, start, lengths, always_mask)
             return y, out_len
         out_len = subsampled_length(lengths, factor, self.cfg.causal_downsampling).to(lengths)
         parts = []
         for a in range(0, m, step):
             lo, hi = max(0, a - margin), min(m, a + step + margin)
-            y, _, _ = self.pre_encode(x[:, lo:hi], start, (lengths - lo).clamp(0, hi - lo))
+            y, _, _ = self.pre_encode(x[:, lo:hi], start, (lengths - lo).clamp(0, hi - lo), always_mask)
             first = (a - lo) // factor
             parts.append(y[:, first : first + step // factor])
         y = torch.cat(parts, dim=1)

@@ -52,15 +52,18 @@ class ConvSubsampling(nn.Module):
             freq = clocks.strided_conv_length(freq, is_causal=causal)
         self.out = nn.Linear(channels * freq, d_model)
 
-    def forward(self, x: Tensor, start: Tensor, end: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, start: Tensor, end: Tensor, always_mask: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Subsample ``x`` (B, M, F) whose valid rows are ``start <= t < end`` (per row of the batch).
 
         Returns ``(y (B, T, D), start', end')``. ``start`` must stay even through every halving but the
-        last (the streaming window guarantees it).
+        last (the streaming window guarantees it). ``always_mask`` masks even when every row is valid: the
+        same values, without the data-dependent test (a ``torch.compile``d graph cannot branch on data).
         """
         # channels-last makes the depthwise 3x3 convs take the fast oneDNN path (8x on small inputs)
         h = x.unsqueeze(1).contiguous(memory_format=torch.channels_last)  # (B, 1, M, F)
-        need_mask = bool((start > 0).any()) or bool((end < h.size(2)).any())
+        need_mask = always_mask or bool((start > 0).any()) or bool((end < h.size(2)).any())
         for module in self.conv:
             if need_mask:
                 h = h * _row_mask(start, end, h.size(2), h.dtype)
@@ -68,7 +71,7 @@ class ConvSubsampling(nn.Module):
                 h = self._strided(module, h) if self.causal else module(h)
                 start = torch.div(start + 1, 2, rounding_mode="floor")
                 end = clocks.strided_conv_length(end, is_causal=self.causal)
-                need_mask = bool((start > 0).any()) or bool((end < h.size(2)).any())
+                need_mask = always_mask or bool((start > 0).any()) or bool((end < h.size(2)).any())
             else:
                 h = module(h)
         if need_mask:

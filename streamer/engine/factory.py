@@ -19,25 +19,33 @@ if TYPE_CHECKING:
 
 def load_model(model: ModelSettings) -> AsrModel:
     """Load ``model.spec`` onto ``model.device`` with its encoder in ``model.dtype``, with torch's threads set
-    to ``model.threads`` when given. The device and dtype are checked first, before the (slow) load.
+    to ``model.threads`` when given, and its offline encoder compiled per ``model.compile``
+    (:mod:`streamer.asr.compiled`; each length bucket compiles on first use). The device and dtype are
+    checked first, before the (slow) load.
 
     Blocking (seconds): run it in a thread from async code.
 
     Raises:
-        ConfigError: the device or dtype cannot run here (no CUDA in this torch, half precision on the CPU).
+        ConfigError: the device or dtype cannot run here (no CUDA in this torch, half precision on the CPU),
+            or ``model.compile`` is ``offline-graphs`` off CUDA.
         CheckpointError: the spec names no model that loads (the message says what was tried).
     """
     import torch
 
+    from streamer.asr.compiled import compile_offline
     from streamer.asr.model import AsrModel
     from streamer.asr.precision import check_device, check_dtype, to_precision
 
     device = check_device(model.device)
     dtype = check_dtype(model.dtype, device)
+    if model.compile == "offline-graphs" and device.type != "cuda":
+        raise ConfigError("model.compile=offline-graphs replays CUDA graphs: it needs model.device=cuda "
+                          "(on the CPU use offline)")
     if model.threads:
         torch.set_num_threads(model.threads)
     loaded = AsrModel.load(model.spec).to_device(device)
     to_precision(loaded, dtype)
+    compile_offline(loaded.encoder, model.compile)
     return loaded
 
 
