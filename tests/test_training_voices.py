@@ -261,8 +261,9 @@ def test_tiny_corpus_with_neural_voices(tmp_path: Path) -> None:
         SplitSpec("train", {"piper": 1.0, "kokoro": 1.0}, mix=mix, augment=strong, num_utterances=4),
     ]
     out = tmp_path / "corpus"
-    build_corpus(out, specs, seed=2, shard_utterances=4, vocab_size=0, text_roots=_write_text(tmp_path / "t"))
+    summary = build_corpus(out, specs, seed=2, shard_utterances=4, vocab_size=0, text_roots=_write_text(tmp_path / "t"))
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert "CC0" in summary["voice_licences"]["piper"] and "Apache" in summary["voice_licences"]["kokoro"]
     assert len(rows) == 4 and {r["engine"] for r in rows} == {"piper", "kokoro"}
     for row in rows:
         audio = load_audio(out, row)

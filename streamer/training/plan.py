@@ -26,7 +26,7 @@ HELD_OUT_ENGINE = "festival"
 # Share of utterances per engine, before the held-out engine is removed. The neural engines are slow on
 # a CPU (one core: piper ~6x, kokoro ~1x real time against espeak-ng's ~240x), so their defaults are
 # small; raise them with --engine-weights where there are cores to spare.
-DEFAULT_ENGINE_WEIGHTS = {"espeak": 0.5, "flite": 0.35, "festival": 0.45, "piper": 0.1, "kokoro": 0.05}
+DEFAULT_ENGINE_WEIGHTS = {"espeak": 0.5, "flite": 0.37, "festival": 0.45, "piper": 0.1, "kokoro": 0.03}
 # Voices that share recordings with a held-out engine's voice, and so stay out of the other splits:
 # flite's kal16 and festival's kal_diphone are built from the same diphone database (speaker "kal").
 SAME_SPEAKER_AS_HELD_OUT: dict[str, tuple[str, ...]] = {

