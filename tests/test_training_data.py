@@ -213,7 +213,7 @@ def test_mix_at_snr_measures_as_asked(snr_db: float) -> None:
 def test_augment_noise_snr_and_length(seed: int) -> None:
     """augment() keeps the length and its recorded SNR is what one measures (up to the peak gain)."""
     speech = _speechlike(seed=seed)
-    config = AugmentConfig(p_speed=0, p_reverb=0, p_noise=1, p_telephone=0, p_lowpass=0, p_dc=0)
+    config = AugmentConfig(p_speed=0, p_formant=0, p_reverb=0, p_noise=1, p_telephone=0, p_lowpass=0, p_codec=0, p_dc=0)
     babble_sources = [_speechlike(1.3, seed=s) for s in range(10, 14)]
     out, record = augment(speech, np.random.default_rng(seed), config, babble_sources)
     assert out.shape == speech.shape

@@ -1,11 +1,13 @@
-"""Seeded audio augmentation: speed, reverberation, noise at a chosen SNR, band limits, gain, DC offset.
+"""Seeded audio augmentation: speed, formant warp, reverberation, noise, band limits, codecs, gain, DC.
 
-Everything is numpy (FFT filtering and convolution) plus soxr for resampling; every random choice
+Everything is numpy (FFT filtering and convolution), soxr for resampling and the libsndfile inside
+`soundfile` for codecs (`codec_sim`); formant warping and image-method rooms live in `perturb`. Every random choice
 comes from the `numpy.random.Generator` passed in, and `augment` returns a JSON-able record of what
 it did, which the corpus writes into the manifest. Audio is 16 kHz mono float32 throughout.
 
 SNR here is the ratio of the mean power of the whole (reverberated) utterance to the mean power of
-the added noise, in dB. Only the speed change alters the length.
+the added noise, in dB. Only the speed change alters the length (codec round trips are re-aligned
+and cut to the input's length).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import soxr
 
 from streamer.asr import clocks
 
+from .codec_sim import CODECS, round_trip, sample_codec
+from .perturb import formant_warp, image_rir, sample_room
+
 SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ
 NOISE_KINDS = ("white", "pink", "brown", "babble")
 _NOISE_EXPONENT = {"white": 0.0, "pink": 0.5, "brown": 1.0}  # amplitude spectrum ~ f ** -exponent
@@ -30,14 +35,21 @@ class AugmentConfig:
 
     p_speed: float = 0.3
     speed_factor: tuple[float, float] = (0.9, 1.1)
+    p_formant: float = 0.3
+    formant_alpha: tuple[float, float] = (0.85, 1.15)
     p_reverb: float = 0.3
     rt60_s: tuple[float, float] = (0.15, 0.8)
+    p_image_rir: float = 0.5  # of the reverberated utterances: image-method room, else a noise tail
     p_noise: float = 0.6
     snr_db: tuple[float, float] = (0.0, 30.0)
     noise_kinds: tuple[str, ...] = NOISE_KINDS
+    babble_talkers: tuple[int, int] = (3, 12)
+    babble_snr_db: tuple[float, float] = (0.0, 20.0)
     p_telephone: float = 0.08
     p_lowpass: float = 0.12
     lowpass_hz: tuple[float, float] = (2500.0, 6000.0)
+    p_codec: float = 0.2
+    codecs: tuple[str, ...] = CODECS
     peak_dbfs: tuple[float, float] = (-30.0, -1.0)
     p_dc: float = 0.1
     max_dc: float = 0.02
@@ -45,7 +57,17 @@ class AugmentConfig:
     @classmethod
     def clean(cls) -> AugmentConfig:
         """No augmentation at all, only a fixed peak level of -3 dBFS."""
-        return cls(p_speed=0, p_reverb=0, p_noise=0, p_telephone=0, p_lowpass=0, peak_dbfs=(-3, -3), p_dc=0)
+        return cls(
+            p_speed=0,
+            p_formant=0,
+            p_reverb=0,
+            p_noise=0,
+            p_telephone=0,
+            p_lowpass=0,
+            p_codec=0,
+            peak_dbfs=(-3, -3),
+            p_dc=0,
+        )
 
 
 def power(x: np.ndarray) -> float:
@@ -118,7 +140,7 @@ def change_speed(x: np.ndarray, factor: float) -> np.ndarray:
 def augment(
     x: np.ndarray, rng: np.random.Generator, config: AugmentConfig, babble_sources: Sequence[np.ndarray] = ()
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Apply a random chain: speed, reverb, noise, band limit, peak gain, DC offset.
+    """Apply a random chain: speed, formant warp, reverb, noise, band limit, codec, peak gain, DC offset.
 
     Args:
         x: (S,) clean speech, float32.
@@ -134,20 +156,13 @@ def augment(
     if rng.random() < config.p_speed:
         record["speed"] = round(float(rng.uniform(*config.speed_factor)), 3)
         x = change_speed(x, record["speed"])
+    if rng.random() < config.p_formant:
+        record["formant_alpha"] = round(float(rng.uniform(*config.formant_alpha)), 3)
+        x = formant_warp(x, record["formant_alpha"])
     if rng.random() < config.p_reverb:
-        record["rt60_s"] = round(float(rng.uniform(*config.rt60_s)), 3)
-        level = np.sqrt(power(x))
-        x = convolve_same(x, synthetic_rir(record["rt60_s"], rng))
-        x *= level / max(np.sqrt(power(x)), 1e-10)
+        x = _reverberate(x, rng, config, record)
     if rng.random() < config.p_noise:
-        kinds = [k for k in config.noise_kinds if k != "babble" or len(babble_sources) >= 3]
-        kind = str(rng.choice(kinds))
-        record["noise"], record["snr_db"] = kind, round(float(rng.uniform(*config.snr_db)), 2)
-        if kind == "babble":
-            noise = babble(babble_sources, x.size, rng, talkers=int(rng.integers(3, 7)))
-        else:
-            noise = coloured_noise(kind, x.size, rng)
-        x = mix_at_snr(x, noise, record["snr_db"])
+        x = _add_noise(x, rng, config, babble_sources, record)
     band = rng.random()
     if band < config.p_telephone:
         record["band_hz"] = [300, 3400]
@@ -155,6 +170,8 @@ def augment(
     elif band < config.p_telephone + config.p_lowpass:
         record["band_hz"] = [0, round(float(rng.uniform(*config.lowpass_hz)))]
         x = band_limit(x, 0.0, record["band_hz"][1])
+    if rng.random() < config.p_codec and config.codecs:
+        x = _codec(x, rng, config, record)
     record["peak_dbfs"] = round(float(rng.uniform(*config.peak_dbfs)), 2)
     gain = 10 ** (record["peak_dbfs"] / 20) / max(float(np.abs(x).max(initial=0.0)), 1e-10)
     record["gain_db"] = round(20 * float(np.log10(gain)), 3)
@@ -163,3 +180,46 @@ def augment(
         record["dc"] = round(float(rng.uniform(-config.max_dc, config.max_dc)), 4)
         x = x + record["dc"]
     return np.clip(x, -1.0, 1.0).astype(np.float32), record
+
+
+def _reverberate(x: np.ndarray, rng: np.random.Generator, config: AugmentConfig, record: dict[str, Any]) -> np.ndarray:
+    record["rt60_s"] = round(float(rng.uniform(*config.rt60_s)), 3)
+    if rng.random() < config.p_image_rir:
+        room = sample_room(record["rt60_s"], rng)
+        record["rir"], record["room"] = "image", room
+        rir = image_rir(room, record["rt60_s"], rng)
+    else:
+        record["rir"] = "noise"
+        rir = synthetic_rir(record["rt60_s"], rng)
+    level = np.sqrt(power(x))
+    x = convolve_same(x, rir)
+    return x * (level / max(np.sqrt(power(x)), 1e-10))
+
+
+def _add_noise(
+    x: np.ndarray,
+    rng: np.random.Generator,
+    config: AugmentConfig,
+    babble_sources: Sequence[np.ndarray],
+    record: dict[str, Any],
+) -> np.ndarray:
+    kinds = [k for k in config.noise_kinds if k != "babble" or len(babble_sources) >= 3]
+    kind = str(rng.choice(kinds))
+    snr_range = config.babble_snr_db if kind == "babble" else config.snr_db
+    record["noise"], record["snr_db"] = kind, round(float(rng.uniform(*snr_range)), 2)
+    if kind == "babble":
+        low, high = config.babble_talkers
+        record["talkers"] = min(int(rng.integers(low, high + 1)), len(babble_sources))
+        noise = babble(babble_sources, x.size, rng, talkers=record["talkers"])
+    else:
+        noise = coloured_noise(kind, x.size, rng)
+    return mix_at_snr(x, noise, record["snr_db"])
+
+
+def _codec(x: np.ndarray, rng: np.random.Generator, config: AugmentConfig, record: dict[str, Any]) -> np.ndarray:
+    """Round trip through a codec at a level that cannot clip (the peak gain comes after)."""
+    choice = sample_codec(rng, config.codecs)
+    peak = max(float(np.abs(x).max(initial=0.0)), 1e-10)
+    y, measured = round_trip(x * (0.7 / peak), choice["codec"], choice["kbps"])
+    record["codec"] = {**choice, **measured}
+    return y * (peak / 0.7)

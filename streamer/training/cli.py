@@ -57,8 +57,9 @@ def _add_corpus(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "corpus",
         help="generate the synthetic speech corpus and its tokenizer",
-        description="Generate a synthetic English speech corpus with espeak-ng, flite and festival (one engine "
-        "held out for testing), augmented with noise, reverberation and band limits, as 16 kHz int16 shards "
+        description="Generate a synthetic English speech corpus with espeak-ng, flite, festival and the neural "
+        "Piper and Kokoro voices (one engine held out for testing), augmented with speed and formant warps, "
+        "rooms, noise and babble, band limits and codecs, as 16 kHz int16 shards "
         "with JSONL manifests, then train a SentencePiece BPE tokenizer on the training text. Parallel "
         "(--workers), resumable (rerun the same command), with a progress bar.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -73,7 +74,7 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
     from streamer.training.plan import default_splits  # noqa: PLC0415
 
     _log_to_stderr()
-    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine)
+    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine, args.engine_weights)
     summary = build_corpus(args.out, specs, args.workers, args.seed, args.shard_utterances, args.vocab_size)
     for name, split in summary["splits"].items():
         print(f"{name}: {split['utterances']} utterances, {split['hours']:.2f} h")

