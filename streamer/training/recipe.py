@@ -187,6 +187,7 @@ class TrainSection(RecipeSection):
     checkpoint_every_minutes: Number = 10.0
     # Warm start: a .nemo exported by `streamer export` (or any run checkpoint .pt) whose weights and
     # tokenizer start this run; its training.json (written beside it by export) carries the step count on.
+    # Or a `streamer pretrain` checkpoint: only its encoder loads (same model.encoder), from step 0.
     init_from: str = ""
     # Look-aheads decoded at validation; the first decides best.pt.
     val_att_context_sizes: list[ContextPair] = Field(default_factory=lambda: [[70, 13], [70, 0]])
