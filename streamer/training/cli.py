@@ -1,4 +1,4 @@
-"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``eval`` and ``export``.
+"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``pretrain``, ``eval`` and ``export``.
 
 ``streamer.cli`` calls :func:`add_training_parsers` with its subparsers; each command sets ``func``.
 Heavy imports happen inside the commands, so ``streamer --help`` stays fast.
@@ -28,6 +28,23 @@ Threads: 1 torch thread plus 1 data worker suits 2 cores; with 2 threads a busy 
 slow every step many times over (see the recipe's comments for measured speeds).
 """
 
+PRETRAIN_EPILOG = """\
+examples:
+  # Best-RQ on a folder of unlabelled audio (searched recursively; wav, flac, mp3, ogg, ...):
+  streamer pretrain --config models/streamer-tdt-small/pretrain.yaml --audio /data/audio
+  # ... or on a corpus's audio, its transcripts ignored (the recipe's data.corpus_dir):
+  streamer pretrain --config models/streamer-tdt-small/pretrain.yaml --set data.corpus_dir=data/corpus-v1
+  # continue where it stopped (same clips, data order and RNG):
+  streamer pretrain --resume runs/20261206-153000_streamer-tdt-small-bestrq
+  # fine-tune: a TDT run whose encoder starts from the pretrained one (same model.encoder section):
+  streamer train --config models/streamer-tdt-small/recipe.yaml \\
+      --set train.init_from=runs/20261206-153000_streamer-tdt-small-bestrq/checkpoints/best.pt
+
+The run directory is laid out as streamer train's (config.yaml, train.log, metrics.json, results.csv with
+loss and masked-code accuracy, checkpoints/{best,latest}.pt) plus clips.jsonl, the audio it trains on.
+Unreadable audio files are skipped with a warning and counted (metrics.json: skipped_files).
+"""
+
 EVAL_EPILOG = """\
 examples:
   streamer eval --model models/streamer-tdt-small/model.nemo --corpus data/corpus-v1 --limit 200
@@ -44,9 +61,10 @@ ASRModel.restore_from() and streamer's --model both load it.
 
 
 def add_training_parsers(subparsers: Any) -> None:
-    """Register ``corpus``, ``train``, ``eval`` and ``export`` on ``streamer``'s subparsers."""
+    """Register ``corpus``, ``train``, ``pretrain``, ``eval`` and ``export`` on ``streamer``'s subparsers."""
     _add_corpus(subparsers)
     _add_train(subparsers)
+    _add_pretrain(subparsers)
     _add_eval(subparsers)
     _add_export(subparsers)
 
@@ -132,6 +150,53 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None and args.set:
         raise ConfigError("--set only applies to new runs; edit RUN_DIR/config.yaml to change a resumed run")
     status, _ = train(args.config, args.resume, args.runs, _overrides(args.set))
+    return status
+
+
+def _add_pretrain(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="self-supervised Best-RQ pretraining of the encoder on unlabelled audio (resumable)",
+        description="Pretrain the streaming FastConformer encoder with Best-RQ (Chiu et al. 2022): a frozen "
+        "random-projection quantizer turns the normalised, stacked log-mel features into one code per encoder "
+        "frame; spans of the input are masked with noise and the encoder learns to predict the codes of the "
+        "masked frames (cross-entropy). Input: a folder of audio files or a corpus split without its "
+        "transcripts. The encoder then starts a TDT run through train.init_from.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=PRETRAIN_EPILOG,
+    )
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", type=Path, help="pretraining recipe YAML (models/streamer-tdt-small/pretrain.yaml)")
+    group.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--runs", type=Path, default=Path("runs"), help="where new run directories go [%(default)s]")
+    p.add_argument(
+        "--audio",
+        type=Path,
+        metavar="DIR",
+        help="pretrain on the audio files under DIR (recursively) instead of the recipe's data source "
+        "(sets data.audio_dir and clears data.corpus_dir)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key for a new run, e.g. train.max_steps=2000 (repeatable)",
+    )
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from streamer.errors import ConfigError  # noqa: PLC0415
+    from streamer.training.pretrainer import pretrain  # noqa: PLC0415
+
+    _log_to_stderr()
+    if args.resume is not None and (args.set or args.audio):
+        raise ConfigError("--set and --audio only apply to new runs; a resumed run keeps its clips and recipe")
+    overrides = _overrides(args.set)
+    if args.audio is not None:
+        overrides.setdefault("data", {}).update(audio_dir=str(args.audio), corpus_dir="")
+    status, _ = pretrain(args.config, args.resume, args.runs, overrides)
     return status
 
 

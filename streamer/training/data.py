@@ -101,6 +101,18 @@ def load_utterances(
     return out
 
 
+def first_hours(utterances: Sequence[Utterance], hours: float) -> list[Utterance]:
+    """The leading utterances of a manifest that together last ``hours`` (the last one may pass it)."""
+    out, samples = [], 0
+    limit = hours * 3600 * clocks.SAMPLE_RATE_HZ
+    for utt in utterances:
+        if samples >= limit:
+            break
+        out.append(utt)
+        samples += utt.num_samples
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Batch plan
 
@@ -199,6 +211,10 @@ class BatchFeaturizer:
             self._shards[utt.audio] = shard
         return shard[utt.offset : utt.offset + utt.num_samples]
 
+    def waveform(self, utt: Utterance) -> np.ndarray:
+        """(S,) float32 samples of ``utt`` in [-1, 1) (a subclass may read them from elsewhere)."""
+        return self._samples(utt).astype(np.float32) * INT16_SCALE
+
     @torch.no_grad()
     def __call__(self, utts: Sequence[Utterance], generator: torch.Generator | None = None) -> Batch:
         """Features and targets of ``utts``; with a ``generator``, NeMo's training dither is added.
@@ -208,7 +224,7 @@ class BatchFeaturizer:
         longest = max(u.num_samples for u in utts)
         audio = torch.zeros(len(utts), longest)  # (B, S)
         for i, u in enumerate(utts):
-            audio[i, : u.num_samples] = torch.from_numpy(self._samples(u).astype(np.float32) * INT16_SCALE)
+            audio[i, : u.num_samples] = torch.from_numpy(self.waveform(u))
         lengths = torch.tensor([u.num_samples for u in utts])
         if self.dither > 0 and generator is not None:
             audio += self.dither * torch.randn(audio.shape, generator=generator)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from streamer.asr.model import AsrModel
+from streamer.training.pretrain_recipe import PretrainRecipe
 from streamer.training.recipe import Recipe
 from streamer.training.rundir import Progress
 
 
-def build_optimizer(model: AsrModel, recipe: Recipe) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, recipe: Recipe | PretrainRecipe) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms and the attention position biases."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -27,7 +28,7 @@ def build_optimizer(model: AsrModel, recipe: Recipe) -> torch.optim.AdamW:
     )
 
 
-def learning_rate(recipe: Recipe, step: int) -> float:
+def learning_rate(recipe: Recipe | PretrainRecipe, step: int) -> float:
     """Linear warmup to ``lr``, then Noam (inverse square root) or cosine decay to ``min_lr``.
 
     With ``optim.anneal_steps``, the last that many steps before ``train.max_steps`` take the rate

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -46,6 +46,9 @@ class RecipeSection(BaseModel):
         if not isinstance(data, dict):
             return data
         return {key: value for key, value in data.items() if not (value is None and _section_type(cls, key))}
+
+
+SectionT = TypeVar("SectionT", bound=RecipeSection)
 
 
 def _section_type(cls: type[BaseModel], key: str) -> type[RecipeSection] | None:
@@ -83,6 +86,7 @@ class DataSection(RecipeSection):
     train_split: str = "train"
     dev_split: str = "dev"
     dev_utterances: int = 200  # validation subset (the first N of the dev manifest)
+    train_hours: Number = 0.0  # > 0: train on the first this many hours of the train manifest (a labelled subset)
     min_duration_s: Number = 0.3
     max_duration_s: Number = 20.0
     dither: Number = 1.0e-5  # NeMo's training dither, added to the waveform
@@ -183,6 +187,7 @@ class TrainSection(RecipeSection):
     checkpoint_every_minutes: Number = 10.0
     # Warm start: a .nemo exported by `streamer export` (or any run checkpoint .pt) whose weights and
     # tokenizer start this run; its training.json (written beside it by export) carries the step count on.
+    # Or a `streamer pretrain` checkpoint: only its encoder loads (same model.encoder), from step 0.
     init_from: str = ""
     # Look-aheads decoded at validation; the first decides best.pt.
     val_att_context_sizes: list[ContextPair] = Field(default_factory=lambda: [[70, 13], [70, 0]])
@@ -207,7 +212,7 @@ class Recipe(RecipeSection):
 
     def with_updates(self, changes: dict[str, Any]) -> Recipe:
         """This recipe with the keys of nested ``changes`` replaced (``{"train": {"bf16": False}}``), checked again."""
-        return recipe_from_dict(_deep_merge(self.to_dict(), changes))
+        return recipe_from_dict(deep_merge(self.to_dict(), changes))
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -241,13 +246,7 @@ def load_recipe(path: Path) -> Recipe:
     Raises:
         ConfigError: the file is missing or not YAML, or a key or value is wrong (naming the file and the key).
     """
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
-    return recipe_from_dict(data, f"recipe {path}")
+    return recipe_from_dict(read_recipe_yaml(path), f"recipe {path}")
 
 
 def recipe_from_dict(data: Any, where: str = "") -> Recipe:
@@ -260,11 +259,34 @@ def recipe_from_dict(data: Any, where: str = "") -> Recipe:
     Raises:
         ConfigError: naming every wrong key and why, one after the other.
     """
+    return validate_sections(Recipe, data, where)
+
+
+def validate_sections(root: type[SectionT], data: Any, where: str = "") -> SectionT:
+    """Validate ``data`` as the recipe class ``root`` (a training or a pretraining recipe), errors in our words.
+
+    Raises:
+        ConfigError: naming every wrong key and why, one after the other.
+    """
     try:
-        return Recipe.model_validate(data)
+        return root.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
+        problems = "; ".join(_describe(err, root) for err in exc.errors())
         raise ConfigError(f"{where}: {problems}" if where else problems) from exc
+
+
+def read_recipe_yaml(path: Path) -> Any:
+    """The parsed YAML of a recipe file.
+
+    Raises:
+        ConfigError: the file is missing or not YAML.
+    """
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from exc
 
 
 _MUST_BE = {
@@ -278,13 +300,13 @@ _MUST_BE = {
 }
 
 
-def _describe(err: Any) -> str:
+def _describe(err: Any, root: type[BaseModel] = Recipe) -> str:
     """One validation error in the recipe's own words: the dotted key, what it must be, what it got."""
     loc = tuple(err["loc"])
     path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     kind = err["type"]
     if kind == "extra_forbidden":
-        parent = _section_at(loc[:-1])
+        parent = _section_at(loc[:-1], root)
         names = list(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(str(loc[-1]), names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(names)})"
@@ -299,19 +321,19 @@ def _describe(err: Any) -> str:
     return f"recipe key '{path}': {err['msg']}, got {err['input']!r}"
 
 
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The section class that ``loc`` (a path of keys from the top) names, if it names one."""
-    cls: type[BaseModel] | None = Recipe
+def _section_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The section class that ``loc`` (a path of keys from ``root``) names, if it names one."""
+    cls: type[BaseModel] | None = root
     for key in loc:
         cls = _section_type(cls, str(key)) if cls is not None else None
     return cls
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``extra``'s keys replaced, nested mappings merged key by key."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -321,8 +343,29 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
     """The streamer :class:`ModelConfig` of a recipe's model, for a tokenizer of ``vocab_size`` pieces."""
-    enc, head = recipe.model.encoder, recipe.model.transducer
-    encoder = EncoderConfig(
+    head = recipe.model.transducer
+    encoder = encoder_config(recipe.model.encoder)
+    transducer = TransducerConfig(
+        vocab_size=vocab_size,
+        pred_hidden=head.pred_hidden,
+        pred_rnn_layers=head.pred_rnn_layers,
+        joint_hidden=head.joint_hidden,
+        joint_dropout_layer=False,
+        durations=tuple(head.durations),
+    )
+    ctc = CTCConfig(vocab_size=vocab_size, feat_in=encoder.d_model) if recipe.model.ctc_head else None
+    return ModelConfig(
+        features=FeatureConfig(normalize="NA"),
+        encoder=encoder,
+        transducer=transducer,
+        ctc=ctc,
+        model_class="EncDecHybridRNNTCTCBPEModel" if ctc is not None else "EncDecRNNTBPEModel",
+    )
+
+
+def encoder_config(enc: EncoderSection) -> EncoderConfig:
+    """The streamer :class:`EncoderConfig` of a recipe's encoder section (a causal, cache-aware FastConformer)."""
+    return EncoderConfig(
         feat_in=80,
         n_layers=enc.n_layers,
         d_model=enc.d_model,
@@ -336,20 +379,4 @@ def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:
         conv_kernel_size=enc.conv_kernel_size,
         conv_norm_type=enc.conv_norm_type,
         conv_context_size=(enc.conv_kernel_size - 1, 0),  # causal depthwise conv
-    )
-    transducer = TransducerConfig(
-        vocab_size=vocab_size,
-        pred_hidden=head.pred_hidden,
-        pred_rnn_layers=head.pred_rnn_layers,
-        joint_hidden=head.joint_hidden,
-        joint_dropout_layer=False,
-        durations=tuple(head.durations),
-    )
-    ctc = CTCConfig(vocab_size=vocab_size, feat_in=enc.d_model) if recipe.model.ctc_head else None
-    return ModelConfig(
-        features=FeatureConfig(normalize="NA"),
-        encoder=encoder,
-        transducer=transducer,
-        ctc=ctc,
-        model_class="EncDecHybridRNNTCTCBPEModel" if ctc is not None else "EncDecRNNTBPEModel",
     )

@@ -47,6 +47,7 @@ from streamer.training.data import (
     batch_seed,
     epoch_loader,
     eval_batches,
+    first_hours,
     load_utterances,
     plan_epoch,
     spec_augment,
@@ -54,6 +55,7 @@ from streamer.training.data import (
 from streamer.training.evaluate import decode_offline, word_error_rate
 from streamer.training.model_init import build_model, center_front_end, feature_statistics
 from streamer.training.optim import build_optimizer, scheduled_lr
+from streamer.training.pretrain_checkpoint import load_encoder_into, pretrained_encoder_from
 from streamer.training.recipe import Recipe, load_recipe, model_config
 from streamer.training.rundir import (
     Progress,
@@ -78,7 +80,7 @@ from streamer.training.tdt_loss import TransducerLoss
 logger = logging.getLogger(__name__)
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGTERM/SIGINT; the training loop stops after the current step."""
 
     def __init__(self) -> None:
@@ -89,7 +91,7 @@ class _StopFlag:
         logger.info("received %s: stopping after this step", signal.Signals(signum).name)
         self.is_set = True
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -111,8 +113,11 @@ class Trainer:
             raise ConfigError(f"tokenizer {data.tokenizer_path} does not exist (the corpus builder writes it last)")
         self.tokenizer_model = data.tokenizer_path.read_bytes()
         warm: tuple[AsrModel, dict[str, Any]] | None = None
-        if recipe.train.init_from and not resume:
-            warm = read_warm_start(Path(recipe.train.init_from))
+        # train.init_from: a pretrained encoder (streamer pretrain) or a whole model (.nemo, run checkpoint)
+        init_from = Path(recipe.train.init_from) if recipe.train.init_from and not resume else None
+        encoder_init = pretrained_encoder_from(init_from) if init_from is not None else None
+        if init_from is not None and encoder_init is None:
+            warm = read_warm_start(init_from)
             assert warm[0].tokenizer is not None
             if warm[0].tokenizer.model_bytes != self.tokenizer_model:
                 logger.warning(
@@ -121,6 +126,8 @@ class Trainer:
             self.tokenizer_model = warm[0].tokenizer.model_bytes
         tokenizer = Tokenizer.from_bytes(self.tokenizer_model, str(data.tokenizer_path))
         self.train_utts = load_utterances(corpus, data.train_split, tokenizer, data.min_duration_s, data.max_duration_s)
+        if data.train_hours > 0:
+            self.train_utts = first_hours(self.train_utts, data.train_hours)
         self.dev_utts = load_utterances(
             corpus, data.dev_split, tokenizer, data.min_duration_s, data.max_duration_s, limit=data.dev_utterances
         )
@@ -140,7 +147,8 @@ class Trainer:
             mean, std = feature_statistics(self.featurizer, self.train_utts)
             use_input_normalization(self.model.encoder, mean, std)
             logger.info("log-mel mean %.3f, std %.3f: the first conv trains on normalised input", mean, std)
-        if recipe.train.center_front_end and not resume and warm is None:  # a warm start brings its own weights
+        # A warm start (or a pretrained encoder) brings its own front end.
+        if recipe.train.center_front_end and not resume and warm is None and encoder_init is None:
             offset = center_front_end(self.model.encoder, self.featurizer, self.train_utts)
             logger.info("front end centred (its output's constant part was %.3f rms)", offset)
         self.model.to(self.device)  # before the optimizer, whose state then lives beside the weights
@@ -150,11 +158,14 @@ class Trainer:
             head.durations, recipe.loss.sigma, recipe.loss.omega, recipe.loss.reduction, seed=recipe.seed
         )
         self.progress = Progress()
+        self.init_report: tuple[list[str], list[str]] | None = None  # pretrained encoder: (loaded, fresh) keys
         self._last_lr = 0.0
         if resume:
             self._restore(run_dir / "checkpoints" / "latest.pt")
         elif warm is not None:
             self._warm_start(*warm)
+        elif encoder_init is not None:
+            self._load_encoder(encoder_init)
         hours = sum(u.num_samples for u in self.train_utts) / clocks.SAMPLE_RATE_HZ / 3600
         logger.info(
             "model: %.2fM parameters on %s; train: %d utterances (%.1f h); dev subset: %d",
@@ -198,6 +209,22 @@ class Trainer:
             self.recipe.optim.rewarmup_steps,
         )
 
+    def _load_encoder(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start from a pretrained encoder: its weights load; the heads and the step count start fresh."""
+        source = self.recipe.train.init_from
+        loaded, fresh = load_encoder_into(self.model, weights, source)
+        self.progress.warm_start_from = source  # the step count and lr schedule start at 0 (warm_start_step -1)
+        self.init_report = (loaded, fresh)
+        logger.info(
+            "init_from %s: loaded the pretrained encoder (%d tensors: pre_encode and %d layers); "
+            "left as initialised: %d tensors (%s)",
+            source,
+            len(loaded),
+            self.recipe.model.encoder.n_layers,
+            len(fresh),
+            ", ".join(sorted({k.split(".")[0] for k in fresh})),
+        )
+
     # ------------------------------------------------------------------ loop
 
     def _batches(self) -> Iterator[tuple[int, int, Batch]]:
@@ -228,7 +255,7 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
             smoothing=0.05,
         )
-        with _StopFlag() as stop, bar:
+        with StopFlag() as stop, bar:
             batches = self._batches()
             while progress.step < recipe.train.max_steps and not stop.is_set and time.monotonic() < deadline:
                 step_start = time.monotonic()
