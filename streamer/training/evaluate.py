@@ -355,7 +355,8 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     columns = sorted({(r.mode, r.att_context, r.lookahead_ms) for r in rows}, key=lambda c: (c[0], -c[2]))
     splits = list(dict.fromkeys(r.split for r in rows))
     wer = {(r.split, r.mode, r.att_context): r.wer_percent for r in rows}
-    head = "| split | " + " | ".join(f"{m} {c} ({la:.0f} ms)" for m, c, la in columns) + " |"
+    head = "| split | " + " | ".join(f"{m} {c} ({'full context' if la < 0 else f'{la:.0f} ms'})"
+                                     for m, c, la in columns) + " |"
     lines = [head, "|---" * (len(columns) + 1) + "|"]
     for split in splits:
         cells = [f"{wer[(split, m, c)]:.2f}%" if (split, m, c) in wer else "-" for m, c, _ in columns]
