@@ -30,6 +30,7 @@ from streamer.errors import ConfigError, StreamerError
 if TYPE_CHECKING:
     from streamer.asr.config import ContextSize
     from streamer.asr.model import AsrModel
+    from streamer.asr.paraformer import ParaformerModel
     from streamer.engine.recognizer import Progress
 
 TRANSCRIBE_FLAGS: dict[str, Key] = {**MODEL_FLAGS, "device": ("model", "device"), "dtype": ("model", "dtype"),
@@ -110,7 +111,7 @@ LOCAL_WINDOW_DEFAULT = (128, 128)  # NVIDIA's long-audio setting for the parakee
 PROGRESS_MIN_S = 60.0
 
 
-def switch_attention(model: AsrModel, attention: str, ctx: ContextSize | None) -> ContextSize:
+def switch_attention(model: AsrModel | ParaformerModel, attention: str, ctx: ContextSize | None) -> ContextSize:
     """Apply ``--attention`` to a loaded model; returns the context (or window) to run with."""
     if attention == "local":
         model.change_attention("rel_pos_local_attn", ctx or LOCAL_WINDOW_DEFAULT)
@@ -144,6 +145,7 @@ def progress_bar(name: str, seconds: float, mode: str) -> Iterator[Progress | No
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     """Run ``streamer transcribe``: one result per file, printed or written to ``--output-dir``."""
+    from streamer.asr.model import AsrModel
     from streamer.audio.io import load_audio
     from streamer.engine.recognizer import transcribe_offline, transcribe_streaming
 
@@ -158,11 +160,19 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     ctx = switch_attention(model, args.attention, settings.att_context_size)
     if args.mode == "streaming" and model.config.encoder.is_local_attention:
         raise ConfigError("--mode streaming needs a cache-aware model; local attention is for offline mode")
+    if args.mode == "streaming" and model.config.model_class == "Paraformer":
+        raise ConfigError("--mode streaming needs a cache-aware model; a Paraformer is full context and "
+                          "non-autoregressive: use --mode offline (or buffered)")
     sr = model.config.features.sample_rate
     for f in args.files:
         audio = load_audio(f, sr)
         if args.mode == "streaming":
+            assert isinstance(model, AsrModel)
             result = transcribe_streaming(model, audio, kind, ctx)
+        elif args.mode == "buffered" and not isinstance(model, AsrModel):
+            from streamer.engine.buffered_paraformer import transcribe_buffered_paraformer
+
+            result = transcribe_buffered_paraformer(model, audio, *args.buffer)
         elif args.mode == "buffered":
             from streamer.engine.buffered import transcribe_buffered
 

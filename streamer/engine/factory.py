@@ -14,14 +14,16 @@ from streamer.settings import EngineSettings, ModelSettings
 
 if TYPE_CHECKING:
     from streamer.asr.model import AsrModel
+    from streamer.asr.paraformer import ParaformerModel
     from streamer.engine.buffered import AnyRecognizer
 
 
-def load_model(model: ModelSettings) -> AsrModel:
+def load_model(model: ModelSettings) -> AsrModel | ParaformerModel:
     """Load ``model.spec`` onto ``model.device`` with its encoder in ``model.dtype``, with torch's threads set
     to ``model.threads`` when given, and its offline encoder compiled per ``model.compile``
     (:mod:`streamer.asr.compiled`; each length bucket compiles on first use). The device and dtype are
-    checked first, before the (slow) load.
+    checked first, before the (slow) load. A directory holding ``paraformer.json`` is a Paraformer model
+    (:mod:`streamer.asr.paraformer`).
 
     Blocking (seconds): run it in a thread from async code.
 
@@ -34,6 +36,7 @@ def load_model(model: ModelSettings) -> AsrModel:
 
     from streamer.asr.compiled import compile_offline
     from streamer.asr.model import AsrModel
+    from streamer.asr.paraformer import ParaformerModel, is_paraformer_dir
     from streamer.asr.precision import check_device, check_dtype, to_precision
 
     device = check_device(model.device)
@@ -43,7 +46,11 @@ def load_model(model: ModelSettings) -> AsrModel:
                           "(on the CPU use offline)")
     if model.threads:
         torch.set_num_threads(model.threads)
-    loaded = AsrModel.load(model.spec).to_device(device)
+    loaded: AsrModel | ParaformerModel
+    if is_paraformer_dir(model.spec):
+        loaded = ParaformerModel.load(model.spec).to_device(device)
+    else:
+        loaded = AsrModel.load(model.spec).to_device(device)
     to_precision(loaded, dtype)
     compile_offline(loaded.encoder, model.compile)
     return loaded
@@ -61,7 +68,10 @@ def load_recognizer(model: ModelSettings, engine: EngineSettings | None = None) 
         ConfigError: cache_aware asked of a model that cannot, no such look-ahead or decoder, or as
             :func:`load_model`.
     """
+    from streamer.asr.model import AsrModel
+    from streamer.asr.paraformer import ParaformerModel
     from streamer.engine.buffered import BufferedRecognizer
+    from streamer.engine.buffered_paraformer import ParaformerBufferedRecognizer
     from streamer.engine.recognizer import Recognizer
 
     engine = engine or EngineSettings()
@@ -69,12 +79,15 @@ def load_recognizer(model: ModelSettings, engine: EngineSettings | None = None) 
     mode = engine.streaming
     if mode == "auto":
         mode = "cache_aware" if cache_aware_problem(loaded) is None else "buffered"
+    if mode == "buffered" and isinstance(loaded, ParaformerModel):
+        return ParaformerBufferedRecognizer(loaded, engine.buffer_left_s, engine.buffer_chunk_s, engine.buffer_right_s)
     if mode == "buffered":
         return BufferedRecognizer(loaded, model.decoder, engine.buffer_left_s, engine.buffer_chunk_s,
                                   engine.buffer_right_s, model.att_context_size)
     problem = cache_aware_problem(loaded)
     if problem is not None:
         raise ConfigError(f"engine.streaming = cache_aware: {problem}; use buffered (or auto)")
+    assert isinstance(loaded, AsrModel)  # cache_aware_problem says why a Paraformer cannot
     recognizer = Recognizer(loaded, model.att_context_size, model.decoder,
                             cuda_graphs=engine.cuda_graphs, max_batch=engine.max_batch)
     if recognizer.runner is not None:
@@ -82,8 +95,12 @@ def load_recognizer(model: ModelSettings, engine: EngineSettings | None = None) 
     return recognizer
 
 
-def cache_aware_problem(model: AsrModel) -> str | None:
+def cache_aware_problem(model: AsrModel | ParaformerModel) -> str | None:
     """Why ``model`` has no cache-aware streaming step (None: it has one)."""
+    from streamer.asr.paraformer import ParaformerModel
+
+    if isinstance(model, ParaformerModel):
+        return "a Paraformer model is full context and non-autoregressive (it decodes whole buffers)"
     enc, features = model.config.encoder, model.config.features
     if enc.is_local_attention:
         return "the model uses local attention (offline only)"

@@ -25,6 +25,7 @@ from streamer.asr.features import FeatureState
 from streamer.asr.features_many import step_many
 from streamer.asr.hypothesis import TokenSpan
 from streamer.asr.model import AsrModel, DecoderKind
+from streamer.asr.paraformer import ParaformerModel
 from streamer.asr.streaming import EncoderState, StreamingEncoder
 from streamer.asr.transducer import TransducerState
 from streamer.asr.words import Word, words_from_tokens
@@ -61,7 +62,7 @@ class Transcript:
         }
 
 
-def make_transcript(model: AsrModel, span: TokenSpan) -> Transcript:
+def make_transcript(model: AsrModel | ParaformerModel, span: TokenSpan) -> Transcript:
     """Turn accumulated tokens into text and words (special EOU/EOB tokens become a flag)."""
     tok = model.tokenizer
     eou_ids = set(model.config.eou_token_ids)
@@ -100,7 +101,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total): "encoder" la
 
 @torch.inference_mode()
 def transcribe_offline(
-    model: AsrModel,
+    model: AsrModel | ParaformerModel,
     audio: np.ndarray,
     decoder: DecoderKind | None = None,
     att_context_size: ContextSize | None = None,
@@ -109,8 +110,11 @@ def transcribe_offline(
     """Recognize a whole utterance (16 kHz mono float32) with one encoder pass.
 
     With a local-attention model (:meth:`AsrModel.change_attention`) time and memory grow linearly with the
-    audio, so hours go through in one pass; ``progress`` hears each encoder layer and decoded window.
+    audio, so hours go through in one pass; ``progress`` hears each encoder layer and decoded window. A
+    Paraformer fires and decodes all its tokens at once after the encoder.
     """
+    if isinstance(model, ParaformerModel):
+        return _transcribe_paraformer(model, audio, decoder, att_context_size, progress)
     kind = model.check_decoder(decoder)
     ctx = model.check_context(att_context_size)
     param = next(model.parameters())
@@ -120,6 +124,27 @@ def transcribe_offline(
     on_layer = None if progress is None else (lambda done, total: progress("encoder", done, total))
     enc, enc_len = model.encoder(feats, lens, ctx, on_layer=on_layer)
     span = _decode(model, kind, enc, enc_len, progress)
+    return make_transcript(model, span)
+
+
+def _transcribe_paraformer(
+    model: ParaformerModel,
+    audio: np.ndarray,
+    decoder: str | None,
+    att_context_size: ContextSize | None,
+    progress: Progress | None,
+) -> Transcript:
+    model.check_decoder(decoder)
+    ctx = model.check_context(att_context_size)
+    param = next(model.parameters())
+    x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None].to(param.device)
+    feats, lens = model.preprocessor(x, torch.tensor([x.size(1)], device=param.device))
+    on_layer = None if progress is None else (lambda done, total: progress("encoder", done, total))
+    enc, enc_len = model.encoder(feats, lens, ctx, on_layer=on_layer)
+    enc = enc.float()
+    (span,) = model.decode_fired(model.fire(enc, enc_len), enc, enc_len, [0])
+    if progress is not None:
+        progress("decoder", 1, 1)
     return make_transcript(model, span)
 
 

@@ -53,10 +53,13 @@ Rows append to --results (CSV); a markdown table (WER per split and look-ahead, 
 """
 
 EXPORT_EPILOG = """\
-example:
+examples:
   streamer export runs/20261121-041500_streamer-tdt-small --out models/streamer-tdt-small/model.nemo
-The archive holds NeMo's model_config.yaml, model_weights.ckpt and the tokenizer; NeMo 3.0.0's
-ASRModel.restore_from() and streamer's --model both load it.
+  streamer export runs/20261121-051500_streamer-paraformer-small --out models/streamer-paraformer-small/model
+The .nemo archive holds NeMo's model_config.yaml, model_weights.ckpt and the tokenizer; NeMo 3.0.0's
+ASRModel.restore_from() and streamer's --model both load it. A Paraformer run (model.type: paraformer; NeMo
+has no Paraformer) is written as a directory: paraformer.json (every size), model.safetensors,
+tokenizer.model and training.json; streamer's --model DIR loads it.
 """
 
 
@@ -102,10 +105,12 @@ def _cmd_corpus(args: argparse.Namespace) -> int:
 def _add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a streaming FastConformer-TDT from a recipe (resumable)",
+        help="train a streaming FastConformer-TDT (or a Paraformer) from a recipe (resumable)",
         description="Train a cache-aware streaming FastConformer encoder with a TDT head (and an optional "
         "auxiliary CTC head) from a recipe YAML: AdamW with warmup and decay, gradient clipping, SpecAugment, "
-        "one look-ahead sampled per batch so one model serves them all. Each run gets its own directory; "
+        "one look-ahead sampled per batch so one model serves them all. With model.type: paraformer the recipe "
+        "trains a full-context encoder with a CIF predictor and a non-autoregressive decoder instead. "
+        "Each run gets its own directory; "
         "SIGTERM/SIGINT save latest.pt and exit, --resume continues exactly where it stopped.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TRAIN_EPILOG,
@@ -225,14 +230,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_export(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a training run's model as a .nemo archive",
+        help="write a training run's model as a .nemo archive (a Paraformer: a model directory)",
         description="Export a run's best (or latest) checkpoint as a .nemo archive that NeMo 3.0.0 and "
-        "streamer load; the archive is read back and checked before the command succeeds.",
+        "streamer load (a Paraformer run: a model directory); it is read back and checked before the command "
+        "succeeds.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXPORT_EPILOG,
     )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory made by streamer train")
-    p.add_argument("--out", type=Path, required=True, help="the .nemo file to write")
+    p.add_argument("--out", type=Path, required=True, help="the .nemo file to write (a Paraformer: the directory)")
     p.add_argument(
         "--checkpoint", choices=["best", "latest"], default="best", help="which checkpoint of the run [%(default)s]"
     )
@@ -243,17 +249,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     from streamer.asr.model import AsrModel  # noqa: PLC0415
-    from streamer.training.rundir import export_nemo  # noqa: PLC0415
+    from streamer.asr.paraformer import WEIGHTS_FILE, ParaformerModel  # noqa: PLC0415
+    from streamer.training.recipe import load_recipe  # noqa: PLC0415
+    from streamer.training.rundir import AnyModel, export_nemo, export_paraformer  # noqa: PLC0415
 
     _log_to_stderr()
-    model = export_nemo(args.run_dir, args.out, args.checkpoint)
-    loaded = AsrModel.load(str(args.out))
+    model: AnyModel
+    loaded: AnyModel
+    if load_recipe(args.run_dir / "config.yaml").model.type == "paraformer":
+        model = export_paraformer(args.run_dir, args.out, args.checkpoint)
+        loaded = ParaformerModel.load(args.out)
+        size_mb = (args.out / WEIGHTS_FILE).stat().st_size / 1e6
+    else:
+        model = export_nemo(args.run_dir, args.out, args.checkpoint)
+        loaded = AsrModel.load(str(args.out))
+        size_mb = args.out.stat().st_size / 1e6
     probe = torch.randn(1, 80, 200, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a = model.encoder(probe, torch.tensor([200]))[0]
         b = loaded.encoder(probe, torch.tensor([200]))[0]
     torch.testing.assert_close(a, b)
-    size_mb = args.out.stat().st_size / 1e6
     print(f"wrote {args.out} ({size_mb:.1f} MB, {model.num_parameters / 1e6:.2f}M parameters)")
     return 0
 

@@ -1,5 +1,10 @@
 """``streamer eval``: word error rate per split, offline and streaming at every look-ahead, and latency.
 
+Besides WER and CER every row has the token accuracy (``1 - `` the token error rate over the model's own
+tokenizer pieces, at least 0) and the sequence accuracy (the share of utterances whose words are all right),
+and offline rows the offline speed (audio seconds per compute second, batched). A Paraformer model
+(:mod:`streamer.asr.paraformer`) is full context and non-autoregressive: it has offline rows only.
+
 * Offline: one encoder pass per batch under the ``chunked_limited`` mask of a look-ahead, then batched
   greedy decoding.
 * Streaming: the real cache-aware path, :class:`~streamer.engine.recognizer.Recognizer`, many streams
@@ -31,11 +36,14 @@ from torch import Tensor
 from streamer.asr import clocks
 from streamer.asr.config import ContextSize
 from streamer.asr.model import AsrModel
+from streamer.asr.paraformer import ParaformerModel
+from streamer.asr.tokenizer import Tokenizer
 from streamer.config_args import MODEL_FLAGS, Key, settings_from_args
 from streamer.engine.factory import load_model
 from streamer.engine.recognizer import Recognizer
+from streamer.errors import ConfigError
 from streamer.settings import ModelSettings
-from streamer.training.rundir import model_from_run
+from streamer.training.rundir import AnyModel, model_from_run
 
 DEFAULT_EVAL_THREADS = 2  # neither --threads nor model.threads: a small machine's share
 EVAL_FLAGS: dict[str, Key] = {"model": MODEL_FLAGS["model"], "threads": MODEL_FLAGS["threads"],
@@ -74,6 +82,24 @@ def word_error_rate(refs: Iterable[str], hyps: Iterable[str]) -> tuple[float, in
     return (errors / words if words else 0.0), errors, words
 
 
+def sequence_accuracy(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """The share of utterances whose normalised words equal the reference's."""
+    if not refs:
+        return 0.0
+    return sum(normalize_words(r) == normalize_words(h) for r, h in zip(refs, hyps, strict=True)) / len(refs)
+
+
+def token_accuracy(refs: Sequence[str], hyps: Sequence[str], tokenizer: Tokenizer) -> float:
+    """``1 - `` the token error rate (edit distance over the tokenizer's pieces of the normalised words, divided
+    by the reference's pieces), at least 0."""
+    errors = tokens = 0
+    for ref, hyp in zip(refs, hyps, strict=True):
+        r = [str(t) for t in tokenizer.encode(" ".join(normalize_words(ref)))]
+        errors += edit_distance(r, [str(t) for t in tokenizer.encode(" ".join(normalize_words(hyp)))])
+        tokens += len(r)
+    return max(0.0, 1.0 - errors / tokens) if tokens else 0.0
+
+
 def character_error_rate(refs: Iterable[str], hyps: Iterable[str]) -> float:
     """Corpus CER over the normalised words joined by single spaces (a space is a character too).
 
@@ -92,8 +118,12 @@ def character_error_rate(refs: Iterable[str], hyps: Iterable[str]) -> float:
 
 
 @torch.inference_mode()
-def decode_offline(model: AsrModel, mel: Tensor, mel_lengths: Tensor, ctx: ContextSize) -> list[str]:
-    """Greedy transcripts of a batch of features (B, F, M) with one masked encoder pass."""
+def decode_offline(model: AnyModel, mel: Tensor, mel_lengths: Tensor, ctx: ContextSize) -> list[str]:
+    """Greedy transcripts of a batch of features (B, F, M) with one masked encoder pass (a Paraformer: full
+    context, ``ctx`` unused)."""
+    if isinstance(model, ParaformerModel):
+        assert model.tokenizer is not None
+        return [model.tokenizer.decode(s.token_ids, strip_special=True) for s in model.decode(mel, mel_lengths)]
     enc, enc_len = model.encoder(mel, mel_lengths, ctx)
     kind = model.check_decoder(None)
     greedy = model.greedy_decoder(kind)
@@ -113,7 +143,7 @@ def _batched_audio(audios: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
 
 
 def transcribe_offline_batch(
-    model: AsrModel, audios: Sequence[np.ndarray], ctx: ContextSize, batch_seconds: float = 120.0
+    model: AnyModel, audios: Sequence[np.ndarray], ctx: ContextSize, batch_seconds: float = 120.0
 ) -> list[str]:
     """Offline greedy transcripts of many utterances, batched by length."""
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
@@ -189,8 +219,10 @@ class ResultRow:
     words: int
     wer_percent: float
     compute_ms_per_chunk: float
-    rtf: float  # audio seconds per compute second, one stream (streaming rows)
+    rtf: float  # audio seconds per compute second: one stream (streaming rows), batched (offline rows)
     cer_percent: float = 0.0
+    token_accuracy_percent: float = 0.0
+    sequence_accuracy_percent: float = 0.0
 
 
 def read_eval_manifest(path: Path, limit: int | None) -> tuple[list[np.ndarray], list[str]]:
@@ -219,7 +251,7 @@ def read_eval_manifest(path: Path, limit: int | None) -> tuple[list[np.ndarray],
 
 
 def evaluate(
-    model: AsrModel,
+    model: AnyModel,
     manifests: dict[str, Path],
     contexts: Sequence[ContextSize],
     model_name: str,
@@ -227,7 +259,17 @@ def evaluate(
     modes: Sequence[str] = ("offline", "streaming"),
     latency_utterances: int = 3,
 ) -> list[ResultRow]:
-    """WER of every split in every mode and look-ahead; compute per chunk from the first utterances."""
+    """WER of every split in every mode and look-ahead; compute per chunk from the first utterances.
+
+    Raises:
+        ConfigError: streaming asked of a Paraformer model.
+    """
+    if isinstance(model, ParaformerModel):
+        if "offline" not in modes:
+            raise ConfigError("a Paraformer model is full context and non-autoregressive: evaluate it with --mode "
+                              "offline (or both, which gives its offline rows)")
+        modes, contexts = ("offline",), [model.check_context(None)]
+    assert model.tokenizer is not None
     rows = []
     frame_ms = 1000.0 * model.config.frame_shift_s  # one encoder frame
     for split, path in manifests.items():
@@ -239,11 +281,14 @@ def evaluate(
                 if mode == "offline":
                     hyps = transcribe_offline_batch(model, audios, ctx)
                 else:
+                    assert isinstance(model, AsrModel)
                     hyps = transcribe_streaming_batch(model, audios, ctx)
+                decode_s = time.perf_counter() - start
                 wer, _, words = word_error_rate(texts, hyps)
                 cer = character_error_rate(texts, hyps)
-                compute_ms, rtf = 0.0, 0.0
+                compute_ms, rtf = 0.0, sum(len(a) for a in audios) / clocks.SAMPLE_RATE_HZ / max(decode_s, 1e-9)
                 if mode == "streaming":
+                    assert isinstance(model, AsrModel)
                     timings = [chunk_compute_ms(model, a, ctx) for a in audios[:latency_utterances]]
                     compute_ms = float(np.mean([t[0] for t in timings]))
                     rtf = float(np.mean([t[1] for t in timings]))
@@ -261,6 +306,8 @@ def evaluate(
                         compute_ms_per_chunk=round(compute_ms, 2),
                         rtf=round(rtf, 1),
                         cer_percent=round(100 * cer, 2),
+                        token_accuracy_percent=round(100 * token_accuracy(texts, hyps, model.tokenizer), 2),
+                        sequence_accuracy_percent=round(100 * sequence_accuracy(texts, hyps), 2),
                     )
                 )
                 logger.info(
@@ -308,11 +355,22 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     columns = sorted({(r.mode, r.att_context, r.lookahead_ms) for r in rows}, key=lambda c: (c[0], -c[2]))
     splits = list(dict.fromkeys(r.split for r in rows))
     wer = {(r.split, r.mode, r.att_context): r.wer_percent for r in rows}
-    head = "| split | " + " | ".join(f"{m} {c} ({la:.0f} ms)" for m, c, la in columns) + " |"
+    head = "| split | " + " | ".join(f"{m} {c} ({'full context' if la < 0 else f'{la:.0f} ms'})"
+                                     for m, c, la in columns) + " |"
     lines = [head, "|---" * (len(columns) + 1) + "|"]
     for split in splits:
         cells = [f"{wer[(split, m, c)]:.2f}%" if (split, m, c) in wer else "-" for m, c, _ in columns]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| split | mode | look-ahead | token accuracy | sequence accuracy | CER | speed (audio s / compute s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.split} | {r.mode} | {r.att_context} | {r.token_accuracy_percent:.2f}% | "
+        f"{r.sequence_accuracy_percent:.2f}% | {r.cer_percent:.2f}% | {r.rtf:.0f}x |"
+        for r in rows
+    ]
     stream = {r.att_context: r for r in rows if r.mode == "streaming"}
     if stream:
         lines += [
@@ -328,7 +386,7 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     return "\n".join(lines)
 
 
-def load_eval_model(model: ModelSettings) -> tuple[AsrModel, str]:
+def load_eval_model(model: ModelSettings) -> tuple[AnyModel, str]:
     """The model of ``model.spec`` (a checkpoint spec or a run directory) on ``model.device``, and its name."""
     path = Path(model.spec)
     if path.is_dir() and (path / "checkpoints").is_dir():

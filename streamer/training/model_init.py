@@ -19,15 +19,18 @@ from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.model import AsrModel
 from streamer.asr.tokenizer import Tokenizer
 from streamer.training.data import BatchFeaturizer, Utterance
-from streamer.training.recipe import Recipe, model_config
+from streamer.training.recipe import Recipe
+from streamer.training.rundir import AnyModel, model_of_recipe
 
 
-def build_model(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> AsrModel:
-    """A freshly initialised model for the recipe (NeMo's LSTM forget-gate bias of 1; the encoder's
-    residual branches scaled by ``train.residual_init_scale``, see :func:`scale_residual_branches`)."""
+def build_model(recipe: Recipe, tokenizer: Tokenizer, seed: int) -> AnyModel:
+    """A freshly initialised model for the recipe (NeMo's LSTM forget-gate bias of 1 for a transducer; the
+    encoder's residual branches scaled by ``train.residual_init_scale``, see :func:`scale_residual_branches`)."""
     torch.manual_seed(seed)
-    model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
+    model = model_of_recipe(recipe, tokenizer)
     scale_residual_branches(model.encoder, recipe.train.residual_init_scale)
+    if not isinstance(model, AsrModel):
+        return model.train()
     lstm = model.decoder.prediction.dec_rnn.lstm  # type: ignore[union-attr]
     with torch.no_grad():
         for name, param in lstm.named_parameters():

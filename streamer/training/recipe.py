@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from streamer.asr.config import CTCConfig, EncoderConfig, FeatureConfig, ModelConfig, TransducerConfig
+from streamer.asr.paraformer import ParaformerConfig
 from streamer.errors import ConfigError
 
 
@@ -122,22 +123,41 @@ class TransducerSection(RecipeSection):
     durations: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
 
 
-class ModelSection(RecipeSection):
-    """The network: encoder, transducer head and the optional CTC head."""
+class ParaformerSection(RecipeSection):
+    """The CIF predictor and the non-autoregressive decoder of a Paraformer (:mod:`streamer.asr.paraformer`)."""
 
+    predictor_kernel: int = 3  # the predictor's conv over encoder frames (odd)
+    decoder_layers: int = 4
+    decoder_heads: int = 4
+    decoder_ff: int = 768
+    dropout: Number = 0.1  # in the decoder layers
+    tail_min_weight: Number = 0.5  # at inference, a leftover weight this large at the end fires one more token
+
+
+class ModelSection(RecipeSection):
+    """The network: ``type: tdt`` (the default) is the encoder with a transducer head and the optional CTC head;
+    ``type: paraformer`` is a full-context encoder with a CIF predictor and a NAR decoder (``paraformer``).
+    Each type reads its own head's section and ignores the other's."""
+
+    type: Literal["tdt", "paraformer"] = "tdt"
     encoder: EncoderSection = Field(default_factory=EncoderSection)
     transducer: TransducerSection = Field(default_factory=TransducerSection)
     ctc_head: bool = True  # an auxiliary CTC head (NeMo hybrid model); weight in loss.ctc_weight
+    paraformer: ParaformerSection = Field(default_factory=ParaformerSection)
 
 
 class LossSection(RecipeSection):
-    """The TDT loss (with its RNNT draw) and the weight of the CTC loss."""
+    """The TDT loss (with its RNNT draw) and the weight of the CTC loss; a Paraformer's cross entropy and
+    quantity loss."""
 
     sigma: Number = 0.02  # TDT logit under-normalisation
     omega: Number = 0.1  # probability of a plain-RNNT batch
     ctc_weight: Number = 0.3  # NeMo hybrid: (1 - w) * transducer + w * ctc
     # NeMo's reductions; mean_volume: per target token over the batch (NeMo's default is mean_batch).
     reduction: Literal["mean_batch", "mean", "mean_volume", "sum"] = "mean_volume"
+    # Paraformer: cross entropy per target token + quantity_weight * mean |sum(alpha) - U| per utterance.
+    quantity_weight: Number = 1.0
+    label_smoothing: Number = 0.1
 
 
 class OptimSection(RecipeSection):
@@ -220,6 +240,8 @@ class Recipe(RecipeSection):
         enc = self.model.encoder
         if enc.d_model % enc.n_heads:
             raise ValueError(f"model.encoder.d_model {enc.d_model} must be a multiple of n_heads {enc.n_heads}")
+        if self.model.type == "paraformer":
+            return self._check_paraformer()
         for left, right in enc.att_context_sizes:
             if left % (right + 1):
                 raise ValueError(f"att_context_size [{left},{right}]: left must be a multiple of right + 1")
@@ -233,6 +255,19 @@ class Recipe(RecipeSection):
                 f"optim.anneal_steps {self.optim.anneal_steps} must lie between 0 and train.max_steps "
                 f"{self.train.max_steps}: the cooldown ends at max_steps"
             )
+        return self
+
+    def _check_paraformer(self) -> Recipe:
+        """A Paraformer's encoder is full context: the look-ahead keys do not apply to it."""
+        head, d_model = self.model.paraformer, self.model.encoder.d_model
+        if d_model % head.decoder_heads:
+            raise ValueError(f"model.paraformer.decoder_heads {head.decoder_heads} must divide model.encoder.d_model "
+                             f"{d_model}")
+        if head.predictor_kernel < 1 or head.predictor_kernel % 2 == 0:
+            raise ValueError(f"model.paraformer.predictor_kernel must be odd and positive, got {head.predictor_kernel}")
+        if self.optim.anneal_steps < 0 or self.optim.anneal_steps > self.train.max_steps:
+            raise ValueError(f"optim.anneal_steps {self.optim.anneal_steps} must lie between 0 and train.max_steps "
+                             f"{self.train.max_steps}: the cooldown ends at max_steps")
         return self
 
 
@@ -339,6 +374,45 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 # The model
+
+
+def paraformer_config(recipe: Recipe, vocab_size: int) -> ParaformerConfig:
+    """The :class:`ParaformerConfig` of a ``model.type: paraformer`` recipe: a full-context FastConformer (non-causal
+    dw_striding 8x, symmetric convs, attention over the whole utterance) with the recipe's head sizes."""
+    enc, head = recipe.model.encoder, recipe.model.paraformer
+    encoder = EncoderConfig(
+        feat_in=80,
+        n_layers=enc.n_layers,
+        d_model=enc.d_model,
+        n_heads=enc.n_heads,
+        ff_expansion_factor=enc.ff_expansion_factor,
+        subsampling_factor=8,
+        subsampling_conv_channels=enc.subsampling_conv_channels,
+        causal_downsampling=False,
+        att_context_sizes=((-1, -1),),
+        att_context_style="regular",
+        conv_kernel_size=enc.conv_kernel_size,
+        conv_norm_type=enc.conv_norm_type,
+        conv_context_size=None,  # symmetric
+    )
+    return ParaformerConfig(
+        features=FeatureConfig(normalize="NA"),
+        encoder=encoder,
+        vocab_size=vocab_size,
+        predictor_kernel=head.predictor_kernel,
+        decoder_layers=head.decoder_layers,
+        decoder_heads=head.decoder_heads,
+        decoder_ff=head.decoder_ff,
+        dropout=head.dropout,
+        tail_min_weight=head.tail_min_weight,
+    )
+
+
+def any_model_config(recipe: Recipe, vocab_size: int) -> ModelConfig | ParaformerConfig:
+    """The config of a recipe's model of either type."""
+    if recipe.model.type == "paraformer":
+        return paraformer_config(recipe, vocab_size)
+    return model_config(recipe, vocab_size)
 
 
 def model_config(recipe: Recipe, vocab_size: int) -> ModelConfig:

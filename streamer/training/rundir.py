@@ -23,14 +23,24 @@ import torch
 from streamer.asr.checkpoint import Checkpoint
 from streamer.asr.model import AsrModel
 from streamer.asr.nemofile import save_nemo
+from streamer.asr.paraformer import ParaformerModel
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import CheckpointError, ConfigError
-from streamer.training.recipe import Recipe, model_config, recipe_from_dict
+from streamer.training.recipe import Recipe, model_config, paraformer_config, recipe_from_dict
 from streamer.training.speed import InputNormalizedConv2d
 from streamer.training.tdt_loss import TransducerLoss
 
 CHECKPOINT_VERSION = 1
 TRAINING_RECORD = "training.json"  # written beside an exported .nemo: how far its training went
+
+AnyModel = AsrModel | ParaformerModel  # what a recipe's model.type builds
+
+
+def model_of_recipe(recipe: Recipe, tokenizer: Tokenizer) -> AnyModel:
+    """A freshly initialised (training mode) model of the recipe's ``model.type``."""
+    if recipe.model.type == "paraformer":
+        return ParaformerModel(paraformer_config(recipe, tokenizer.vocab_size), tokenizer)
+    return AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
 
 
 def new_run_dir(root: Path, name: str) -> Path:
@@ -64,7 +74,7 @@ class Progress:
 
 def save_checkpoint(
     path: Path,
-    model: AsrModel,
+    model: AnyModel,
     tokenizer_model: bytes,
     optimizer: torch.optim.Optimizer | None,
     recipe: Recipe,
@@ -101,7 +111,7 @@ def save_checkpoint(
 
 
 def restore_checkpoint(
-    path: Path, model: AsrModel, optimizer: torch.optim.Optimizer, loss_fn: TransducerLoss
+    path: Path, model: AnyModel, optimizer: torch.optim.Optimizer, loss_fn: TransducerLoss
 ) -> Progress:
     """Load ``latest.pt`` back into a freshly built model, its optimizer, the loss's and the global RNGs.
 
@@ -139,25 +149,47 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return path
 
 
-def load_run(run_dir: Path, which: str = "best") -> tuple[AsrModel, bytes]:
+def load_run(run_dir: Path, which: str = "best") -> tuple[AnyModel, bytes]:
     """The model (eval mode) and serialized tokenizer of a run's ``best.pt`` (else ``latest.pt``)."""
     state = load_checkpoint_file(checkpoint_path(run_dir, which))
     recipe = recipe_from_dict(state["recipe"])
     tokenizer = Tokenizer.from_bytes(state["tokenizer_model"])
-    model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
+    model = model_of_recipe(recipe, tokenizer)
     model.load_state_dict(state["model"], strict=True)
     return model.eval(), state["tokenizer_model"]
 
 
-def model_from_run(run_dir: Path, which: str = "best") -> AsrModel:
+def model_from_run(run_dir: Path, which: str = "best") -> AnyModel:
     """The model of a run's ``best.pt`` (else ``latest.pt``), in eval mode."""
     return load_run(run_dir, which)[0]
+
+
+def export_paraformer(run_dir: Path, out: Path, which: str = "best") -> ParaformerModel:
+    """Write a Paraformer run's model as a model directory (:meth:`ParaformerModel.save`) with ``training.json``."""
+    model = model_from_run(run_dir, which)
+    if not isinstance(model, ParaformerModel):
+        raise ConfigError(f"{run_dir} trained a {model.config.model_class}, not a Paraformer: export it to a .nemo")
+    model.save(out)
+    _write_training_record(run_dir, checkpoint_path(run_dir, which), out / TRAINING_RECORD)
+    return model
+
+
+def _write_training_record(run_dir: Path, path: Path, out: Path) -> None:
+    progress = load_checkpoint_file(path)["progress"]
+    record = {
+        key: progress[key] for key in ("step", "epoch", "audio_seconds", "train_seconds", "best_wer", "best_step")
+    }
+    record.update(run=run_dir.name, checkpoint=path.name, hours_seen=round(progress["audio_seconds"] / 3600, 2))
+    out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def export_nemo(run_dir: Path, out: Path, which: str = "best") -> AsrModel:
     """Write a run's model as a ``.nemo`` that NeMo 3.0.0 and :meth:`AsrModel.load` read."""
     path = checkpoint_path(run_dir, which)
     model, tokenizer_model = load_run(run_dir, which)
+    if not isinstance(model, AsrModel):
+        raise ConfigError(f"{run_dir} trained a Paraformer, which NeMo has no .nemo for: export it to a directory "
+                          "(streamer export RUN --out DIR)")
     ckpt = Checkpoint(
         config=model.config,
         state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -166,28 +198,26 @@ def export_nemo(run_dir: Path, out: Path, which: str = "best") -> AsrModel:
         source=str(run_dir),
     )
     save_nemo(out, ckpt, regenerate_config=True)
-    progress = load_checkpoint_file(path)["progress"]
-    record = {
-        key: progress[key] for key in ("step", "epoch", "audio_seconds", "train_seconds", "best_wer", "best_step")
-    }
-    record.update(run=run_dir.name, checkpoint=path.name, hours_seen=round(progress["audio_seconds"] / 3600, 2))
-    (out.parent / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    _write_training_record(run_dir, path, out.parent / TRAINING_RECORD)
     return model
 
 
-def read_warm_start(path: Path) -> tuple[AsrModel, dict[str, Any]]:
+def read_warm_start(path: Path) -> tuple[AnyModel, dict[str, Any]]:
     """Weights (and tokenizer) to start a run from, and the training record that came with them.
 
-    ``path`` is a ``.nemo`` (its ``training.json`` neighbour, if any, gives the step count) or a run's
-    ``checkpoints/*.pt``.
+    ``path`` is a ``.nemo`` or a Paraformer model directory (its ``training.json``, if any, gives the step
+    count) or a run's ``checkpoints/*.pt``.
     """
+    if path.is_dir() and (path / "paraformer.json").is_file():
+        record_path = path / TRAINING_RECORD
+        return ParaformerModel.load(path), json.loads(record_path.read_text()) if record_path.is_file() else {}
     if not path.is_file():
         raise ConfigError(f"train.init_from: {path} does not exist")
     if path.suffix == ".pt":
         state = load_checkpoint_file(path)
         recipe = recipe_from_dict(state["recipe"])
         tokenizer = Tokenizer.from_bytes(state["tokenizer_model"])
-        model = AsrModel(model_config(recipe, tokenizer.vocab_size), tokenizer)
+        model = model_of_recipe(recipe, tokenizer)
         model.load_state_dict(state["model"], strict=True)
         return model, dict(state["progress"])
     model = AsrModel.load(str(path))

@@ -5,6 +5,9 @@ Also where the step runs: the training device and whether it has native bfloat16
 Shape legend:
     B utterances   F mel bins   M mel frames   T encoder frames   U target tokens   D encoder width
     P prediction/joint width   V vocab incl. blank   N TDT durations
+
+A Paraformer's losses (``model.type: paraformer``) take the two loss slots of a step: its cross entropy is
+logged as the main head's loss (``transducer_loss``), its quantity loss as the auxiliary one (``ctc_loss``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch
 from torch import Tensor
 
 from streamer.asr.config import ContextSize
-from streamer.asr.model import AsrModel
+from streamer.asr.paraformer import ParaformerModel
 from streamer.errors import ConfigError
 from streamer.training.data import Batch
 from streamer.training.recipe import Recipe
+from streamer.training.rundir import AnyModel
 from streamer.training.tdt_loss import TransducerLoss, ctc_loss
 
 logger = logging.getLogger(__name__)
@@ -40,7 +44,10 @@ class StepResult:
 
 
 def sample_context(recipe: Recipe, seed: int) -> ContextSize:
-    """The look-ahead of one batch (NeMo samples uniformly; ``att_context_probs`` may weight them)."""
+    """The look-ahead of one batch (NeMo samples uniformly; ``att_context_probs`` may weight them); a
+    Paraformer's full context."""
+    if recipe.model.type == "paraformer":
+        return (-1, -1)
     enc = recipe.model.encoder
     sizes = [(int(a), int(b)) for a, b in enc.att_context_sizes]
     weights = enc.att_context_probs or None
@@ -48,12 +55,15 @@ def sample_context(recipe: Recipe, seed: int) -> ContextSize:
 
 
 def compute_loss(
-    model: AsrModel, batch: Batch, ctx: ContextSize, loss_fn: TransducerLoss, recipe: Recipe
+    model: AnyModel, batch: Batch, ctx: ContextSize, loss_fn: TransducerLoss, recipe: Recipe
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``."""
+    """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``; a Paraformer's (total, cross entropy,
+    quantity)."""
     device = next(model.parameters()).device
     batch = batch_to(batch, device)
     bf16 = recipe.train.bf16 and bf16_supported(device)
+    if isinstance(model, ParaformerModel):
+        return paraformer_loss(model, batch, recipe, bf16)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         enc, enc_len = model.encoder(batch.mel, batch.mel_lengths, ctx)  # (B, T, D)
         pred = model.decoder(batch.targets)  # (B, U+1, P)
@@ -66,6 +76,25 @@ def compute_loss(
     ctc = ctc_loss(log_probs, batch.targets, enc_len, batch.target_lengths, recipe.loss.reduction)
     w = recipe.loss.ctc_weight
     return (1 - w) * transducer + w * ctc, transducer, ctc
+
+
+def paraformer_loss(
+    model: ParaformerModel, batch: Batch, recipe: Recipe, bf16: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, cross entropy, quantity): cross entropy per target token (label-smoothed) of the NAR decoder's
+    logits, with the alphas scaled to fire the target length, plus ``loss.quantity_weight`` times the mean over
+    utterances of ``|sum(alpha) - U|`` (the unscaled alphas: what the predictor will fire at inference)."""
+    device = batch.mel.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(batch.mel, batch.mel_lengths, batch.target_lengths)
+    u = out.logits.size(1)
+    valid = torch.arange(u, device=device)[None, :] < batch.target_lengths[:, None]  # (B, U)
+    targets = batch.targets[:, :u].masked_fill(~valid, -100)
+    ce = torch.nn.functional.cross_entropy(
+        out.logits.float().transpose(1, 2), targets, ignore_index=-100, label_smoothing=recipe.loss.label_smoothing
+    )
+    quantity = (out.alpha_sums.float() - batch.target_lengths.float()).abs().mean()
+    return ce + recipe.loss.quantity_weight * quantity, ce, quantity
 
 
 def training_device(name: str) -> torch.device:
@@ -116,7 +145,7 @@ def with_mel(batch: Batch, mel: Tensor) -> Batch:
 
 
 def train_step(
-    model: AsrModel,
+    model: AnyModel,
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     ctx: ContextSize,

@@ -1,4 +1,5 @@
-"""``streamer train``: train a streaming FastConformer-TDT from a recipe, resumably, on a small CPU machine.
+"""``streamer train``: train a streaming FastConformer-TDT (or a Paraformer) from a recipe, resumably, on a small
+CPU machine.
 
 A run lives in ``runs/<timestamp>_<name>/``::
 
@@ -37,7 +38,6 @@ import yaml
 from tqdm import tqdm
 
 from streamer.asr import clocks
-from streamer.asr.model import AsrModel
 from streamer.asr.tokenizer import Tokenizer
 from streamer.errors import ConfigError
 from streamer.training.data import (
@@ -56,8 +56,9 @@ from streamer.training.evaluate import decode_offline, word_error_rate
 from streamer.training.model_init import build_model, center_front_end, feature_statistics
 from streamer.training.optim import build_optimizer, scheduled_lr
 from streamer.training.pretrain_checkpoint import load_encoder_into, pretrained_encoder_from
-from streamer.training.recipe import Recipe, load_recipe, model_config
+from streamer.training.recipe import Recipe, any_model_config, load_recipe
 from streamer.training.rundir import (
+    AnyModel,
     Progress,
     new_run_dir,
     read_warm_start,
@@ -112,7 +113,7 @@ class Trainer:
         if not data.tokenizer_path.is_file():
             raise ConfigError(f"tokenizer {data.tokenizer_path} does not exist (the corpus builder writes it last)")
         self.tokenizer_model = data.tokenizer_path.read_bytes()
-        warm: tuple[AsrModel, dict[str, Any]] | None = None
+        warm: tuple[AnyModel, dict[str, Any]] | None = None
         # train.init_from: a pretrained encoder (streamer pretrain) or a whole model (.nemo, run checkpoint)
         init_from = Path(recipe.train.init_from) if recipe.train.init_from and not resume else None
         encoder_init = pretrained_encoder_from(init_from) if init_from is not None else None
@@ -131,7 +132,7 @@ class Trainer:
         self.dev_utts = load_utterances(
             corpus, data.dev_split, tokenizer, data.min_duration_s, data.max_duration_s, limit=data.dev_utterances
         )
-        self.featurizer = BatchFeaturizer(corpus, model_config(recipe, tokenizer.vocab_size).features, data.dither)
+        self.featurizer = BatchFeaturizer(corpus, any_model_config(recipe, tokenizer.vocab_size).features, data.dither)
         self.device = training_device(recipe.train.device)
         if recipe.train.bf16 and not bf16_supported(self.device):
             logger.warning(
@@ -186,7 +187,7 @@ class Trainer:
             self.progress.batch_in_epoch,
         )
 
-    def _warm_start(self, model: AsrModel, record: dict[str, Any]) -> None:
+    def _warm_start(self, model: AnyModel, record: dict[str, Any]) -> None:
         own = self.model.state_dict()
         theirs = model.state_dict()
         if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
@@ -309,13 +310,14 @@ class Trainer:
         self.model.eval()
         start = time.monotonic()
         wers: dict[str, float] = {}
-        for ctx in self.recipe.train.val_att_context_sizes:
+        paraformer = self.recipe.model.type == "paraformer"  # full context: one WER
+        for ctx in [[-1, -1]] if paraformer else self.recipe.train.val_att_context_sizes:
             refs, hyps = [], []
             for batch in eval_batches(self.dev_utts, self.featurizer, self.recipe.batching.max_batch_mel_frames):
                 batch = batch_to(batch, self.device)
                 hyps += decode_offline(self.model, batch.mel, batch.mel_lengths, (ctx[0], ctx[1]))
                 refs += batch.texts
-            wers[f"wer_{ctx[0]}_{ctx[1]}"] = word_error_rate(refs, hyps)[0]
+            wers["wer" if paraformer else f"wer_{ctx[0]}_{ctx[1]}"] = word_error_rate(refs, hyps)[0]
         self.model.train()
         p = self.progress
         main = next(iter(wers.values()))
