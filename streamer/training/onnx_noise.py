@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .synth import SynthesisError
+from streamer.errors import SynthesisError
 
 BANK_INPUT = "noise_bank"
 _RANDOM_OPS = {"RandomNormalLike", "RandomUniformLike"}

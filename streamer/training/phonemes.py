@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import unicodedata
 
-from .synth import SynthesisError
+from streamer.errors import SynthesisError
 
 # espeak-ng IPA sequence -> Kokoro (misaki) symbol; longest sequences are replaced first.
 _KOKORO_COMMON = {

