@@ -21,13 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from streamer.asr import clocks
 from streamer.asr.config import ContextSize, FeatureConfig
 from streamer.asr.encoder import FastConformerEncoder
-from streamer.errors import ConfigError
 from streamer.training.bestrq import BestRqModel, make_targets
 from streamer.training.data import Batch, EpochBatches, batch_seed, epoch_loader, eval_batches, plan_epoch
 from streamer.training.model_init import center_front_end, feature_statistics, scale_residual_branches
@@ -36,8 +34,7 @@ from streamer.training.pretrain_checkpoint import PretrainProgress, restore_pret
 from streamer.training.pretrain_data import ClipFeaturizer, load_clips
 from streamer.training.pretrain_recipe import PretrainRecipe, load_pretrain_recipe
 from streamer.training.recipe import encoder_config
-from streamer.training.rundir import new_run_dir
-from streamer.training.runlog import append_result, attach_log
+from streamer.training.runlog import append_result, logging_to, open_run
 from streamer.training.speed import use_fast_depthwise, use_input_normalization
 from streamer.training.step import bf16_supported, training_device
 from streamer.training.trainer import StopFlag
@@ -282,25 +279,8 @@ def pretrain(
     config: Path | None, resume: Path | None, runs_root: Path = Path("runs"), overrides: dict[str, Any] | None = None
 ) -> tuple[int, Path]:
     """Start a pretraining run from a recipe, or resume one; returns (exit status, run directory)."""
-    if resume is not None:
-        if not (resume / "config.yaml").is_file():
-            raise ConfigError(f"{resume} is not a run directory (no config.yaml)")
-        recipe = load_pretrain_recipe(resume / "config.yaml")
-        run_dir = resume
-    elif config is not None:
-        recipe = load_pretrain_recipe(config)
-        if overrides:
-            recipe = recipe.with_updates(overrides)
-        run_dir = new_run_dir(runs_root, recipe.name)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    else:
-        raise ConfigError("streamer pretrain needs --config RECIPE or --resume RUN_DIR")
-    handler = attach_log(run_dir)
-    try:
-        logger.info("run directory %s", run_dir)
+    recipe, run_dir = open_run("pretrain", config, resume, runs_root, overrides, load_pretrain_recipe)
+    with logging_to(run_dir):
         has_latest = (run_dir / "checkpoints" / "latest.pt").is_file()
         trainer = Pretrainer(recipe, run_dir, resume=resume is not None and has_latest)
         return trainer.run(), run_dir
-    finally:
-        logging.getLogger("streamer").removeHandler(handler)
-        handler.close()

@@ -6,22 +6,71 @@ person can read where a run stands at any moment; ``results.csv`` gains one row 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import yaml
 
-from streamer.training.rundir import Progress
+from streamer.errors import ConfigError
+from streamer.training.rundir import Progress, new_run_dir
 from streamer.training.step import StepResult
 
 logger = logging.getLogger(__name__)
 
 HISTORY_ENTRIES = 200  # log lines kept in Progress.history (and so in every checkpoint)
+
+
+class _Recipe(Protocol):
+    name: str
+
+    def with_updates(self: R, updates: dict[str, Any]) -> R: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=_Recipe)
+
+
+def open_run(command: str, config: Path | None, resume: Path | None, runs_root: Path,
+             overrides: dict[str, Any] | None, load: Callable[[Path], R]) -> tuple[R, Path]:
+    """The recipe and run directory of ``streamer train`` / ``pretrain``: a resumed run's own ``config.yaml``, or
+    ``config`` (with ``overrides``) written into a new timestamped run directory.
+
+    Raises:
+        ConfigError: ``resume`` is no run directory, or neither was given.
+    """
+    if resume is not None:
+        if not (resume / "config.yaml").is_file():
+            raise ConfigError(f"{resume} is not a run directory (no config.yaml)")
+        return load(resume / "config.yaml"), resume
+    if config is None:
+        raise ConfigError(f"streamer {command} needs --config RECIPE or --resume RUN_DIR")
+    recipe = load(config)
+    if overrides:
+        recipe = recipe.with_updates(overrides)
+    run_dir = new_run_dir(runs_root, recipe.name)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    return recipe, run_dir
+
+
+@contextlib.contextmanager
+def logging_to(run_dir: Path) -> Iterator[None]:
+    """The ``streamer`` loggers also write ``run_dir/train.log`` inside the block."""
+    handler = attach_log(run_dir)
+    try:
+        logging.getLogger("streamer.training").info("run directory %s", run_dir)
+        yield
+    finally:
+        logging.getLogger("streamer").removeHandler(handler)
+        handler.close()
 
 
 def attach_log(run_dir: Path) -> logging.Handler:

@@ -34,7 +34,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from streamer.asr import clocks
@@ -60,12 +59,11 @@ from streamer.training.recipe import Recipe, any_model_config, load_recipe
 from streamer.training.rundir import (
     AnyModel,
     Progress,
-    new_run_dir,
     read_warm_start,
     restore_checkpoint,
     save_checkpoint,
 )
-from streamer.training.runlog import attach_log, log_validation, log_window, write_metrics
+from streamer.training.runlog import log_validation, log_window, logging_to, open_run, write_metrics
 from streamer.training.speed import use_fast_depthwise, use_input_normalization
 from streamer.training.step import (
     StepResult,
@@ -352,26 +350,9 @@ def train(
     config: Path | None, resume: Path | None, runs_root: Path = Path("runs"), overrides: dict[str, Any] | None = None
 ) -> tuple[int, Path]:
     """Start a run from a recipe, or resume one; returns (exit status, run directory)."""
-    if resume is not None:
-        if not (resume / "config.yaml").is_file():
-            raise ConfigError(f"{resume} is not a run directory (no config.yaml)")
-        recipe = load_recipe(resume / "config.yaml")
-        run_dir = resume
-    elif config is not None:
-        recipe = load_recipe(config)
-        if overrides:
-            recipe = recipe.with_updates(overrides)
-        run_dir = new_run_dir(runs_root, recipe.name)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    else:
-        raise ConfigError("streamer train needs --config RECIPE or --resume RUN_DIR")
-    handler = attach_log(run_dir)
-    try:
-        logger.info("run directory %s", run_dir)
+    recipe, run_dir = open_run("train", config, resume, runs_root, overrides, load_recipe)
+    with logging_to(run_dir):
         has_latest = (run_dir / "checkpoints" / "latest.pt").is_file()
         trainer = Trainer(recipe, run_dir, resume=resume is not None and has_latest)
         return trainer.run(), run_dir
-    finally:
-        logging.getLogger("streamer").removeHandler(handler)
-        handler.close()
 
