@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from streamer.asr.boosting import Boost, PhraseTree
 from streamer.asr.config import ContextSize
@@ -195,17 +196,22 @@ class BufferedRecognizer:
                 new[id(s)] = span
         return [new.get(id(s), TokenSpan()) for s in streams]
 
-    def _run(self, work: list[tuple[BufferedStream, int, int, int]]) -> list[TokenSpan]:
-        """Encode the buffers (one batch), decode each one's chunk frames from its carried state."""
-        model, fs = self.model, self.frame_samples
+    def _encode(self, work: list[tuple[BufferedStream, int, int, int]]) -> tuple[Tensor, Tensor]:
+        """The buffers ``[start, end)`` of the streams in ``work``, zero-padded into one batch, through the
+        preprocessor and the offline encoder: (B, T, D) float32 and (B,) valid frames."""
         lengths = torch.tensor([end - start for _, start, end, _ in work])
         audio = torch.zeros(len(work), int(lengths.max()))
         for i, (s, start, end, _) in enumerate(work):
             audio[i, : end - start] = torch.from_numpy(s.audio[start - s.audio_start : end - s.audio_start])
         audio, lengths = audio.to(self.device), lengths.to(self.device)
-        feats, feat_lens = model.preprocessor(audio, lengths)
-        enc, _ = model.encoder(feats, feat_lens, self.context)
-        enc = enc.float()
+        feats, feat_lens = self.model.preprocessor(audio, lengths)
+        enc, enc_len = self.model.encoder(feats, feat_lens, self.context)
+        return enc.float(), enc_len
+
+    def _run(self, work: list[tuple[BufferedStream, int, int, int]]) -> list[TokenSpan]:
+        """Encode the buffers (one batch), decode each one's chunk frames from its carried state."""
+        model, fs = self.model, self.frame_samples
+        enc, _ = self._encode(work)
         firsts = [(s.done_samples - start) // fs for s, start, _, _ in work]
         counts = [chunk // fs for *_, chunk in work]
         width = max(max(counts), 1)

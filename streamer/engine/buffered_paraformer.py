@@ -56,14 +56,7 @@ class ParaformerBufferedRecognizer(BufferedRecognizer):
     def _run(self, work: list[tuple[BufferedStream, int, int, int]]) -> list[TokenSpan]:
         """Encode the buffers (one batch); integrate each one's chunk frames after its carry; decode."""
         model, fs = self.paraformer, self.frame_samples
-        lengths = torch.tensor([end - start for _, start, end, _ in work])
-        audio = torch.zeros(len(work), int(lengths.max()))
-        for i, (s, start, end, _) in enumerate(work):
-            audio[i, : end - start] = torch.from_numpy(s.audio[start - s.audio_start : end - s.audio_start])
-        audio, lengths = audio.to(self.device), lengths.to(self.device)
-        feats, feat_lens = model.preprocessor(audio, lengths)
-        enc, enc_len = model.encoder(feats, feat_lens, self.context)
-        enc = enc.float()
+        enc, enc_len = self._encode(work)
         alphas = model.predictor(enc, enc_len).float()  # (B, T)
         counts = []
         width = enc.size(1) + 1  # the carry's pseudo-frame first
