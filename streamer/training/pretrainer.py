@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,10 +33,9 @@ from streamer.training.pretrain_checkpoint import PretrainProgress, restore_pret
 from streamer.training.pretrain_data import ClipFeaturizer, load_clips
 from streamer.training.pretrain_recipe import PretrainRecipe, load_pretrain_recipe
 from streamer.training.recipe import encoder_config
-from streamer.training.runlog import append_result, logging_to, open_run
+from streamer.training.runlog import StopFlag, append_result, logging_to, next_batch, open_run, step_bar
 from streamer.training.speed import use_fast_depthwise, use_input_normalization
 from streamer.training.step import bf16_supported, training_device
-from streamer.training.trainer import StopFlag
 
 logger = logging.getLogger(__name__)
 QUANTIZER_SEED_OFFSET = 7919  # the quantizer's generator: recipe seed + this (apart from the weights' seed)
@@ -144,24 +142,15 @@ class Pretrainer:
         last_save = time.monotonic()
         window: list[tuple[float, float, float, float]] = []
         window_start = time.monotonic()
-        bar = tqdm(
-            initial=progress.step,
-            total=recipe.train.max_steps,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-            smoothing=0.05,
-        )
+        bar = step_bar(progress.step, recipe.train.max_steps)
         with StopFlag() as stop, bar:
             batches = self._batches()
             while progress.step < recipe.train.max_steps and not stop.is_set and time.monotonic() < deadline:
                 step_start = time.monotonic()
-                try:
-                    epoch, index, batch = next(batches)
-                except RuntimeError:
-                    if stop.is_set:  # Ctrl-C also reached the data worker, which exited
-                        break
-                    raise
+                fetched = next_batch(batches, stop)
+                if fetched is None:
+                    break
+                epoch, index, batch = fetched
                 window.append(self.step(epoch, index, batch))
                 progress.step += 1
                 progress.epoch, progress.batch_in_epoch = epoch, index + 1

@@ -12,12 +12,16 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from streamer.errors import ConfigError
 from streamer.training.rundir import Progress, new_run_dir
@@ -37,6 +41,7 @@ class _Recipe(Protocol):
 
 
 R = TypeVar("R", bound=_Recipe)
+B = TypeVar("B")
 
 
 def open_run(command: str, config: Path | None, resume: Path | None, runs_root: Path,
@@ -71,6 +76,44 @@ def logging_to(run_dir: Path) -> Iterator[None]:
     finally:
         logging.getLogger("streamer").removeHandler(handler)
         handler.close()
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the training loop stops after the current step."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        logging.getLogger("streamer.training").info("received %s: stopping after this step", name)
+        self.is_set = True
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def step_bar(initial: int, total: int) -> tqdm:
+    """The training loops' progress bar in steps (refreshed twice a second on a terminal, else every 30 s)."""
+    return tqdm(initial=initial, total=total, unit="step", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, smoothing=0.05)
+
+
+def next_batch(batches: Iterator[B], stop: StopFlag) -> B | None:
+    """The next batch, or None when a stop (Ctrl-C also reaches the data worker, which then exits) ended it."""
+    try:
+        return next(batches)
+    except RuntimeError:
+        if stop.is_set:
+            return None
+        raise
 
 
 def attach_log(run_dir: Path) -> logging.Handler:

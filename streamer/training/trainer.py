@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -63,7 +60,16 @@ from streamer.training.rundir import (
     restore_checkpoint,
     save_checkpoint,
 )
-from streamer.training.runlog import log_validation, log_window, logging_to, open_run, write_metrics
+from streamer.training.runlog import (
+    StopFlag,
+    log_validation,
+    log_window,
+    logging_to,
+    next_batch,
+    open_run,
+    step_bar,
+    write_metrics,
+)
 from streamer.training.speed import use_fast_depthwise, use_input_normalization
 from streamer.training.step import (
     StepResult,
@@ -77,27 +83,6 @@ from streamer.training.step import (
 from streamer.training.tdt_loss import TransducerLoss
 
 logger = logging.getLogger(__name__)
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the training loop stops after the current step."""
-
-    def __init__(self) -> None:
-        self.is_set = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        logger.info("received %s: stopping after this step", signal.Signals(signum).name)
-        self.is_set = True
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -246,24 +231,15 @@ class Trainer:
         last_save = time.monotonic()
         window: list[StepResult] = []
         window_start = time.monotonic()
-        bar = tqdm(
-            initial=progress.step,
-            total=recipe.train.max_steps,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-            smoothing=0.05,
-        )
+        bar = step_bar(progress.step, recipe.train.max_steps)
         with StopFlag() as stop, bar:
             batches = self._batches()
             while progress.step < recipe.train.max_steps and not stop.is_set and time.monotonic() < deadline:
                 step_start = time.monotonic()
-                try:
-                    epoch, index, batch = next(batches)
-                except RuntimeError:
-                    if stop.is_set:  # Ctrl-C also reached the data worker, which exited
-                        break
-                    raise
+                fetched = next_batch(batches, stop)
+                if fetched is None:
+                    break
+                epoch, index, batch = fetched
                 seed = batch_seed(recipe.seed, epoch, index)
                 ctx = sample_context(recipe, seed)
                 if recipe.spec_augment.start_step <= progress.step:
