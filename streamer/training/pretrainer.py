@@ -33,7 +33,7 @@ from streamer.training.pretrain_checkpoint import PretrainProgress, restore_pret
 from streamer.training.pretrain_data import ClipFeaturizer, load_clips
 from streamer.training.pretrain_recipe import PretrainRecipe, load_pretrain_recipe
 from streamer.training.recipe import encoder_config
-from streamer.training.runlog import StopFlag, append_result, logging_to, next_batch, open_run, step_bar
+from streamer.training.runlog import Cadence, StopFlag, append_result, logging_to, next_batch, open_run, step_bar
 from streamer.training.speed import use_fast_depthwise, use_input_normalization
 from streamer.training.step import bf16_supported, training_device
 
@@ -139,9 +139,9 @@ class Pretrainer:
         """Pretrain until ``max_steps``, ``max_hours`` or a signal; returns the exit status (0)."""
         recipe, progress = self.recipe, self.progress
         deadline = time.monotonic() + recipe.train.max_hours * 3600 if recipe.train.max_hours > 0 else math.inf
-        last_save = time.monotonic()
         window: list[tuple[float, float, float, float]] = []
-        window_start = time.monotonic()
+        cadence = Cadence(recipe.train.log_every_steps, recipe.train.val_every_steps, recipe.train.max_steps,
+                          recipe.train.checkpoint_every_minutes * 60, window.clear)
         bar = step_bar(progress.step, recipe.train.max_steps)
         with StopFlag() as stop, bar:
             batches = self._batches()
@@ -157,15 +157,8 @@ class Pretrainer:
                 progress.audio_seconds += batch.audio_seconds
                 progress.train_seconds += time.monotonic() - step_start
                 bar.update(1)
-                if progress.step % recipe.train.log_every_steps == 0:
-                    self._log(window, time.monotonic() - window_start, bar)
-                    window, window_start = [], time.monotonic()
-                if progress.step % recipe.train.val_every_steps == 0 or progress.step == recipe.train.max_steps:
-                    self.validate()
-                    window_start = time.monotonic()
-                if time.monotonic() - last_save > recipe.train.checkpoint_every_minutes * 60:
-                    self.save_latest()
-                    last_save = time.monotonic()
+                cadence.after_step(progress.step, lambda seconds: self._log(window, seconds, bar), self.validate,
+                                   self.save_latest)
             self.save_latest()
         logger.info("stopped at step %d; resume with: streamer pretrain --resume %s", progress.step, self.run_dir)
         return 0

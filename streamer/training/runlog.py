@@ -14,7 +14,9 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
@@ -98,6 +100,35 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class Cadence:
+    """When a training loop logs (every ``log_every_steps``), validates (every ``val_every_steps`` and at the last
+    step: a cooldown ends there, and best.pt must be able to hold it) and saves ``latest.pt`` (every
+    ``checkpoint_every_s``). ``clear_window`` empties the loop's window of steps after each log line."""
+
+    log_every_steps: int
+    val_every_steps: int
+    max_steps: int
+    checkpoint_every_s: float
+    clear_window: Callable[[], None]
+    window_start: float = field(default_factory=time.monotonic)
+    last_save: float = field(default_factory=time.monotonic)
+
+    def after_step(self, step: int, log: Callable[[float], None], validate: Callable[[], None],
+                   save: Callable[[], None]) -> None:
+        """``log(seconds since the window began)``, ``validate()`` and ``save()`` when step ``step`` calls for them."""
+        if step % self.log_every_steps == 0:
+            log(time.monotonic() - self.window_start)
+            self.clear_window()
+            self.window_start = time.monotonic()
+        if step % self.val_every_steps == 0 or step == self.max_steps:
+            validate()
+            self.window_start = time.monotonic()
+        if time.monotonic() - self.last_save > self.checkpoint_every_s:
+            save()
+            self.last_save = time.monotonic()
 
 
 def step_bar(initial: int, total: int) -> tqdm:

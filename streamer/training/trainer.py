@@ -61,6 +61,7 @@ from streamer.training.rundir import (
     save_checkpoint,
 )
 from streamer.training.runlog import (
+    Cadence,
     StopFlag,
     log_validation,
     log_window,
@@ -228,9 +229,9 @@ class Trainer:
         """Train until ``max_steps``, ``max_hours`` or a signal; returns the exit status (0)."""
         recipe, progress = self.recipe, self.progress
         deadline = time.monotonic() + recipe.train.max_hours * 3600 if recipe.train.max_hours > 0 else math.inf
-        last_save = time.monotonic()
         window: list[StepResult] = []
-        window_start = time.monotonic()
+        cadence = Cadence(recipe.train.log_every_steps, recipe.train.val_every_steps, recipe.train.max_steps,
+                          recipe.train.checkpoint_every_minutes * 60, window.clear)
         bar = step_bar(progress.step, recipe.train.max_steps)
         with StopFlag() as stop, bar:
             batches = self._batches()
@@ -253,16 +254,8 @@ class Trainer:
                 progress.train_seconds += time.monotonic() - step_start
                 window.append(result)
                 bar.update(1)
-                if progress.step % recipe.train.log_every_steps == 0:
-                    self._log(window, time.monotonic() - window_start, bar)
-                    window, window_start = [], time.monotonic()
-                # The last step is validated too: a cooldown ends there, and best.pt must be able to hold it.
-                if progress.step % recipe.train.val_every_steps == 0 or progress.step == recipe.train.max_steps:
-                    self.validate()
-                    window_start = time.monotonic()
-                if time.monotonic() - last_save > recipe.train.checkpoint_every_minutes * 60:
-                    self.save_latest()
-                    last_save = time.monotonic()
+                cadence.after_step(progress.step, lambda seconds: self._log(window, seconds, bar), self.validate,
+                                   self.save_latest)
             self.save_latest()
         logger.info("stopped at step %d; resume with: streamer train --resume %s", progress.step, self.run_dir)
         return 0
