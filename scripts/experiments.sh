@@ -27,6 +27,11 @@ FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
 FINETUNE_HOURS=${FINETUNE_HOURS:-10}
 PARAFORMER_STEPS=${PARAFORMER_STEPS:-3000}
 EVAL_LIMIT=${EVAL_LIMIT:-200}
+EVAL_CONTEXT=${EVAL_CONTEXT:-70,13}
+EVAL_SPLITS=${EVAL_SPLITS:-dev,test_seen_voices,test_heldout_engine,everyday}
+PRETRAIN_RECIPE=${PRETRAIN_RECIPE:-models/streamer-tdt-small/pretrain.yaml}
+TDT_RECIPE=${TDT_RECIPE:-models/streamer-tdt-small/recipe.yaml}
+PARAFORMER_RECIPE=${PARAFORMER_RECIPE:-models/streamer-paraformer-small/recipe.yaml}
 STREAMER=${STREAMER:-.venv/bin/streamer}
 mkdir -p "$STATE"
 
@@ -60,9 +65,9 @@ run_of() { cat "$STATE/$1.run"; }
 
 case ${1:-status} in
   bestrq)
-    stage bestrq-pretrain pretrain --config models/streamer-tdt-small/pretrain.yaml \
+    stage bestrq-pretrain pretrain --config "$PRETRAIN_RECIPE" \
       --set data.corpus_dir="$CORPUS" --set train.max_steps="$PRETRAIN_STEPS"
-    common=(--config models/streamer-tdt-small/recipe.yaml --set data.corpus_dir="$CORPUS"
+    common=(--config "$TDT_RECIPE" --set data.corpus_dir="$CORPUS"
             --set data.tokenizer="$CORPUS/tokenizer.model" --set data.train_hours="$FINETUNE_HOURS"
             --set train.max_steps="$FINETUNE_STEPS")
     stage bestrq-finetune-pretrained train "${common[@]}" \
@@ -70,7 +75,7 @@ case ${1:-status} in
     stage bestrq-finetune-scratch train "${common[@]}"
     ;;
   paraformer)
-    stage paraformer train --config models/streamer-paraformer-small/recipe.yaml \
+    stage paraformer train --config "$PARAFORMER_RECIPE" \
       --set data.corpus_dir="$CORPUS" --set data.tokenizer="$CORPUS/tokenizer.model" \
       --set train.max_steps="$PARAFORMER_STEPS"
     ;;
@@ -80,7 +85,7 @@ case ${1:-status} in
       [[ -s $STATE/$s.run ]] && models+=(--model "$s=$(run_of $s)")
     done
     [[ ${#models[@]} -gt 0 ]] || { echo "no finished stage to evaluate yet" >&2; exit 1; }
-    .venv/bin/python scripts/compare_models.py "${models[@]}" --corpus "$CORPUS" --offline 70,13 \
+    .venv/bin/python scripts/compare_models.py "${models[@]}" --corpus "$CORPUS" --splits "$EVAL_SPLITS" --offline "$EVAL_CONTEXT" \
       --limit "$EVAL_LIMIT" --out "$STATE/eval"
     ;;
   status)

