@@ -412,7 +412,11 @@ async def test_head_gets_the_headers_of_get_and_no_body(start_daemon: Start) -> 
     for path in ("/healthz", "/readyz", "/", "/metrics", "/nope"):
         status, headers, body = await get(served.port, path)
         head_status, head_headers, _ = await get(served.port, path, method="HEAD")  # a body would fail to parse
-        assert (head_status, head_headers["content-length"]) == (status, str(len(body))), path
+        assert head_status == status, path
+        if path == "/metrics":  # rendered per request: process CPU, memory and request counters move in between
+            assert abs(int(head_headers["content-length"]) - len(body)) <= 0.02 * len(body), path
+        else:
+            assert head_headers["content-length"] == str(len(body)), path
         assert head_headers["content-type"] == headers["content-type"]
     status, headers, _ = await get(served.port, "/v1/listen", method="HEAD")
     assert status == 405 and int(headers["content-length"]) > 0
