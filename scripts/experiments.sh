@@ -4,10 +4,14 @@
 #   bestrq      Best-RQ pretraining on the corpus audio (transcripts unused), then the same TDT fine-tuning
 #               on a labelled subset twice, once from the pretrained encoder and once from scratch, equal steps
 #   paraformer  the Paraformer recipe, trained with the TDT recipe's corpus, batches and schedule
+#   pairs       all four runs on two cores, one thread each, in two lanes side by side: the pretraining
+#               then the pretrained fine-tune; the from-scratch fine-tune then the Paraformer (which trains
+#               on the fine-tunes' labelled subset for their number of steps, so all three are comparable)
 #   eval        streamer eval of every finished run on the same splits (scripts/compare_models.py)
 #
 #   bash scripts/experiments.sh bestrq          # run (or continue) the Best-RQ comparison
 #   bash scripts/experiments.sh paraformer
+#   bash scripts/experiments.sh pairs           # both comparisons, two lanes at a time
 #   bash scripts/experiments.sh eval
 #   bash scripts/experiments.sh status          # where each stage stands
 #
@@ -16,6 +20,8 @@
 # SIGTERM (kill -TERM <pid>) at any point and picked up in a later session, on this machine or another one
 # given the run directories. Sizes are environment variables, e.g.
 #   PRETRAIN_STEPS=3000 FINETUNE_STEPS=2000 bash scripts/experiments.sh bestrq
+# Single stages: bestrq-pretrain, bestrq-finetune-scratch, bestrq-finetune-pretrained (after the
+# pretraining). Every stage keeps its run directory under $STATE/<stage>/, so stages can run side by side.
 # Train nothing else and benchmark nothing while a stage runs: the two cores are the budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +32,8 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-2000}
 FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
 FINETUNE_HOURS=${FINETUNE_HOURS:-10}
 PARAFORMER_STEPS=${PARAFORMER_STEPS:-3000}
+PARAFORMER_HOURS=${PARAFORMER_HOURS:-0}   # > 0: the Paraformer trains on the first this many hours only
+THREADS=${THREADS:-2}                     # torch threads of each run (pairs: 1 each)
 EVAL_LIMIT=${EVAL_LIMIT:-200}
 EVAL_CONTEXT=${EVAL_CONTEXT:-70,13}
 EVAL_SPLITS=${EVAL_SPLITS:-dev,test_seen_voices,test_heldout_engine,everyday}
@@ -43,16 +51,18 @@ stage() {
   if [[ -s $record ]]; then
     local run; run=$(cat "$record")
     echo "== $name: continuing $run"
-    nice -n 5 "$STREAMER" "$1" --resume "$run" --runs "$STATE"
+    nice -n 5 "$STREAMER" "$1" --resume "$run"
     return
   fi
   echo "== $name: starting: $*"
-  local before; before=$(ls -d "$STATE"/*/ 2>/dev/null | sort || true)
-  nice -n 5 "$STREAMER" "$@" --runs "$STATE" &
+  local runs="$STATE/$name"  # this stage's own folder: its new run directory is the only one there
+  mkdir -p "$runs"
+  local before; before=$(ls -d "$runs"/*/ 2>/dev/null | sort || true)
+  nice -n 5 "$STREAMER" "$@" --set train.threads="$THREADS" --runs "$runs" &
   local pid=$!
   local run=""
   for _ in $(seq 600); do  # the run directory appears once the corpus is read
-    run=$(comm -13 <(echo "$before") <(ls -d "$STATE"/*/ 2>/dev/null | sort) | head -1)
+    run=$(comm -13 <(echo "$before") <(ls -d "$runs"/*/ 2>/dev/null | sort) | head -1)
     [[ -n $run ]] && break
     kill -0 $pid 2>/dev/null || break
     sleep 1
@@ -63,21 +73,47 @@ stage() {
 
 run_of() { cat "$STATE/$1.run"; }
 
+finetune_args() {
+  echo --config "$TDT_RECIPE" --set data.corpus_dir="$CORPUS" --set data.tokenizer="$CORPUS/tokenizer.model" \
+    --set data.train_hours="$FINETUNE_HOURS" --set train.max_steps="$FINETUNE_STEPS"
+}
+bestrq_pretrain() {
+  stage bestrq-pretrain pretrain --config "$PRETRAIN_RECIPE" \
+    --set data.corpus_dir="$CORPUS" --set train.max_steps="$PRETRAIN_STEPS"
+}
+# shellcheck disable=SC2046  # the recipe paths have no spaces
+finetune_scratch() { stage bestrq-finetune-scratch train $(finetune_args); }
+# shellcheck disable=SC2046
+finetune_pretrained() {
+  stage bestrq-finetune-pretrained train $(finetune_args) \
+    --set train.init_from="$(run_of bestrq-pretrain)/checkpoints/best.pt"
+}
+paraformer() {
+  stage paraformer train --config "$PARAFORMER_RECIPE" \
+    --set data.corpus_dir="$CORPUS" --set data.tokenizer="$CORPUS/tokenizer.model" \
+    --set data.train_hours="$PARAFORMER_HOURS" --set train.max_steps="$PARAFORMER_STEPS"
+}
+# lanes "A1 A2" "B1 B2": run each lane's stage functions in order, the two lanes at once; fail if either did
+lanes() {
+  (for f in $1; do "$f"; done) & local a=$!
+  (for f in $2; do "$f"; done) & local b=$!
+  local rc=0
+  wait $a || rc=$?
+  wait $b || rc=$?
+  return $rc
+}
+
 case ${1:-status} in
-  bestrq)
-    stage bestrq-pretrain pretrain --config "$PRETRAIN_RECIPE" \
-      --set data.corpus_dir="$CORPUS" --set train.max_steps="$PRETRAIN_STEPS"
-    common=(--config "$TDT_RECIPE" --set data.corpus_dir="$CORPUS"
-            --set data.tokenizer="$CORPUS/tokenizer.model" --set data.train_hours="$FINETUNE_HOURS"
-            --set train.max_steps="$FINETUNE_STEPS")
-    stage bestrq-finetune-pretrained train "${common[@]}" \
-      --set train.init_from="$(run_of bestrq-pretrain)/checkpoints/best.pt"
-    stage bestrq-finetune-scratch train "${common[@]}"
-    ;;
-  paraformer)
-    stage paraformer train --config "$PARAFORMER_RECIPE" \
-      --set data.corpus_dir="$CORPUS" --set data.tokenizer="$CORPUS/tokenizer.model" \
-      --set train.max_steps="$PARAFORMER_STEPS"
+  bestrq) bestrq_pretrain; finetune_pretrained; finetune_scratch ;;
+  bestrq-pretrain) bestrq_pretrain ;;
+  bestrq-finetune-scratch) finetune_scratch ;;
+  bestrq-finetune-pretrained) finetune_pretrained ;;
+  paraformer) paraformer ;;
+  pairs)
+    THREADS=1
+    PARAFORMER_HOURS=$FINETUNE_HOURS  # the Paraformer beside the TDT fine-tunes: same data, same steps
+    PARAFORMER_STEPS=$FINETUNE_STEPS
+    lanes "bestrq_pretrain finetune_pretrained" "finetune_scratch paraformer"
     ;;
   eval)
     models=()

@@ -52,25 +52,20 @@ def _run(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Co
                           timeout=timeout)
 
 
+def _env(tmp_path: Path, corpus: Path, **sizes: str) -> dict[str, str]:  # noqa: F811
+    """The driver's environment: the tiny recipes, the corpus, a state folder, and the run sizes given."""
+    return {**_recipes(tmp_path, corpus), "CORPUS": str(corpus), "STATE": str(tmp_path / "state"),
+            "STREAMER_STATE__DIR": "", "FINETUNE_HOURS": "1", **sizes}
+
+
 def _step(run: Path) -> int:
     return int(json.loads((run / "metrics.json").read_text())["step"])
 
 
 def test_stages_record_their_runs_resume_and_compare(tmp_path: Path, corpus: Path) -> None:  # noqa: F811
     state = tmp_path / "state"
-    env = {
-        **_recipes(tmp_path, corpus),
-        "CORPUS": str(corpus),
-        "STATE": str(state),
-        "STREAMER_STATE__DIR": "",
-        "PRETRAIN_STEPS": "4",
-        "FINETUNE_STEPS": "4",
-        "FINETUNE_HOURS": "1",
-        "PARAFORMER_STEPS": "3",
-        "EVAL_LIMIT": "4",
-        "EVAL_CONTEXT": "4,1",
-        "EVAL_SPLITS": "dev",
-    }
+    env = _env(tmp_path, corpus, PRETRAIN_STEPS="4", FINETUNE_STEPS="4", PARAFORMER_STEPS="3", EVAL_LIMIT="4",
+               EVAL_CONTEXT="4,1", EVAL_SPLITS="dev")
     assert "not started" in _run(env, "status").stdout
 
     done = _run(env, "bestrq")
@@ -78,8 +73,8 @@ def test_stages_record_their_runs_resume_and_compare(tmp_path: Path, corpus: Pat
     runs = {s: Path((state / f"{s}.run").read_text().strip())
             for s in ("bestrq-pretrain", "bestrq-finetune-pretrained", "bestrq-finetune-scratch")}
     assert len(set(runs.values())) == 3
-    for run in runs.values():
-        assert run.parent == state and (run / "checkpoints" / "best.pt").is_file()
+    for stage, run in runs.items():
+        assert run.parent == state / stage and (run / "checkpoints" / "best.pt").is_file()
     assert _step(runs["bestrq-pretrain"]) == 4
     # both fine-tuning runs: the same recipe and steps; only one starts from the pretrained encoder
     configs = {s: yaml.safe_load((runs[s] / "config.yaml").read_text()) for s in runs if "finetune" in s}
@@ -94,14 +89,14 @@ def test_stages_record_their_runs_resume_and_compare(tmp_path: Path, corpus: Pat
     assert all(_step(runs[s]) == 4 for s in configs)
 
     # a second call starts nothing new: the finished stages are continued (and have nothing left to do)
-    before = sorted(p.name for p in state.iterdir())
+    before = sorted(str(p.relative_to(state)) for p in state.glob("*/*"))
     again = _run(env, "bestrq")
     assert again.returncode == 0, again.stderr
-    assert sorted(p.name for p in state.iterdir()) == before
+    assert sorted(str(p.relative_to(state)) for p in state.glob("*/*")) == before
     assert again.stdout.count("continuing") == 3
 
     # the Paraformer stage, stopped with SIGTERM part way, continues its own run on the next call
-    env_long = {**env, "PARAFORMER_STEPS": "400"}
+    env_long = {**env, "PARAFORMER_STEPS": "60"}  # stopped after step 3, before its end
     proc = subprocess.Popen(["bash", str(SCRIPT), "paraformer"], env={**os.environ, **env_long},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     record = state / "paraformer.run"
@@ -124,12 +119,12 @@ def test_stages_record_their_runs_resume_and_compare(tmp_path: Path, corpus: Pat
         pytest.fail("the stopped stage's trainer did not exit within 60 s of SIGTERM")
     paraformer = Path(record.read_text().strip())
     stopped_at = _step(paraformer)
-    assert 3 <= stopped_at < 400, stopped_output
+    assert 3 <= stopped_at < 60, stopped_output
     resumed = _run({**env, "PARAFORMER_STEPS": "3"}, "paraformer")  # the size of a recorded run cannot change
     assert resumed.returncode == 0, resumed.stderr
     assert f"continuing {paraformer}" in resumed.stdout
     assert (state / "paraformer.run").read_text().strip() == str(paraformer)
-    assert _step(paraformer) > stopped_at  # it went on from where it stopped (its own max_steps: 400)
+    assert _step(paraformer) > stopped_at  # it went on from where it stopped (its own max_steps: 60)
 
     status = _run(env, "status").stdout
     for stage in ("bestrq-pretrain", "bestrq-finetune-pretrained", "bestrq-finetune-scratch", "paraformer"):
@@ -143,3 +138,27 @@ def test_stages_record_their_runs_resume_and_compare(tmp_path: Path, corpus: Pat
     assert any("| dev (" in line for line in lines[1:])
     assert {p.name for p in (state / "eval").glob("*.csv")} == {
         "bestrq-finetune-scratch.csv", "bestrq-finetune-pretrained.csv", "paraformer.csv"}
+
+
+def test_pairs_runs_the_four_stages_in_two_lanes_on_one_thread_each(tmp_path: Path, corpus: Path) -> None:  # noqa: F811
+    state = tmp_path / "state"
+    # pairs trains the Paraformer for the fine-tunes' steps and hours, whatever PARAFORMER_* say
+    env = _env(tmp_path, corpus, PRETRAIN_STEPS="3", FINETUNE_STEPS="3", PARAFORMER_STEPS="50", PARAFORMER_HOURS="7")
+    done = _run(env, "pairs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = ("bestrq-pretrain", "bestrq-finetune-scratch", "bestrq-finetune-pretrained", "paraformer")
+    runs = {s: Path((state / f"{s}.run").read_text().strip()) for s in stages}
+    for stage, run in runs.items():
+        assert run.parent == state / stage, stage
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["train"]["threads"] == 1, stage
+        assert _step(run) == 3, stage
+        assert (run / "checkpoints" / "best.pt").is_file()
+    for stage in stages[1:]:
+        assert yaml.safe_load((runs[stage] / "config.yaml").read_text())["data"]["train_hours"] == 1
+    # the pretrained fine-tune starts after the pretraining has finished, from its best checkpoint
+    pretrained = yaml.safe_load((runs["bestrq-finetune-pretrained"] / "config.yaml").read_text())
+    assert pretrained["train"]["init_from"] == str(runs["bestrq-pretrain"] / "checkpoints" / "best.pt")
+    # each lane's second stage started once its first had ended
+    for first, second in (("bestrq-pretrain", "bestrq-finetune-pretrained"), ("bestrq-finetune-scratch", "paraformer")):
+        assert (runs[second] / "config.yaml").stat().st_mtime >= (runs[first] / "metrics.json").stat().st_mtime
