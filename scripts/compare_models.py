@@ -2,15 +2,17 @@
 """Side-by-side evaluation of models on the same corpus splits: the table a model card needs.
 
 Runs ``streamer eval`` once per model (a fresh process each, so threads and memory do not carry over),
-keeps each model's rows in ``OUT/<name>.csv``, and prints one markdown table: WER (CER) of every model per
-corpus, split and decoding mode, the difference against the first model, and how many rows the last model
-wins. ``--by-engine`` also scores each TTS engine of a split on its own (the manifest's ``engine`` field),
-which is how a corpus that mixes espeak-ng, flite, Piper and Kokoro shows which voices a model hears.
+keeps each model's rows in ``OUT/<name>.csv``, and prints a markdown table per ``--metric`` (default: WER
+with CER in brackets; also token accuracy, sequence accuracy and speed) of every model per corpus, split and
+decoding mode, the difference against the first model, and how many rows the last model wins.
+``--by-engine`` also scores each TTS engine of a split on its own (the manifest's ``engine`` field), which is
+how a corpus that mixes espeak-ng, flite, Piper and Kokoro shows which voices a model hears.
 
     .venv/bin/python scripts/compare_models.py \\
         --model current=models/streamer-tdt-small/model.nemo --model candidate=runs/<run> \\
         --corpus data/corpus-v1 --corpus data/corpus-v2 --by-engine \\
         --offline 70,13 --streaming 70,1 --limit 400 --out eval-compare
+    .venv/bin/python scripts/compare_models.py ... --metric wer --metric token-accuracy --metric speed
 
 Rerunning with the same --out reuses the CSVs already there (delete one to evaluate that model again).
 """
@@ -26,6 +28,27 @@ from collections import defaultdict
 from pathlib import Path
 
 SPLITS = "dev,test_seen_voices,test_heldout_engine,everyday"
+
+
+class Metric:
+    """A column of `streamer eval`'s CSV as a table: its cell, and which way is better."""
+
+    def __init__(self, column: str, title: str, higher_is_better: bool, cell: str = "{:.1f}%",
+                 extra: str = "") -> None:
+        self.column, self.title, self.higher_is_better, self.cell, self.extra = (
+            column, title, higher_is_better, cell, extra)
+
+    def format(self, row: dict[str, str]) -> str:
+        text = self.cell.format(float(row[self.column]))
+        return f"{text} ({float(row[self.extra]):.1f}%)" if self.extra else text
+
+
+METRICS = {
+    "wer": Metric("wer_percent", "WER, CER in brackets", False, extra="cer_percent"),
+    "token-accuracy": Metric("token_accuracy_percent", "token accuracy (tokens right, aligned)", True),
+    "sequence-accuracy": Metric("sequence_accuracy_percent", "sequence accuracy (utterances exactly right)", True),
+    "speed": Metric("rtf", "speed: audio seconds per compute second", True, cell="{:.0f}x"),
+}
 
 
 def engine_manifests(corpus: Path, split: str, limit: int | None) -> list[str]:
@@ -68,6 +91,40 @@ def read_rows(path: Path) -> dict[tuple[str, str, str, str], dict[str, str]]:
     return out
 
 
+def print_table(metric: Metric, names: list[str], tables: dict[str, dict]) -> None:
+    """One markdown table of `metric`: a row per (corpus, split, mode), a column per model, and the last
+    model's difference from the first with its count of better and worse rows."""
+    keys = list(tables[names[0]])
+    head = "| corpus | split | mode | " + " | ".join(names)
+    head += f" | {names[-1]} - {names[0]} |" if len(names) > 1 else " |"
+    print(head)
+    print("|---" * (head.count("|") - 1) + "|")
+    wins = losses = 0
+    for key in keys:
+        cells, values = [], []
+        for n in names:
+            row = tables[n].get(key)
+            if row is None:
+                cells.append("-")
+                continue
+            values.append(float(row[metric.column]))
+            cells.append(metric.format(row))
+        line = f"| {key[0]} | {key[1]} ({tables[names[0]][key]['utterances']}) | {key[2]} {key[3]} | "
+        line += " | ".join(cells)
+        if len(names) > 1 and len(values) == len(names):
+            delta = values[-1] - values[0]
+            better = delta > 0 if metric.higher_is_better else delta < 0
+            wins += better
+            losses += delta != 0 and not better
+            line += f" | {delta:+.1f} |"
+        else:
+            line += " | - |" if len(names) > 1 else " |"
+        print(line)
+    if len(names) > 1:
+        print(f"\n{names[-1]} against {names[0]}: better on {wins}, worse on {losses} of {len(keys)} rows "
+              f"({metric.title}; the utterance count of each split in brackets after its name)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -83,6 +140,8 @@ def main() -> int:
                    help="streaming look-ahead (repeatable)")
     p.add_argument("--limit", type=int, default=0, help="utterances per split (0: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--metric", action="append", choices=sorted(METRICS), default=[],
+                   help="a table of this metric (repeatable; default: wer)")
     p.add_argument("--out", type=Path, default=Path("eval-compare"), help="folder for the per-model CSVs")
     args = p.parse_args()
     models = [m.split("=", 1) for m in args.model]
@@ -121,35 +180,10 @@ def main() -> int:
                 writer.writerows(rows)
         tables[name] = read_rows(merged)
 
-    names = [n for n, _ in models]
-    keys = list(tables[names[0]])
-    head = "| corpus | split | mode | " + " | ".join(names)
-    head += f" | {names[-1]} - {names[0]} |" if len(names) > 1 else " |"
-    print(head)
-    print("|---" * (head.count("|") - 1) + "|")
-    wins = losses = 0
-    for key in keys:
-        cells, wers = [], []
-        for n in names:
-            row = tables[n].get(key)
-            if row is None:
-                cells.append("-")
-                continue
-            wers.append(float(row["wer_percent"]))
-            cells.append(f"{float(row['wer_percent']):.1f}% ({float(row['cer_percent']):.1f}%)")
-        line = f"| {key[0]} | {key[1]} ({tables[names[0]][key]['utterances']}) | {key[2]} {key[3]} | "
-        line += " | ".join(cells)
-        if len(names) > 1 and len(wers) == len(names):
-            delta = wers[-1] - wers[0]
-            wins += delta < 0
-            losses += delta > 0
-            line += f" | {delta:+.1f} |"
-        else:
-            line += " | - |" if len(names) > 1 else " |"
-        print(line)
-    if len(names) > 1:
-        print(f"\n{names[-1]} against {names[0]}: better on {wins}, worse on {losses} of {len(keys)} rows "
-              "(WER, CER in brackets; the utterance count of each split in brackets after its name)")
+    for i, metric in enumerate(args.metric or ["wer"]):
+        if i:
+            print()
+        print_table(METRICS[metric], [n for n, _ in models], tables)
     return 0
 
 

@@ -122,7 +122,8 @@ case ${1:-status} in
     done
     [[ ${#models[@]} -gt 0 ]] || { echo "no finished stage to evaluate yet" >&2; exit 1; }
     .venv/bin/python scripts/compare_models.py "${models[@]}" --corpus "$CORPUS" --splits "$EVAL_SPLITS" --offline "$EVAL_CONTEXT" \
-      --limit "$EVAL_LIMIT" --out "$STATE/eval"
+      --limit "$EVAL_LIMIT" --out "$STATE/eval" \
+      --metric wer --metric token-accuracy --metric sequence-accuracy --metric speed
     ;;
   status)
     for s in bestrq-pretrain bestrq-finetune-pretrained bestrq-finetune-scratch paraformer; do

@@ -410,6 +410,41 @@ def test_compare_models_table(tmp_path: Path) -> None:
     assert "cand against base: better on 2, worse on 1 of 5 rows" in done.stdout
 
 
+def test_compare_models_metric_tables(tmp_path: Path) -> None:
+    """--metric: one table per metric, in the order asked; for accuracies and speed a higher value wins."""
+    out, corpus = tmp_path / "out", tmp_path / "corpus-v1"
+    out.mkdir()
+    corpus.mkdir()
+
+    def row(model: str, split: str, tokens: float, sequences: float, rtf: float) -> dict:
+        return dict(_result(model, split, "offline", 10.0, 4.0, 50, "70,13"), token_accuracy_percent=tokens,
+                    sequence_accuracy_percent=sequences, rtf=rtf)
+
+    _write_csv(out / "base.csv", [row("A", "dev", 80.0, 20.0, 90.0), row("A", "everyday", 95.0, 60.0, 100.0)])
+    _write_csv(out / "cand.csv", [row("B", "dev", 85.5, 20.0, 45.0), row("B", "everyday", 94.0, 64.0, 100.0)])
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "compare_models.py"), "--model", "base=/nonexistent/a.nemo",
+         "--model", "cand=/nonexistent/b.nemo", "--corpus", str(corpus), "--out", str(out),
+         "--metric", "token-accuracy", "--metric", "sequence-accuracy", "--metric", "speed"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    tables = [[[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:4]]
+              for block in done.stdout.split("\n\n") if block.startswith("| corpus")]
+    assert tables == [
+        [["corpus-v1", "dev (50)", "offline 70,13", "80.0%", "85.5%", "+5.5"],
+         ["corpus-v1", "everyday (50)", "offline 70,13", "95.0%", "94.0%", "-1.0"]],
+        [["corpus-v1", "dev (50)", "offline 70,13", "20.0%", "20.0%", "+0.0"],
+         ["corpus-v1", "everyday (50)", "offline 70,13", "60.0%", "64.0%", "+4.0"]],
+        [["corpus-v1", "dev (50)", "offline 70,13", "90x", "45x", "-45.0"],
+         ["corpus-v1", "everyday (50)", "offline 70,13", "100x", "100x", "+0.0"]],
+    ]
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("cand against base")]
+    assert [s.split(":")[1].split("(")[0].strip() for s in summaries] == [
+        "better on 1, worse on 1 of 2 rows", "better on 1, worse on 0 of 2 rows", "better on 0, worse on 1 of 2 rows"]
+    assert "token accuracy" in summaries[0] and "speed" in summaries[2]
+
+
 def _manifest_lines(entries: list[dict]) -> list[str]:
     return [json.dumps(e) for e in entries]
 
