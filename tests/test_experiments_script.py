@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,3 +164,38 @@ def test_pairs_runs_the_four_stages_in_two_lanes_on_one_thread_each(tmp_path: Pa
     # each lane's second stage started once its first had ended
     for first, second in (("bestrq-pretrain", "bestrq-finetune-pretrained"), ("bestrq-finetune-scratch", "paraformer")):
         assert (runs[second] / "config.yaml").stat().st_mtime >= (runs[first] / "metrics.json").stat().st_mtime
+
+
+def test_default_continues_the_base_model_and_prints_the_ship_table(tmp_path: Path, corpus: Path) -> None:  # noqa: F811
+    data = tmp_path / "corpus"
+    shutil.copytree(corpus, data)
+    (data / "corpus.json").write_text("{}")  # a finished corpus: `default` makes none
+    env = _env(tmp_path, data, FINETUNE_STEPS="3")
+    made = _run(env, "bestrq-finetune-scratch")
+    assert made.returncode == 0, made.stderr
+    base = tmp_path / "base" / "model.nemo"  # the "shipped" model: a tiny run exported, training.json beside it
+    exported = subprocess.run([sys.executable, "-m", "streamer", "export",
+                               (tmp_path / "state" / "bestrq-finetune-scratch.run").read_text().strip(),
+                               "--out", str(base)], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    base_step = json.loads((base.parent / "training.json").read_text())["step"]  # its best checkpoint's step
+    assert 1 <= base_step <= 3
+
+    env = {**env, "BASE_MODEL": str(base), "NEXT_CORPUS": str(data), "OLD_CORPUS": str(data), "NEXT_STEPS": "2",
+           "HUMAN_MANIFEST": "", "EVAL_SPLITS": "dev", "EVAL_CONTEXT": "4,1", "EVAL_STREAMING": "4,0"}
+    done = _run(env, "default", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "== corpus" not in done.stdout
+    run = Path((tmp_path / "state" / "default.run").read_text().strip())
+    assert run.parent == tmp_path / "state" / "default"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["init_from"] == str(base)
+    assert config["train"]["max_steps"] == base_step + 2  # the base model's steps, then NEXT_STEPS more
+    assert config["optim"]["anneal_steps"] == 0  # NEXT_STEPS is within the 200-step rewarm
+    assert _step(run) == base_step + 2
+    assert f"step {base_step}, " in (run / "train.log").read_text()  # "warm start from BASE: step N, ..."
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| corpus | split | mode | current | next | next - current |"
+    modes = [[c.strip() for c in line.strip("|").split("|")][2] for line in lines[1:]]
+    assert modes == ["offline 4,1", "streaming 4,0"]
+    assert {p.name for p in (tmp_path / "state" / "eval-default").glob("*.csv")} == {"current.csv", "next.csv"}
