@@ -49,6 +49,7 @@ HUMAN_MANIFEST=${HUMAN_MANIFEST-data/human/manifest.jsonl}  # empty: no human-sp
 EVAL_LIMIT=${EVAL_LIMIT:-200}
 EVAL_CONTEXT=${EVAL_CONTEXT:-70,13}
 EVAL_SPLITS=${EVAL_SPLITS:-dev,test_seen_voices,test_heldout_engine,everyday}
+EVAL_CHECKPOINT=${EVAL_CHECKPOINT:-latest}  # eval: each run's last step (equal steps), or best (by dev WER)
 PRETRAIN_RECIPE=${PRETRAIN_RECIPE:-models/streamer-tdt-small/pretrain.yaml}
 TDT_RECIPE=${TDT_RECIPE:-models/streamer-tdt-small/recipe.yaml}
 PARAFORMER_RECIPE=${PARAFORMER_RECIPE:-models/streamer-paraformer-small/recipe.yaml}
@@ -157,7 +158,14 @@ case ${1:-status} in
   eval)
     models=()
     for s in bestrq-finetune-scratch bestrq-finetune-pretrained paraformer; do
-      [[ -s $STATE/$s.run ]] && models+=(--model "$s=$(run_of $s)")
+      [[ -s $STATE/$s.run ]] || continue
+      spec=$(run_of $s)
+      if [[ $EVAL_CHECKPOINT != best ]]; then  # streamer eval reads a run's best.pt: export the other one
+        spec="$STATE/eval/models/$s-$EVAL_CHECKPOINT"
+        [[ $s == paraformer ]] || spec="$spec/model.nemo"
+        [[ -e $spec ]] || "$STREAMER" export "$(run_of $s)" --checkpoint "$EVAL_CHECKPOINT" --out "$spec" >/dev/null
+      fi
+      models+=(--model "$s=$spec")
     done
     [[ ${#models[@]} -gt 0 ]] || { echo "no finished stage to evaluate yet" >&2; exit 1; }
     .venv/bin/python scripts/compare_models.py "${models[@]}" --corpus "$CORPUS" --splits "$EVAL_SPLITS" --offline "$EVAL_CONTEXT" \

@@ -140,6 +140,11 @@ def test_stages_record_their_runs_resume_and_compare(tmp_path: Path, corpus: Pat
     assert any("| dev (" in line for line in lines[1:])
     assert {p.name for p in (state / "eval").glob("*.csv")} == {
         "bestrq-finetune-scratch.csv", "bestrq-finetune-pretrained.csv", "paraformer.csv"}
+    # at equal steps: each run's latest.pt, exported, not its best.pt (which eval would read from the run)
+    models = state / "eval" / "models"
+    assert (models / "bestrq-finetune-scratch-latest" / "model.nemo").is_file()
+    assert (models / "paraformer-latest" / "paraformer.json").is_file()
+    assert json.loads((models / "paraformer-latest" / "training.json").read_text())["step"] == _step(paraformer)
 
 
 def test_pairs_runs_the_four_stages_in_two_lanes_on_one_thread_each(tmp_path: Path, corpus: Path) -> None:  # noqa: F811
