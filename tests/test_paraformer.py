@@ -20,6 +20,7 @@ import yaml
 
 from streamer.asr.paraformer import (
     CONFIG_FILE,
+    ParaformerConfig,
     ParaformerModel,
     cif_weights,
     integrate_and_fire,
@@ -157,24 +158,56 @@ def test_the_recipe_selects_the_model_type_and_checks_its_head(corpus: Path) -> 
 def test_quantity_loss_is_the_mean_distance_of_the_alpha_sums_from_the_target_lengths(
     corpus: Path, tmp_path: Path
 ) -> None:
-    trainer = Trainer(recipe_from_dict(_recipe(corpus, bf16=False)), tmp_path)
+    recipe = _recipe(corpus, bf16=False)
+    recipe["model"]["ctc_head"] = False
+    trainer = Trainer(recipe_from_dict(recipe), tmp_path)
     batch = next(trainer._batches())[2]
     model = trainer.model.eval()  # no dropout: the two passes see the same network
-    total, ce, quantity = compute_loss(model, batch, (-1, -1), trainer.loss_fn, trainer.recipe)
-    assert isinstance(model, ParaformerModel) and quantity is not None
+    assert isinstance(model, ParaformerModel) and model.aux_ctc is None
+    total, parts = compute_loss(model, batch, (-1, -1), trainer.loss_fn, trainer.recipe)
+    assert sorted(parts) == ["ce", "quantity"]
     with torch.no_grad():
         enc, enc_len = model.encoder(batch.mel, batch.mel_lengths)
         sums = model.predictor(enc, enc_len).sum(1)
     expected = (sums - batch.target_lengths).abs().mean()
-    torch.testing.assert_close(quantity.detach(), expected)
-    torch.testing.assert_close(total.detach(), (ce + quantity).detach())
-    assert float(ce.detach()) > 0
+    torch.testing.assert_close(parts["quantity"].detach(), expected)
+    torch.testing.assert_close(total.detach(), (parts["ce"] + parts["quantity"]).detach())
+    assert float(parts["ce"].detach()) > 0
+
+
+def test_the_auxiliary_ctc_head_adds_its_weighted_loss_per_target_token(corpus: Path, tmp_path: Path) -> None:
+    recipe = _recipe(corpus, bf16=False)
+    recipe["loss"] = {"ctc_weight": 0.4, "quantity_weight": 0.5}
+    trainer = Trainer(recipe_from_dict(recipe), tmp_path)
+    batch = next(trainer._batches())[2]
+    model = trainer.model.eval()
+    assert isinstance(model, ParaformerModel) and model.aux_ctc is not None and model.config.aux_ctc
+    total, parts = compute_loss(model, batch, (-1, -1), trainer.loss_fn, trainer.recipe)
+    with torch.no_grad():  # CTC over the head's classes with blank last, summed and divided by the target tokens
+        enc, enc_len = model.encoder(batch.mel, batch.mel_lengths)
+        logits = model.aux_ctc.decoder_layers(enc.transpose(1, 2)).transpose(1, 2)  # (B, T, V + 1)
+        assert logits.size(-1) == model.config.vocab_size + 1
+        per_utt = torch.nn.functional.ctc_loss(
+            logits.log_softmax(-1).transpose(0, 1), batch.targets, enc_len, batch.target_lengths,
+            blank=model.config.vocab_size, reduction="none", zero_infinity=True,
+        )
+    torch.testing.assert_close(parts["ctc"].detach(), per_utt.sum() / batch.target_lengths.sum())
+    expected = 0.6 * parts["ce"] + 0.4 * parts["ctc"] + 0.5 * parts["quantity"]
+    torch.testing.assert_close(total.detach(), expected.detach())
+    # the head trains the encoder: its gradient reaches the first encoder layer
+    model.zero_grad()
+    parts["ctc"].backward()
+    grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
 def test_a_tiny_run_writes_a_complete_run_directory(run_dir: Path) -> None:
     assert (run_dir / "config.yaml").is_file() and "step 6" in (run_dir / "train.log").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 6 and metrics["best_wer_percent"] is not None
+    last = metrics["last"]  # every part of the loss is logged by name
+    assert {"ce_loss", "ctc_loss", "quantity_loss"} <= set(last) and "transducer_loss" not in last
+    assert "(ce " in (run_dir / "train.log").read_text()
     header = (run_dir / "results.csv").read_text().splitlines()[0]
     assert "wer" in header.split(",")
     assert (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file()
@@ -211,6 +244,11 @@ def test_the_model_saves_and_loads_back(run_dir: Path, model_dir: Path) -> None:
     assert a == b
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    assert loaded.config.aux_ctc and "aux_ctc.decoder_layers.0.weight" in loaded.state_dict()
+    # a paraformer.json written before the auxiliary head existed reads as a model without one
+    record = json.loads((model_dir / CONFIG_FILE).read_text())["config"]
+    del record["aux_ctc"]
+    assert not ParaformerConfig.from_dict(record).aux_ctc
 
 
 def test_a_broken_model_directory_says_what_is_wrong(model_dir: Path, tmp_path: Path) -> None:

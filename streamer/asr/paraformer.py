@@ -14,10 +14,13 @@ The network, in order:
   ``tail_min_weight`` at the end fires one last token;
 * **NAR decoder** (:class:`NarDecoder`): pre-norm transformer decoder layers over the acoustic embeddings
   (with sinusoidal positions), attending to the encoder output, without a causal mask; a linear layer gives
-  token logits, and greedy decoding is the argmax at every position. A token's time is the frame it fired at.
+  token logits, and greedy decoding is the argmax at every position. A token's time is the frame it fired at;
+* **auxiliary CTC head** (``aux_ctc``, optional): a CTC layer on the encoder output, for training only. It gives
+  the encoder an alignment signal of its own from the first step, as FunASR's Paraformer recipes do
+  (``ctc_weight`` 0.3); decoding does not use it.
 
-Training losses (in :mod:`streamer.training.step`): cross entropy of the decoder's logits and the quantity loss
-``|sum(alpha) - U|``. The glancing language-model sampler of the paper is not built.
+Training losses (in :mod:`streamer.training.step`): cross entropy of the decoder's logits, the quantity loss
+``|sum(alpha) - U|`` and, with the head, CTC. The glancing language-model sampler of the paper is not built.
 
 On disk a Paraformer model is a directory (what ``--model DIR`` loads)::
 
@@ -44,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from streamer.asr import clocks
-from streamer.asr.config import ContextSize, EncoderConfig, FeatureConfig
+from streamer.asr.config import ContextSize, CTCConfig, EncoderConfig, FeatureConfig
+from streamer.asr.ctc import ConvASRDecoder
 from streamer.asr.encoder import FastConformerEncoder
 from streamer.asr.features import Preprocessor
 from streamer.asr.hypothesis import TokenSpan
@@ -74,6 +78,7 @@ class ParaformerConfig:
     dropout: float = 0.1
     threshold: float = 1.0
     tail_min_weight: float = 0.5
+    aux_ctc: bool = False  # a CTC head on the encoder for the auxiliary training loss (files before it: none)
     transducer: None = None
     ctc: None = None
     eou_token_ids: tuple[int, ...] = ()
@@ -247,11 +252,13 @@ class NarDecoder(nn.Module):
 @dataclass(frozen=True)
 class ParaformerOutput:
     """A training forward pass: logits (B, U, V) at the target positions, the predicted lengths (B,) (the
-    unscaled sums of the alphas) and the encoder's lengths (B,)."""
+    unscaled sums of the alphas), the encoder's lengths (B,) and, with the auxiliary head, its CTC
+    log-probabilities (B, T, V + 1; blank last)."""
 
     logits: Tensor
     alpha_sums: Tensor
     enc_len: Tensor
+    ctc_log_probs: Tensor | None = None
 
 
 class ParaformerModel(nn.Module):
@@ -274,6 +281,9 @@ class ParaformerModel(nn.Module):
         self.encoder = FastConformerEncoder(config.encoder)
         self.predictor = CifPredictor(config.encoder.d_model, config.predictor_kernel)
         self.decoder = NarDecoder(config)
+        self.aux_ctc = (
+            ConvASRDecoder(CTCConfig(config.vocab_size, config.encoder.d_model)) if config.aux_ctc else None
+        )
 
     # ------------------------------------------------------------------ what the engine asks of a model
 
@@ -316,7 +326,8 @@ class ParaformerModel(nn.Module):
         weights = cif_weights(scaled.float(), u, self.config.threshold)  # (B, U, T)
         embeds = torch.bmm(weights.to(enc.dtype), enc)  # (B, U, D)
         logits = self.decoder(embeds, target_lengths, enc, enc_len)
-        return ParaformerOutput(logits, sums, enc_len)
+        ctc = self.aux_ctc(enc.float()) if self.aux_ctc is not None else None
+        return ParaformerOutput(logits, sums, enc_len, ctc)
 
     def fire(self, enc: Tensor, enc_len: Tensor, tail: bool = True) -> Fired:
         """Integrate-and-fire over encoder output (B, T, D) with this model's predictor."""

@@ -142,7 +142,9 @@ class ModelSection(RecipeSection):
     type: Literal["tdt", "paraformer"] = "tdt"
     encoder: EncoderSection = Field(default_factory=EncoderSection)
     transducer: TransducerSection = Field(default_factory=TransducerSection)
-    ctc_head: bool = True  # an auxiliary CTC head (NeMo hybrid model); weight in loss.ctc_weight
+    # an auxiliary CTC head on the encoder, weighted by loss.ctc_weight: a NeMo hybrid model's for tdt (decodable);
+    # a Paraformer's for training only (FunASR's recipes weight it 0.3)
+    ctc_head: bool = True
     paraformer: ParaformerSection = Field(default_factory=ParaformerSection)
 
 
@@ -152,10 +154,11 @@ class LossSection(RecipeSection):
 
     sigma: Number = 0.02  # TDT logit under-normalisation
     omega: Number = 0.1  # probability of a plain-RNNT batch
-    ctc_weight: Number = 0.3  # NeMo hybrid: (1 - w) * transducer + w * ctc
+    ctc_weight: Number = 0.3  # NeMo hybrid: (1 - w) * transducer + w * ctc; Paraformer: (1 - w) * ce + w * ctc
     # NeMo's reductions; mean_volume: per target token over the batch (NeMo's default is mean_batch).
     reduction: Literal["mean_batch", "mean", "mean_volume", "sum"] = "mean_volume"
-    # Paraformer: cross entropy per target token + quantity_weight * mean |sum(alpha) - U| per utterance.
+    # Paraformer: the decoder's cross entropy per target token (and CTC, above) + quantity_weight * mean
+    # |sum(alpha) - U| per utterance.
     quantity_weight: Number = 1.0
     label_smoothing: Number = 0.1
 
@@ -405,6 +408,7 @@ def paraformer_config(recipe: Recipe, vocab_size: int) -> ParaformerConfig:
         decoder_ff=head.decoder_ff,
         dropout=head.dropout,
         tail_min_weight=head.tail_min_weight,
+        aux_ctc=recipe.model.ctc_head and recipe.loss.ctc_weight > 0,
     )
 
 

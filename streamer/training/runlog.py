@@ -166,12 +166,13 @@ def log_window(progress: Progress, window: list[StepResult], seconds: float, lr:
         lr: the learning rate of the last step.
     """
     audio = sum(r.audio_s for r in window)
+    names = list(dict.fromkeys(name for r in window for name in r.parts))  # in the order the loss names them
+    parts = {name: float(np.mean([r.parts[name] for r in window if name in r.parts])) for name in names}
     entry = {
         "step": progress.step,
         "epoch": progress.epoch,
         "loss": float(np.mean([r.loss for r in window])),
-        "transducer_loss": float(np.mean([r.transducer_loss for r in window])),
-        "ctc_loss": float(np.mean([r.ctc_loss for r in window])),
+        **{f"{name}_loss": value for name, value in parts.items()},  # transducer_loss, ctc_loss; ce_loss, ...
         "grad_norm": float(np.mean([r.grad_norm for r in window])),
         "lr": lr,
         "audio_s_per_s": audio / max(seconds, 1e-9),
@@ -179,12 +180,11 @@ def log_window(progress: Progress, window: list[StepResult], seconds: float, lr:
     }
     progress.history = [*progress.history[-(HISTORY_ENTRIES - 1) :], entry]
     logger.info(
-        "step %d epoch %d loss %.4f (tdt %.4f ctc %.4f) grad %.2f lr %.2e %.0f audio s/s %.2f h",
+        "step %d epoch %d loss %.4f (%s) grad %.2f lr %.2e %.0f audio s/s %.2f h",
         progress.step,
         progress.epoch,
         entry["loss"],
-        entry["transducer_loss"],
-        entry["ctc_loss"],
+        " ".join(f"{name} {value:.4f}" for name, value in parts.items()),
         entry["grad_norm"],
         entry["lr"],
         entry["audio_s_per_s"],

@@ -6,8 +6,9 @@ Shape legend:
     B utterances   F mel bins   M mel frames   T encoder frames   U target tokens   D encoder width
     P prediction/joint width   V vocab incl. blank   N TDT durations
 
-A Paraformer's losses (``model.type: paraformer``) take the two loss slots of a step: its cross entropy is
-logged as the main head's loss (``transducer_loss``), its quantity loss as the auxiliary one (``ctc_loss``).
+A step's loss is the weighted sum of named parts, logged one by one: a TDT model's ``transducer`` and ``ctc``;
+a Paraformer's (``model.type: paraformer``) ``ce`` (its decoder's cross entropy), ``ctc`` (the auxiliary head)
+and ``quantity``.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
-    """What one step measured (losses as floats, the gradient norm before clipping)."""
+    """What one step measured: the loss and its named parts (floats; a part the model lacks is absent), the
+    gradient norm before clipping."""
 
     loss: float
-    transducer_loss: float
-    ctc_loss: float
+    parts: dict[str, float]
     grad_norm: float
     audio_s: float
     context: ContextSize
@@ -56,9 +57,9 @@ def sample_context(recipe: Recipe, seed: int) -> ContextSize:
 
 def compute_loss(
     model: AnyModel, batch: Batch, ctx: ContextSize, loss_fn: TransducerLoss, recipe: Recipe
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(total, transducer, ctc) losses of a batch at look-ahead ``ctx``; a Paraformer's (total, cross entropy,
-    quantity)."""
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The total loss of a batch at look-ahead ``ctx`` and its parts: ``transducer`` and (with the CTC head and
+    a positive ``loss.ctc_weight``) ``ctc``; a Paraformer's as :func:`paraformer_loss`."""
     device = next(model.parameters()).device
     batch = batch_to(batch, device)
     bf16 = recipe.train.bf16 and bf16_supported(device)
@@ -71,19 +72,22 @@ def compute_loss(
         logits = model.joint.joint(enc, pred)  # (B, T, U+1, V+N)
     transducer = loss_fn(logits.float(), batch.targets, enc_len, batch.target_lengths)
     if model.ctc_decoder is None or recipe.loss.ctc_weight <= 0:
-        return transducer, transducer, None
+        return transducer, {"transducer": transducer}
     log_probs = model.ctc_decoder(enc.float())  # (B, T, V)
     ctc = ctc_loss(log_probs, batch.targets, enc_len, batch.target_lengths, recipe.loss.reduction)
     w = recipe.loss.ctc_weight
-    return (1 - w) * transducer + w * ctc, transducer, ctc
+    return (1 - w) * transducer + w * ctc, {"transducer": transducer, "ctc": ctc}
 
 
 def paraformer_loss(
     model: ParaformerModel, batch: Batch, recipe: Recipe, bf16: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(total, cross entropy, quantity): cross entropy per target token (label-smoothed) of the NAR decoder's
-    logits, with the alphas scaled to fire the target length, plus ``loss.quantity_weight`` times the mean over
-    utterances of ``|sum(alpha) - U|`` (the unscaled alphas: what the predictor will fire at inference)."""
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The total and its parts ``ce``, ``ctc`` (with the auxiliary head) and ``quantity``: the cross entropy per
+    target token (label-smoothed) of the NAR decoder's logits, with the alphas scaled to fire the target length;
+    the auxiliary head's CTC loss (``loss.reduction``); and the mean over utterances of ``|sum(alpha) - U|``
+    (the unscaled alphas: what the predictor will fire at inference). The total is
+    ``(1 - ctc_weight) * ce + ctc_weight * ctc + quantity_weight * quantity`` (without the head,
+    ``ce + quantity_weight * quantity``)."""
     device = batch.mel.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(batch.mel, batch.mel_lengths, batch.target_lengths)
@@ -94,7 +98,15 @@ def paraformer_loss(
         out.logits.float().transpose(1, 2), targets, ignore_index=-100, label_smoothing=recipe.loss.label_smoothing
     )
     quantity = (out.alpha_sums.float() - batch.target_lengths.float()).abs().mean()
-    return ce + recipe.loss.quantity_weight * quantity, ce, quantity
+    parts = {"ce": ce, "quantity": quantity}
+    total = recipe.loss.quantity_weight * quantity
+    if out.ctc_log_probs is None:
+        return ce + total, parts
+    parts["ctc"] = ctc = ctc_loss(
+        out.ctc_log_probs, batch.targets, out.enc_len, batch.target_lengths, recipe.loss.reduction
+    )
+    w = recipe.loss.ctc_weight
+    return (1 - w) * ce + w * ctc + total, parts
 
 
 def training_device(name: str) -> torch.device:
@@ -157,7 +169,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    total, transducer, ctc = compute_loss(model, batch, ctx, loss_fn, recipe)
+    total, parts = compute_loss(model, batch, ctx, loss_fn, recipe)
     total.backward()
     clip = recipe.optim.grad_clip
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
@@ -167,8 +179,7 @@ def train_step(
         logger.warning("non-finite gradient norm; step skipped")
     return StepResult(
         loss=float(total.detach()),
-        transducer_loss=float(transducer.detach()),
-        ctc_loss=float(ctc.detach()) if ctc is not None else 0.0,
+        parts={name: float(value.detach()) for name, value in parts.items()},
         grad_norm=float(norm),
         audio_s=batch.audio_seconds,
         context=ctx,
