@@ -31,6 +31,7 @@ from streamer.engine.factory import load_recognizer
 from streamer.engine.recognizer import transcribe_offline
 from streamer.errors import CheckpointError, ConfigError
 from streamer.settings import EngineSettings, ModelSettings
+from streamer.training.curves import read_run
 from streamer.training.evaluate import evaluate
 from streamer.training.recipe import recipe_from_dict
 from streamer.training.rundir import export_paraformer, load_run
@@ -208,6 +209,9 @@ def test_a_tiny_run_writes_a_complete_run_directory(run_dir: Path) -> None:
     last = metrics["last"]  # every part of the loss is logged by name
     assert {"ce_loss", "ctc_loss", "quantity_loss"} <= set(last) and "transducer_loss" not in last
     assert "(ce " in (run_dir / "train.log").read_text()
+    curves = read_run(run_dir)  # the trainer drew curves.svg at its validations
+    assert "dev WER, %" in (run_dir / "curves.svg").read_text()
+    assert [s for s, _ in curves.panels["dev WER, %"][""]] == [3, 6]
     header = (run_dir / "results.csv").read_text().splitlines()[0]
     assert "wer" in header.split(",")
     assert (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "checkpoints" / "latest.pt").is_file()

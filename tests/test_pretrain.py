@@ -233,6 +233,7 @@ def test_run_directory_files_and_the_encoder_loads_back(audio_dir: Path, tmp_pat
     with (run / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [4, 8]
+    assert "masked-code accuracy on dev" in (run / "curves.svg").read_text()  # redrawn at each validation
     assert all(0.0 <= float(r["dev_accuracy"]) <= 1.0 and float(r["dev_loss"]) > 0 for r in rows)
     clips = [json.loads(line) for line in (run / "clips.jsonl").read_text().splitlines()]
     assert {Path(c["audio"]).suffix for c in clips} == {".wav", ".flac", ".ogg"}

@@ -1,4 +1,5 @@
-"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``pretrain``, ``eval`` and ``export``.
+"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``pretrain``, ``eval``, ``export`` and
+``curves``.
 
 ``streamer.cli`` calls :func:`add_training_parsers` with its subparsers; each command sets ``func``.
 Heavy imports happen inside the commands, so ``streamer --help`` stays fast.
@@ -63,13 +64,24 @@ tokenizer.model and training.json; streamer's --model DIR loads it.
 """
 
 
+CURVES_EPILOG = """\
+examples:
+  streamer curves runs/20261206-174807_streamer-tdt-small          # -> runs/.../curves.svg
+  streamer curves scratch=runs/A pretrained=runs/B --out bestrq.svg --title "Best-RQ against scratch"
+Open the SVG in a browser; hover a validation point for its value. Training redraws RUN/curves.svg after
+every validation, so a running job can be watched by reloading that file.
+"""
+
+
 def add_training_parsers(subparsers: Any) -> None:
-    """Register ``corpus``, ``train``, ``pretrain``, ``eval`` and ``export`` on ``streamer``'s subparsers."""
+    """Register ``corpus``, ``train``, ``pretrain``, ``eval``, ``export`` and ``curves`` on ``streamer``'s
+    subparsers."""
     _add_corpus(subparsers)
     _add_train(subparsers)
     _add_pretrain(subparsers)
     _add_eval(subparsers)
     _add_export(subparsers)
+    _add_curves(subparsers)
 
 
 def _add_corpus(subparsers: Any) -> None:
@@ -270,6 +282,38 @@ def _cmd_export(args: argparse.Namespace) -> int:
         b = loaded.encoder(probe, torch.tensor([200]))[0]
     torch.testing.assert_close(a, b)
     print(f"wrote {args.out} ({size_mb:.1f} MB, {model.num_parameters / 1e6:.2f}M parameters)")
+    return 0
+
+
+def _add_curves(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "curves",
+        help="plot training runs' learning curves (loss, dev WER, masked-code accuracy) as an SVG",
+        description="Draw the learning curves of one or more run directories (streamer train or pretrain) "
+        "into one SVG: the training loss from train.log and each validation metric from results.csv, by "
+        "step, one colour per run and one dash pattern per look-ahead.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CURVES_EPILOG,
+    )
+    p.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR", help="run directories, each optionally labelled")
+    p.add_argument("--out", type=Path, help="the SVG to write [RUN_DIR/curves.svg for one run, else curves.svg]")
+    p.add_argument("--title", default="", help="a title above the panels")
+    p.set_defaults(func=_cmd_curves)
+
+
+def _cmd_curves(args: argparse.Namespace) -> int:
+    from streamer.errors import ConfigError  # noqa: PLC0415
+    from streamer.training.curves import CURVES_FILE, write_curves  # noqa: PLC0415
+
+    runs: list[tuple[str | None, Path]] = []
+    for spec in args.runs:
+        name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+        run = Path(path)
+        if not (run / "train.log").is_file() and not (run / "results.csv").is_file():
+            raise ConfigError(f"{run}: not a run directory (it has neither train.log nor results.csv)")
+        runs.append((name or None, run))
+    out = args.out or (runs[0][1] / CURVES_FILE if len(runs) == 1 else Path(CURVES_FILE))
+    print(f"wrote {write_curves(runs, out, args.title)}")
     return 0
 
 

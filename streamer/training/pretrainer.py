@@ -33,7 +33,16 @@ from streamer.training.pretrain_checkpoint import PretrainProgress, restore_pret
 from streamer.training.pretrain_data import ClipFeaturizer, load_clips
 from streamer.training.pretrain_recipe import PretrainRecipe, load_pretrain_recipe
 from streamer.training.recipe import encoder_config
-from streamer.training.runlog import Cadence, StopFlag, append_result, logging_to, next_batch, open_run, step_bar
+from streamer.training.runlog import (
+    Cadence,
+    StopFlag,
+    append_result,
+    draw_curves,
+    logging_to,
+    next_batch,
+    open_run,
+    step_bar,
+)
 from streamer.training.speed import use_fast_depthwise, use_input_normalization
 from streamer.training.step import bf16_supported, training_device
 
@@ -241,6 +250,7 @@ class Pretrainer:
             p.step, result["dev_loss"], result["dev_accuracy"], result["dev_codes_used"], p.best_dev_loss,
             p.best_step, time.monotonic() - start,
         )  # fmt: skip
+        draw_curves(self.run_dir)
         self._write_metrics()
         return result
 

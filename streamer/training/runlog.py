@@ -26,6 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from streamer.errors import ConfigError
+from streamer.training.curves import CURVES_FILE, write_curves
 from streamer.training.rundir import Progress, new_run_dir
 from streamer.training.step import StepResult
 
@@ -225,6 +226,15 @@ def append_result(run_dir: Path, row: dict[str, Any]) -> None:
         if is_new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def draw_curves(run_dir: Path) -> None:
+    """Redraw ``curves.svg`` (:mod:`streamer.training.curves`) from the run's logs; a failure is a warning,
+    never the end of a run (whatever goes wrong in the drawing)."""
+    try:
+        write_curves([(None, run_dir)], run_dir / CURVES_FILE)
+    except Exception as exc:  # noqa: BLE001 - a plot must not stop training
+        logger.warning("could not draw %s: %s", run_dir / CURVES_FILE, exc)
 
 
 def write_metrics(run_dir: Path, name: str, progress: Progress, parameters: int) -> None:

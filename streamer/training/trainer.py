@@ -63,6 +63,7 @@ from streamer.training.rundir import (
 from streamer.training.runlog import (
     Cadence,
     StopFlag,
+    draw_curves,
     log_validation,
     log_window,
     logging_to,
@@ -294,6 +295,7 @@ class Trainer:
                 self.run_dir / "checkpoints" / "best.pt", self.model, self.tokenizer_model, None, self.recipe, p, None
             )
         log_validation(self.run_dir, p, wers, time.monotonic() - start)
+        draw_curves(self.run_dir)
         self._write_metrics()
         return wers
 
