@@ -26,6 +26,7 @@ from streamer.asr.paraformer import (
     integrate_and_fire,
     is_paraformer_dir,
 )
+from streamer.cli import main
 from streamer.engine.buffered_paraformer import transcribe_buffered_paraformer
 from streamer.engine.factory import load_recognizer
 from streamer.engine.recognizer import transcribe_offline
@@ -253,6 +254,23 @@ def test_the_model_saves_and_loads_back(run_dir: Path, model_dir: Path) -> None:
     record = json.loads((model_dir / CONFIG_FILE).read_text())["config"]
     del record["aux_ctc"]
     assert not ParaformerConfig.from_dict(record).aux_ctc
+
+
+def test_checkpoint_averaging_writes_a_paraformer_directory(
+    run_dir: Path, tmp_path: Path, tiny_nemo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """streamer average on a Paraformer run's two checkpoints: a model directory holding their mean."""
+    best, latest = run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "latest.pt"
+    out = tmp_path / "avg"
+    assert main(["average", str(best), str(latest), "--out", str(out)]) == 0
+    a, b = load_run(run_dir, "best")[0].state_dict(), load_run(run_dir, "latest")[0].state_dict()
+    averaged = ParaformerModel.load(out).state_dict()
+    for key, value in averaged.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, (a[key] + b[key]) / 2, msg=key)
+    assert json.loads((out / "training.json").read_text())["averaged"][1]["source"] == str(latest)
+    assert main(["average", str(best), str(tiny_nemo), "--out", str(tmp_path / "x.nemo")]) != 0
+    assert "only models of one kind" in capsys.readouterr().err and not (tmp_path / "x.nemo").exists()
 
 
 def test_a_broken_model_directory_says_what_is_wrong(model_dir: Path, tmp_path: Path) -> None:

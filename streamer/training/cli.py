@@ -1,5 +1,5 @@
-"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``pretrain``, ``eval``, ``export`` and
-``curves``.
+"""The training subcommands of ``streamer``: ``corpus``, ``train``, ``pretrain``, ``eval``, ``export``,
+``average`` and ``curves``.
 
 ``streamer.cli`` calls :func:`add_training_parsers` with its subparsers; each command sets ``func``.
 Heavy imports happen inside the commands, so ``streamer --help`` stays fast.
@@ -63,6 +63,17 @@ has no Paraformer) is written as a directory: paraformer.json (every size), mode
 tokenizer.model and training.json; streamer's --model DIR loads it.
 """
 
+AVERAGE_EPILOG = """\
+examples:
+  # weight-space interpolation (WiSE-FT): 60% of the way from the shipped model to its fine-tuned run
+  streamer average models/streamer-tdt-small/model.nemo=0.4 runs/20261207-031500_streamer-tdt-small=0.6 \\
+      --out runs/wise-0.6/model.nemo
+  # checkpoint averaging, equal weights:
+  streamer average runs/A/checkpoints/best.pt runs/A/checkpoints/latest.pt --out runs/A-avg/model.nemo
+Sources: a .nemo, a Paraformer model directory, a run directory (its best.pt) or a run's checkpoints/*.pt,
+all of one architecture and one tokenizer. Weights are normalised to sum to 1; the first source gives the
+config. The result is read back and checked, and training.json beside it records what went in.
+"""
 
 CURVES_EPILOG = """\
 examples:
@@ -74,13 +85,14 @@ every validation, so a running job can be watched by reloading that file.
 
 
 def add_training_parsers(subparsers: Any) -> None:
-    """Register ``corpus``, ``train``, ``pretrain``, ``eval``, ``export`` and ``curves`` on ``streamer``'s
-    subparsers."""
+    """Register ``corpus``, ``train``, ``pretrain``, ``eval``, ``export``, ``average`` and ``curves`` on
+    ``streamer``'s subparsers."""
     _add_corpus(subparsers)
     _add_train(subparsers)
     _add_pretrain(subparsers)
     _add_eval(subparsers)
     _add_export(subparsers)
+    _add_average(subparsers)
     _add_curves(subparsers)
 
 
@@ -258,7 +270,6 @@ def _add_export(subparsers: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
 
     from streamer.asr.model import AsrModel  # noqa: PLC0415
     from streamer.asr.paraformer import WEIGHTS_FILE, ParaformerModel  # noqa: PLC0415
@@ -276,12 +287,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model = export_nemo(args.run_dir, args.out, args.checkpoint)
         loaded = AsrModel.load(str(args.out))
         size_mb = args.out.stat().st_size / 1e6
+    _check_written(model, loaded)
+    print(f"wrote {args.out} ({size_mb:.1f} MB, {model.num_parameters / 1e6:.2f}M parameters)")
+    return 0
+
+
+def _check_written(model: Any, loaded: Any) -> None:
+    """The encoder of the model read back from disk gives what the model in memory gives."""
+    import torch  # noqa: PLC0415
+
     probe = torch.randn(1, 80, 200, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a = model.encoder(probe, torch.tensor([200]))[0]
         b = loaded.encoder(probe, torch.tensor([200]))[0]
     torch.testing.assert_close(a, b)
-    print(f"wrote {args.out} ({size_mb:.1f} MB, {model.num_parameters / 1e6:.2f}M parameters)")
+
+
+def _add_average(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "average",
+        help="average the weights of models of one architecture (WiSE-FT interpolation, checkpoint averaging)",
+        description="Write one model whose every weight is the weighted mean of that weight in the given "
+        "models: a fine-tuned model and the model it started from (weight-space interpolation, WiSE-FT), or "
+        "checkpoints of one run (checkpoint averaging).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=AVERAGE_EPILOG,
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL[=WEIGHT]", help="the models and their weights [1 each]")
+    p.add_argument("--out", type=Path, required=True, help="the .nemo file to write (a Paraformer: the directory)")
+    p.set_defaults(func=_cmd_average)
+
+
+def _cmd_average(args: argparse.Namespace) -> int:
+    from streamer.asr.model import AsrModel  # noqa: PLC0415
+    from streamer.asr.paraformer import ParaformerModel  # noqa: PLC0415
+    from streamer.training.average import average_models, parse_source, write_average  # noqa: PLC0415
+
+    _log_to_stderr()
+    sources = [parse_source(spec) for spec in args.models]
+    model, record = average_models(sources)
+    record_path = write_average(model, record, args.out)
+    loaded = ParaformerModel.load(args.out) if isinstance(model, ParaformerModel) else AsrModel.load(str(args.out))
+    _check_written(model, loaded)
+    shares = ", ".join(f"{p['source']} x {p['weight']:.3g}" for p in record["averaged"])
+    print(f"wrote {args.out} ({shares}; {record_path.name} beside it)")
     return 0
 
 
