@@ -125,6 +125,23 @@ def print_table(metric: Metric, names: list[str], tables: dict[str, dict]) -> No
               f"({metric.title}; the utterance count of each split in brackets after its name)")
 
 
+def pick_minimax(names: list[str], tables: dict[str, dict], min_utterances: int) -> str:
+    """Of every model after the first, the one whose worst WER difference from the first (over the rows of at
+    least `min_utterances` utterances) is lowest; ties go to the lower mean difference."""
+    base = tables[names[0]]
+    keys = [k for k, row in base.items() if int(row["utterances"]) >= min_utterances]
+    if not keys:
+        raise SystemExit(f"--pick-to: no row has {min_utterances} utterances or more")
+
+    def score(name: str) -> tuple[float, float]:
+        if any(k not in tables[name] for k in keys):
+            return float("inf"), float("inf")  # a model not evaluated on every row cannot be shown to win
+        deltas = [float(tables[name][k]["wer_percent"]) - float(base[k]["wer_percent"]) for k in keys]
+        return max(deltas), sum(deltas) / len(deltas)
+
+    return min(names[1:], key=score)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -143,6 +160,10 @@ def main() -> int:
     p.add_argument("--metric", action="append", choices=sorted(METRICS), default=[],
                    help="a table of this metric (repeatable; default: wer)")
     p.add_argument("--out", type=Path, default=Path("eval-compare"), help="folder for the per-model CSVs")
+    p.add_argument("--pick-to", type=Path, metavar="FILE",
+                   help="write to FILE the name of the model, of those after the first, whose worst WER row "
+                   "against the first is best (rows of --pick-min-utterances or more; ties: the lower mean)")
+    p.add_argument("--pick-min-utterances", type=int, default=50, metavar="N", help="[%(default)s]")
     args = p.parse_args()
     models = [m.split("=", 1) for m in args.model]
     if any(len(m) != 2 for m in models):
@@ -184,6 +205,12 @@ def main() -> int:
         if i:
             print()
         print_table(METRICS[metric], [n for n, _ in models], tables)
+    if args.pick_to:
+        if len(models) < 2:
+            p.error("--pick-to needs a baseline and at least one other model")
+        name = pick_minimax([n for n, _ in models], tables, args.pick_min_utterances)
+        args.pick_to.write_text(name + "\n")
+        print(f"\npicked {name} (its worst WER row against {models[0][0]} is the best)")
     return 0
 
 

@@ -445,6 +445,38 @@ def test_compare_models_metric_tables(tmp_path: Path) -> None:
     assert "token accuracy" in summaries[0] and "speed" in summaries[2]
 
 
+def test_compare_models_picks_the_model_whose_worst_row_is_best(tmp_path: Path) -> None:
+    """--pick-to: the lower mean loses to the better worst row; rows under --pick-min-utterances do not count,
+    and a model missing a row is never picked."""
+    out, corpus = tmp_path / "out", tmp_path / "corpus-v1"
+    out.mkdir()
+    corpus.mkdir()
+
+    def rows(model: str, dev: float, everyday: float, tiny: float) -> list[dict]:
+        return [_result(model, "dev", "offline", dev, 1.0, 100, "70,13"),
+                _result(model, "everyday", "offline", everyday, 1.0, 100, "70,13"),
+                _result(model, "dev@kokoro", "offline", tiny, 1.0, 7, "70,13")]
+
+    _write_csv(out / "base.csv", rows("A", 40.0, 5.0, 80.0))
+    _write_csv(out / "big.csv", rows("B", 30.0, 5.5, 60.0))  # mean -4.75, worst +0.5
+    _write_csv(out / "safe.csv", rows("C", 39.0, 4.9, 95.0))  # mean -0.55, worst -0.1 (the tiny row: +15)
+    _write_csv(out / "partial.csv", rows("D", 20.0, 1.0, 10.0)[:1])  # no everyday row
+
+    def pick(*names: str, extra: tuple[str, ...] = ()) -> str:
+        models = [a for n in names for a in ("--model", f"{n}=/nonexistent/{n}.nemo")]
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "compare_models.py"), *models, "--corpus", str(corpus), "--out", str(out),
+             "--pick-to", str(tmp_path / "pick.txt"), *extra],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        return (tmp_path / "pick.txt").read_text().strip()
+
+    assert pick("base", "big", "safe", "partial") == "safe"
+    assert pick("base", "big", "partial") == "big"
+    assert pick("base", "big", "safe", extra=("--pick-min-utterances", "5")) == "big"  # the tiny row counts
+
+
 def _manifest_lines(entries: list[dict]) -> list[str]:
     return [json.dumps(e) for e in entries]
 
