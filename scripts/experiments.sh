@@ -12,11 +12,15 @@
 #               shipped model continued on it for $NEXT_STEPS steps (lr back up over 200, then down to the
 #               floor), then the table that decides whether it ships: both models on every split of
 #               corpus-v1 and the new corpus, per engine, offline and at 160 ms, and on real human speech
+#   wise        after default: the shipped model and its continuation averaged (`streamer average`, WiSE-FT)
+#               with the continuation's share at each of $WISE_WEIGHTS; with several, the dev split picks the
+#               one whose worst row against the shipped model is best; the pick joins default's ship table
 #
 #   bash scripts/experiments.sh bestrq          # run (or continue) the Best-RQ comparison
 #   bash scripts/experiments.sh paraformer
 #   bash scripts/experiments.sh pairs           # both comparisons, two lanes at a time
 #   bash scripts/experiments.sh default         # ~65 min corpus + ~110 min training + ~15 min evaluation (resumes)
+#   bash scripts/experiments.sh wise            # ~5 min for the ship table's column (+ ~5 min a weight if several)
 #   bash scripts/experiments.sh eval
 #   bash scripts/experiments.sh status          # where each stage stands
 #
@@ -46,6 +50,10 @@ BASE_MODEL=${BASE_MODEL:-models/streamer-tdt-small/model.nemo}
 NEXT_CORPUS=${NEXT_CORPUS:-data/corpus-v4}
 NEXT_HOURS=${NEXT_HOURS:-40}              # default engine weights: ~35 h of espeak-ng and flite
 NEXT_STEPS=${NEXT_STEPS:-4000}
+# run 13 won on 37 of 54 rows and lost 0.3-0.5 points on the old espeak-ng/flite ones: a point on the line
+# between the shipped weights and the continued ones keeps most of both (the continuation's share; 1: itself)
+WISE_WEIGHTS=${WISE_WEIGHTS:-0.5}
+WISE_DEV_LIMIT=${WISE_DEV_LIMIT:-200}     # dev utterances per corpus when several weights are tried
 OLD_CORPUS=${OLD_CORPUS:-data/corpus-v1}  # its evaluation splits: what the shipped model's card reports
 HUMAN_MANIFEST=${HUMAN_MANIFEST-data/human/manifest.jsonl}  # empty: no human-speech row
 EVAL_LIMIT=${EVAL_LIMIT:-200}
@@ -134,6 +142,41 @@ print(json.loads(p.read_text()).get("step", 0) if p.is_file() else 0)' "$BASE_MO
     --corpus "$OLD_CORPUS" --corpus "$NEXT_CORPUS" "${human[@]}" --splits "$EVAL_SPLITS" --by-engine \
     --offline "$EVAL_CONTEXT" --streaming "$EVAL_STREAMING" --out "$STATE/eval-default"
 }
+# wise: the next default model as a weight-space interpolation (WiSE-FT, `streamer average`) of the shipped
+# model and its continuation (the default stage's run): each weight of $WISE_WEIGHTS is the continuation's
+# share. With several, the dev split (corpus-v1 and the new corpus, per engine, offline and 160 ms,
+# $WISE_DEV_LIMIT utterances) picks the one whose worst row against the shipped model is best; then the pick
+# joins the ship table of the default stage ($STATE/eval-default, whose CSVs are reused)
+next_wise() {
+  [[ -s $STATE/default.run ]] || { echo "run the default stage first" >&2; return 1; }
+  local tuned; tuned=$(run_of default)
+  local candidates=()
+  for w in $WISE_WEIGHTS; do
+    local out="$STATE/wise/$w/model.nemo"
+    [[ -s $out ]] || "$STREAMER" average "$BASE_MODEL=$(python3 -c 'import sys; print(round(1 - float(sys.argv[1]), 6))' "$w")" \
+      "$tuned=$w" --out "$out"
+    candidates+=("wise$w=$out")
+  done
+  local pick=${candidates[0]}
+  if [[ ${#candidates[@]} -gt 1 ]]; then
+    local models=(--model "current=$BASE_MODEL")
+    for c in "${candidates[@]}"; do models+=(--model "$c"); done
+    .venv/bin/python scripts/compare_models.py "${models[@]}" --corpus "$OLD_CORPUS" --corpus "$NEXT_CORPUS" \
+      --splits dev --by-engine --limit "$WISE_DEV_LIMIT" --offline "$EVAL_CONTEXT" --streaming "$EVAL_STREAMING" \
+      --out "$STATE/eval-wise-dev" \
+      --pick-to "$STATE/eval-wise-dev/pick.txt" --pick-min-utterances $((WISE_DEV_LIMIT / 4))
+    local name; name=$(cat "$STATE/eval-wise-dev/pick.txt")
+    for c in "${candidates[@]}"; do
+      if [[ ${c%%=*} == "$name" ]]; then pick=$c; fi
+    done
+    echo "== wise: the dev split picks $pick"
+  fi
+  local human=()
+  [[ -n $HUMAN_MANIFEST && -s $HUMAN_MANIFEST ]] && human=(--manifest "$HUMAN_MANIFEST")
+  .venv/bin/python scripts/compare_models.py --model current="$BASE_MODEL" --model next="$tuned" --model "$pick" \
+    --corpus "$OLD_CORPUS" --corpus "$NEXT_CORPUS" "${human[@]}" --splits "$EVAL_SPLITS" --by-engine \
+    --offline "$EVAL_CONTEXT" --streaming "$EVAL_STREAMING" --out "$STATE/eval-default"
+}
 # lanes "A1 A2" "B1 B2": run each lane's stage functions in order, the two lanes at once; fail if either did
 lanes() {
   (for f in $1; do "$f"; done) & local a=$!
@@ -151,6 +194,7 @@ case ${1:-status} in
   bestrq-finetune-pretrained) finetune_pretrained ;;
   paraformer) paraformer ;;
   default) next_default ;;
+  wise) next_wise ;;
   pairs)
     THREADS=1
     PARAFORMER_HOURS=$FINETUNE_HOURS  # the Paraformer beside the TDT fine-tunes: same data, same steps

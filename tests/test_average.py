@@ -121,3 +121,4 @@ def test_wise_ft_of_a_run_and_the_model_it_started_from(corpus: Path, tmp_path: 
     tuned_record = json.loads((tuned.parent / "training.json").read_text())
     assert record["step"] == tuned_record["step"] > 4
     assert [p["step"] for p in record["averaged"]] == [4, tuned_record["step"]]
+    assert record["averaged"][1]["source"] == str(second / "checkpoints" / "best.pt")  # the file that went in

@@ -204,3 +204,24 @@ def test_default_continues_the_base_model_and_prints_the_ship_table(tmp_path: Pa
     modes = [[c.strip() for c in line.strip("|").split("|")][2] for line in lines[1:]]
     assert modes == ["offline 4,1", "streaming 4,0"]
     assert {p.name for p in (tmp_path / "state" / "eval-default").glob("*.csv")} == {"current.csv", "next.csv"}
+
+    # wise: the base and the continued run averaged; with one weight straight into the ship table
+    wise = {**env, "WISE_WEIGHTS": "0.5"}
+    done = _run(wise, "wise", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    averaged = tmp_path / "state" / "wise" / "0.5" / "model.nemo"
+    record = json.loads((averaged.parent / "training.json").read_text())
+    assert [(p["source"], p["weight"]) for p in record["averaged"]] == [
+        (str(base), 0.5), (str(run / "checkpoints" / "best.pt"), 0.5)]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| corpus | split | mode | current | next | wise0.5 | wise0.5 - current |"
+    assert {p.name for p in (tmp_path / "state" / "eval-default").glob("*.csv")} == {
+        "current.csv", "next.csv", "wise0.5.csv"}
+    # several weights: the dev split picks one of them, by its worst row against the shipped model
+    several = {**wise, "WISE_WEIGHTS": "0.25 0.75", "WISE_DEV_LIMIT": "4"}
+    done = _run(several, "wise", timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    picked = (tmp_path / "state" / "eval-wise-dev" / "pick.txt").read_text().strip()
+    assert picked in ("wise0.25", "wise0.75") and f"== wise: the dev split picks {picked}=" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| corpus | split |")]
+    assert lines[-1] == f"| corpus | split | mode | current | next | {picked} | {picked} - current |"

@@ -52,8 +52,9 @@ def parse_source(spec: str) -> Source:
     return Source(Path(path), value)
 
 
-def load_source(path: Path) -> tuple[AnyModel, dict[str, Any]]:
-    """A model to average and its training record (``training.json`` or a checkpoint's progress)."""
+def load_source(path: Path) -> tuple[AnyModel, dict[str, Any], Path]:
+    """A model to average, its training record (``training.json`` or a checkpoint's progress) and the file
+    it came from (a run directory's ``best.pt``)."""
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
         path = checkpoint_path(path, "best")  # a run directory: its best checkpoint, as streamer eval reads it
         if not path.is_file():
@@ -62,7 +63,7 @@ def load_source(path: Path) -> tuple[AnyModel, dict[str, Any]]:
         raise ConfigError(f"{path} does not exist (give a .nemo, a Paraformer model directory, a run directory "
                           "or a run's checkpoints/*.pt)")
     model, record = read_warm_start(path)
-    return model.eval(), record
+    return model.eval(), record, path
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -127,19 +128,20 @@ def average_models(sources: list[Source]) -> tuple[AnyModel, dict[str, Any]]:
     if not sources:
         raise ConfigError("give at least one model to average")
     loaded = [load_source(s.path) for s in sources]
-    models = [model for model, _ in loaded]
+    models = [model for model, _, _ in loaded]
     _check_compatible(models, [s.path for s in sources])
     state = average_state_dicts([m.state_dict() for m in models], [s.weight for s in sources])
     result = models[0]
     result.load_state_dict(state, strict=True)
     total = sum(s.weight for s in sources)
     parts = [
-        {"source": str(s.path), "weight": round(s.weight / total, 6), "step": record.get("step")}
-        for s, (_, record) in zip(sources, loaded, strict=True)
+        {"source": str(path), "weight": round(s.weight / total, 6), "step": record.get("step")}
+        for s, (_, record, path) in zip(sources, loaded, strict=True)
     ]
+    records = [record for _, record, _ in loaded]
     steps = [p["step"] for p in parts if isinstance(p["step"], int)]
-    hours = [r["hours_seen"] for _, r in loaded if isinstance(r.get("hours_seen"), int | float)]
-    hours += [r["audio_seconds"] / 3600 for _, r in loaded
+    hours = [r["hours_seen"] for r in records if isinstance(r.get("hours_seen"), int | float)]
+    hours += [r["audio_seconds"] / 3600 for r in records
               if "hours_seen" not in r and isinstance(r.get("audio_seconds"), int | float)]
     record: dict[str, Any] = {"averaged": parts}
     if steps:
