@@ -270,7 +270,6 @@ def _add_export(subparsers: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-
     from streamer.asr.model import AsrModel  # noqa: PLC0415
     from streamer.asr.paraformer import WEIGHTS_FILE, ParaformerModel  # noqa: PLC0415
     from streamer.training.recipe import load_recipe  # noqa: PLC0415
