@@ -9,9 +9,10 @@
 #               on the fine-tunes' labelled subset for their number of steps, so all three are comparable)
 #   eval        streamer eval of every finished run on the same splits (scripts/compare_models.py)
 #   default     the next default model (issue 20 item 4): a wider corpus ($NEXT_CORPUS, $NEXT_HOURS h), the
-#               shipped model continued on it for $NEXT_STEPS steps (lr back up over 200, then down to the
-#               floor), then the table that decides whether it ships: both models on every split of
-#               corpus-v1 and the new corpus, per engine, offline and at 160 ms, and on real human speech
+#               shipped model continued on it and on $REPLAY_HOURS h of its own corpus spoken again
+#               ($REPLAY_CORPUS) for $NEXT_STEPS steps (lr back up over 200, then down to the floor), then
+#               the table that decides whether it ships: both models on every split of corpus-v1 and the
+#               new corpus, per engine, offline and at 160 ms, and on real human speech
 #   wise        after default: the shipped model and its continuation averaged (`streamer average`, WiSE-FT)
 #               with the continuation's share at each of $WISE_WEIGHTS; with several, the dev split picks the
 #               one whose worst row against the shipped model is best; the pick joins default's ship table
@@ -50,6 +51,11 @@ BASE_MODEL=${BASE_MODEL:-models/streamer-tdt-small/model.nemo}
 NEXT_CORPUS=${NEXT_CORPUS:-data/corpus-v4}
 NEXT_HOURS=${NEXT_HOURS:-40}              # default engine weights: ~35 h of espeak-ng and flite
 NEXT_STEPS=${NEXT_STEPS:-4000}
+# runs 12-14 each lost a few tenths on corpus-v1's clean espeak-ng/flite splits: the continuation also rehearses
+# the shipped model's own corpus, its sentences spoken again with the chain it was made with (data.extra_train;
+# the same seed, so the same held-out sentences stay out). 0: no rehearsal
+REPLAY_CORPUS=${REPLAY_CORPUS:-data/corpus-v1-replay}
+REPLAY_HOURS=${REPLAY_HOURS:-8}
 # run 13 won on 37 of 54 rows and lost 0.3-0.5 points on the old espeak-ng/flite ones: a point on the line
 # between the shipped weights and the continued ones keeps most of both (the continuation's share; 1: itself)
 WISE_WEIGHTS=${WISE_WEIGHTS:-0.5}
@@ -128,8 +134,14 @@ next_default() {
   # the shipped model's step count (its training.json): max_steps counts on from it
   local base; base=$(python3 -c 'import json,sys,pathlib; p=pathlib.Path(sys.argv[1]).parent/"training.json"
 print(json.loads(p.read_text()).get("step", 0) if p.is_file() else 0)' "$BASE_MODEL")
+  local replay=()
+  if [[ $REPLAY_HOURS != 0 ]]; then
+    corpus "$REPLAY_CORPUS" --hours "$REPLAY_HOURS" --engine-weights espeak=0.55,flite=0.45 --augment classic \
+      --vocab-size 0 --workers 2
+    replay=(--set "data.extra_train=[{corpus_dir: $REPLAY_CORPUS, hours: $REPLAY_HOURS}]")
+  fi
   stage default train --config "$TDT_RECIPE" --set data.corpus_dir="$NEXT_CORPUS" \
-    --set data.tokenizer="$NEXT_CORPUS/tokenizer.model" --set train.init_from="$BASE_MODEL" \
+    --set data.tokenizer="$NEXT_CORPUS/tokenizer.model" --set train.init_from="$BASE_MODEL" "${replay[@]}" \
     --set train.max_steps=$((base + NEXT_STEPS)) --set optim.anneal_steps=$((NEXT_STEPS > 200 ? NEXT_STEPS - 200 : 0))
   corpus "$OLD_CORPUS" --hours 0.01 --engine-weights espeak=0.55,flite=0.45 --vocab-size 0 --workers 2
   local human=()

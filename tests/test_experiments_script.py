@@ -186,8 +186,10 @@ def test_default_continues_the_base_model_and_prints_the_ship_table(tmp_path: Pa
     base_step = json.loads((base.parent / "training.json").read_text())["step"]  # its best checkpoint's step
     assert 1 <= base_step <= 3
 
+    replay = tmp_path / "replay"  # the rehearsal corpus: finished too
+    shutil.copytree(data, replay)
     env = {**env, "BASE_MODEL": str(base), "NEXT_CORPUS": str(data), "OLD_CORPUS": str(data), "NEXT_STEPS": "2",
-           "HUMAN_MANIFEST": "", "EVAL_SPLITS": "dev", "EVAL_CONTEXT": "4,1", "EVAL_STREAMING": "4,0"}
+           "REPLAY_CORPUS": str(replay), "REPLAY_HOURS": "0.5", "HUMAN_MANIFEST": "", "EVAL_SPLITS": "dev", "EVAL_CONTEXT": "4,1", "EVAL_STREAMING": "4,0"}
     done = _run(env, "default", timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "== corpus" not in done.stdout
@@ -195,6 +197,8 @@ def test_default_continues_the_base_model_and_prints_the_ship_table(tmp_path: Pa
     assert run.parent == tmp_path / "state" / "default"
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["init_from"] == str(base)
+    assert config["data"]["extra_train"] == [{"corpus_dir": str(replay), "split": "train", "hours": 0.5}]
+    assert f"of {replay}/train join" in (run / "train.log").read_text()
     assert config["train"]["max_steps"] == base_step + 2  # the base model's steps, then NEXT_STEPS more
     assert config["optim"]["anneal_steps"] == 0  # NEXT_STEPS is within the 200-step rewarm
     assert _step(run) == base_step + 2

@@ -188,6 +188,38 @@ def test_featurizer_gives_unnormalised_log_mel(corpus: Path) -> None:
     assert float(batch.mel[0, :, : int(batch.mel_lengths[0])].mean()) < -1.0  # log power, not z-scores
 
 
+def test_extra_train_corpora_join_the_training_set(corpus: Path, tmp_path: Path) -> None:
+    """data.extra_train: another corpus's first hours join training, read from its own folder, under their own ids."""
+    extra = tmp_path / "replay"
+    _write_split(extra, "train", 10, np.random.default_rng(5))
+    entries = [json.loads(line) for line in (extra / "train.jsonl").read_text().splitlines()]
+    first_four_h = sum(e["num_samples"] for e in entries[:4]) / RATE / 3600  # just past 3.5 utterances
+    hours = (sum(e["num_samples"] for e in entries[:3]) / RATE / 3600 + first_four_h) / 2
+    config = _recipe(corpus, max_steps=4, val_every_steps=4)
+    config["data"]["extra_train"] = [{"corpus_dir": str(extra), "hours": hours}]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    trainer = Trainer(recipe_from_dict(config), tmp_path / "run")
+
+    plain = Trainer(recipe_from_dict(_recipe(corpus)), tmp_path / "run")
+    added = trainer.train_utts[len(plain.train_utts) :]
+    assert trainer.train_utts[: len(plain.train_utts)] == plain.train_utts
+    assert [u.text for u in added] == [e["text"] for e in entries[:4]]
+    ids = [u.id for u in trainer.train_utts]
+    assert len(set(ids)) == len(ids)  # "train-0" is in both corpora
+    shard = np.load(extra / "train" / "shard-00000.npy")
+    for utt, entry in zip(added, entries, strict=False):
+        want = shard[entry["offset"] : entry["offset"] + entry["num_samples"]].astype(np.float32) / 32768
+        assert np.array_equal(trainer.featurizer.waveform(utt), want)
+    assert trainer.run() == 0
+
+
+def test_extra_train_needs_a_corpus_dir(corpus: Path) -> None:
+    config = _recipe(corpus)
+    config["data"]["extra_train"] = [{"hours": 2}]
+    with pytest.raises(ConfigError, match="corpus_dir"):
+        recipe_from_dict(config)
+
+
 # ------------------------------------------------------------------------------------------------
 # WER
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -19,7 +20,7 @@ from streamer.training.augment import (
     mix_at_snr,
     power,
 )
-from streamer.training.corpus import build_corpus, load_audio
+from streamer.training.corpus import add_corpus_args, build_corpus, load_audio, splits_from_args
 from streamer.training.everyday import SLOTS, TEMPLATES, everyday_sentences, fill
 from streamer.training.plan import SplitSpec, default_splits, plan_corpus
 from streamer.training.sources import read_fortunes
@@ -231,6 +232,42 @@ def test_augment_full_chain_is_seeded_and_keeps_length() -> None:
     assert a.shape == speech.shape and np.array_equal(a, b) and record_a == record_b
     assert {"rt60_s", "noise", "band_hz", "dc"} <= set(record_a)
     assert np.abs(a).max() <= 1.0
+
+
+def test_classic_augmentation_never_warps_formants_or_uses_image_rooms_babble_or_codecs() -> None:
+    """--augment classic: over many draws the full chain uses all four, the classic chain none of them."""
+    speech = _speechlike(1.0)
+    babble_sources = [_speechlike(1.3, seed=s) for s in range(10, 14)]
+
+    def used(config: AugmentConfig) -> set[str]:
+        seen: set[str] = set()
+        for seed in range(60):
+            _, record = augment(speech, np.random.default_rng(seed), config, babble_sources)
+            seen |= {"formant"} if "formant_alpha" in record else set()
+            seen |= {"image room"} if record.get("rir") == "image" else set()
+            seen |= {"babble"} if record.get("noise") == "babble" else set()
+            seen |= {"codec"} if "codec" in record else set()
+            seen |= {"noise"} if record.get("noise") in ("white", "pink", "brown") else set()
+            seen |= {"room"} if record.get("rir") == "noise" else set()
+        return seen
+
+    assert used(AugmentConfig()) >= {"formant", "image room", "babble", "codec", "noise", "room"}
+    assert used(AugmentConfig.classic()) == {"noise", "room"}
+
+
+@pytest.mark.parametrize("profile", ["full", "classic", "clean"])
+def test_corpus_augment_option_sets_train_and_dev_only(profile: str) -> None:
+    """streamer corpus --augment PROFILE: train and dev get the profile, the test splits stay clean."""
+    parser = argparse.ArgumentParser()
+    add_corpus_args(parser)
+    specs = {s.name: s for s in splits_from_args(parser.parse_args(["--out", "x", "--augment", profile]))}
+    expected = {"full": AugmentConfig(), "classic": AugmentConfig.classic(), "clean": AugmentConfig.clean()}[profile]
+    assert specs["train"].augment == expected and specs["dev"].augment == expected
+    for name in ("test_seen_voices", "test_heldout_engine", "everyday"):
+        assert specs[name].augment == AugmentConfig.clean()
+    assert parser.parse_args(["--out", "x"]).augment == "full"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--augment", "loud"])
 
 
 def test_band_limit_and_speed() -> None:

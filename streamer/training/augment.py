@@ -26,6 +26,7 @@ from .perturb import formant_warp, image_rir, sample_room
 
 SAMPLE_RATE_HZ = clocks.SAMPLE_RATE_HZ
 NOISE_KINDS = ("white", "pink", "brown", "babble")
+AUGMENT_PROFILES = ("full", "classic", "clean")  # of training and dev: AugmentConfig(), .classic(), .clean()
 _NOISE_EXPONENT = {"white": 0.0, "pink": 0.5, "brown": 1.0}  # amplitude spectrum ~ f ** -exponent
 
 
@@ -53,6 +54,13 @@ class AugmentConfig:
     peak_dbfs: tuple[float, float] = (-30.0, -1.0)
     p_dc: float = 0.1
     max_dc: float = 0.02
+
+    @classmethod
+    def classic(cls) -> AugmentConfig:
+        """The chain corpus-v1 (the shipped model's corpus) was made with: speed, noise-tail rooms, white, pink
+        and brown noise, telephone and low-pass bands, level and DC; no formant warp, image-method rooms,
+        babble or codecs. A continued model rehearses its first corpus with it (``data.extra_train``)."""
+        return cls(p_formant=0, p_image_rir=0, noise_kinds=("white", "pink", "brown"), p_codec=0)
 
     @classmethod
     def clean(cls) -> AugmentConfig:

@@ -115,11 +115,10 @@ def _add_corpus(subparsers: Any) -> None:
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
-    from streamer.training.corpus import build_corpus  # noqa: PLC0415
-    from streamer.training.plan import default_splits  # noqa: PLC0415
+    from streamer.training.corpus import build_corpus, splits_from_args  # noqa: PLC0415
 
     _log_to_stderr()
-    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine, args.engine_weights)
+    specs = splits_from_args(args)
     summary = build_corpus(args.out, specs, args.workers, args.seed, args.shard_utterances, args.vocab_size)
     for name, split in summary["splits"].items():
         print(f"{name}: {split['utterances']} utterances, {split['hours']:.2f} h")

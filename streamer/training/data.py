@@ -26,7 +26,7 @@ import logging
 import random
 import signal
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,27 @@ def load_utterances(
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def extra_utterances(
+    corpus_dir: Path,
+    split: str,
+    tokenizer: Tokenizer,
+    hours: float = 0.0,
+    min_duration_s: float = 0.3,
+    max_duration_s: float = 20.0,
+) -> list[Utterance]:
+    """The utterances of another corpus's split, to train beside the main corpus's.
+
+    Their audio paths are made absolute (the featurizer reads paths relative to the main corpus, and an
+    absolute one replaces that root) and their ids carry the corpus's name, so two corpora never share one.
+    ``hours`` > 0 keeps the first this many hours.
+    """
+    utts = load_utterances(corpus_dir, split, tokenizer, min_duration_s, max_duration_s)
+    if hours > 0:
+        utts = first_hours(utts, hours)
+    root = corpus_dir.resolve()
+    return [replace(u, id=f"{root.name}/{u.id}", audio=str(root / u.audio)) for u in utts]
 
 
 def first_hours(utterances: Sequence[Utterance], hours: float) -> list[Utterance]:

@@ -85,10 +85,12 @@ def default_splits(
     eval_utterances: int,
     held_out_engine: str = HELD_OUT_ENGINE,
     engine_weights: dict[str, float] | None = None,
+    augment: AugmentConfig | None = None,
 ) -> list[SplitSpec]:
     """The five standard splits.
 
-    train and dev are augmented alike; test_seen_voices, test_heldout_engine and everyday are clean.
+    train and dev are augmented alike (``augment``, default the full chain); test_seen_voices,
+    test_heldout_engine and everyday are clean.
 
     Args:
         train_hours: hours of training audio.
@@ -96,6 +98,7 @@ def default_splits(
         held_out_engine: the engine that speaks only ``test_heldout_engine``.
         engine_weights: share of utterances per engine (default `DEFAULT_ENGINE_WEIGHTS`); an engine
             left out or at 0 is not used; the held-out engine's weight is ignored.
+        augment: the augmentation of train and dev (default ``AugmentConfig()``).
     """
     shares = DEFAULT_ENGINE_WEIGHTS if engine_weights is None else engine_weights
     seen = {e: w for e, w in shares.items() if e != held_out_engine and w > 0}
@@ -103,9 +106,10 @@ def default_splits(
         raise ValueError("no training engine left: give a positive weight to an engine that is not held out")
     x = SAME_SPEAKER_AS_HELD_OUT[held_out_engine]
     clean = AugmentConfig.clean()
+    noisy = AugmentConfig() if augment is None else augment
     return [
-        SplitSpec("train", seen, hours=train_hours, excluded_voices=x),
-        SplitSpec("dev", seen, num_utterances=eval_utterances, excluded_voices=x),
+        SplitSpec("train", seen, augment=noisy, hours=train_hours, excluded_voices=x),
+        SplitSpec("dev", seen, augment=noisy, num_utterances=eval_utterances, excluded_voices=x),
         SplitSpec("test_seen_voices", seen, augment=clean, num_utterances=eval_utterances, excluded_voices=x),
         SplitSpec("test_heldout_engine", {held_out_engine: 1.0}, augment=clean, num_utterances=eval_utterances),
         SplitSpec(

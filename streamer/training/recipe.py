@@ -79,6 +79,14 @@ class BatchingConfig(RecipeSection):
     length_jitter: Number = 0.1  # relative noise on the sort key, so batches differ between epochs
 
 
+class ExtraTrainSection(RecipeSection):
+    """A second corpus whose training utterances join the main corpus's (``data.extra_train``)."""
+
+    corpus_dir: str  # relative paths are relative to the working directory
+    split: str = "train"
+    hours: Number = 0.0  # > 0: its first this many hours
+
+
 class DataSection(RecipeSection):
     """Where the corpus is and which utterances are used."""
 
@@ -88,6 +96,10 @@ class DataSection(RecipeSection):
     dev_split: str = "dev"
     dev_utterances: int = 200  # validation subset (the first N of the dev manifest)
     train_hours: Number = 0.0  # > 0: train on the first this many hours of the train manifest (a labelled subset)
+    # More training utterances from other corpora, e.g. a rehearsal of the corpus a continued model was first
+    # trained on: [{corpus_dir: data/corpus-v1-replay, hours: 8}]. Their text goes through the same tokenizer;
+    # validation stays on corpus_dir's dev split.
+    extra_train: list[ExtraTrainSection] = Field(default_factory=list)
     min_duration_s: Number = 0.3
     max_duration_s: Number = 20.0
     dither: Number = 1.0e-5  # NeMo's training dither, added to the waveform

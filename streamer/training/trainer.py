@@ -43,6 +43,7 @@ from streamer.training.data import (
     batch_seed,
     epoch_loader,
     eval_batches,
+    extra_utterances,
     first_hours,
     load_utterances,
     plan_epoch,
@@ -114,6 +115,20 @@ class Trainer:
         self.train_utts = load_utterances(corpus, data.train_split, tokenizer, data.min_duration_s, data.max_duration_s)
         if data.train_hours > 0:
             self.train_utts = first_hours(self.train_utts, data.train_hours)
+        for extra in data.extra_train:
+            more = extra_utterances(
+                Path(extra.corpus_dir), extra.split, tokenizer, extra.hours, data.min_duration_s, data.max_duration_s
+            )
+            logger.info(
+                "data.extra_train: %d utterances (%.2f h) of %s/%s join %d of %s",
+                len(more),
+                sum(u.num_samples for u in more) / clocks.SAMPLE_RATE_HZ / 3600,
+                extra.corpus_dir,
+                extra.split,
+                len(self.train_utts),
+                corpus,
+            )
+            self.train_utts += more
         self.dev_utts = load_utterances(
             corpus, data.dev_split, tokenizer, data.min_duration_s, data.max_duration_s, limit=data.dev_utterances
         )
