@@ -189,7 +189,8 @@ def test_default_continues_the_base_model_and_prints_the_ship_table(tmp_path: Pa
     replay = tmp_path / "replay"  # the rehearsal corpus: finished too
     shutil.copytree(data, replay)
     env = {**env, "BASE_MODEL": str(base), "NEXT_CORPUS": str(data), "OLD_CORPUS": str(data), "NEXT_STEPS": "2",
-           "REPLAY_CORPUS": str(replay), "REPLAY_HOURS": "0.5", "HUMAN_MANIFEST": "", "EVAL_SPLITS": "dev", "EVAL_CONTEXT": "4,1", "EVAL_STREAMING": "4,0"}
+           "REPLAY_CORPUS": str(replay), "REPLAY_HOURS": "0.5", "HUMAN_MANIFEST": "", "EVAL_SPLITS": "dev",
+           "EVAL_CONTEXT": "4,1", "EVAL_STREAMING": "4,0"}
     done = _run(env, "default", timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "== corpus" not in done.stdout
