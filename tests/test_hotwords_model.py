@@ -1,8 +1,10 @@
 """Hotwords on whole models through the recognizer: the bundled model hears a name it misses without them, and
 streams without hotwords decode token for token as without the feature when batched with one that has them.
 
-Speech is made with espeak-ng at test time. The names were found by trying (see the report of issue 18 item 7):
-the bundled model writes "lysander" as "lisa to" (TDT) and "reginald" as "reginaled" (CTC) without help.
+Speech is made with espeak-ng at test time. The names were found by trying (see the report of issue 18 item 7),
+again for each newly shipped model (run 15's: 48 names, "call NAME tomorrow"): without help the bundled model
+writes "barnaby" as "barna betty" (TDT) and "reginald" as "reginaled" (CTC). Run 11 wrote "lysander" as
+"lisa to"; run 15's half-way model does too, but with the name listed writes "lyndrow".
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def bundled() -> AsrModel:
 
 
 @needs_model
-@pytest.mark.parametrize(("decoder", "text", "name"), [("tdt", "call lysander tomorrow", "lysander"),
+@pytest.mark.parametrize(("decoder", "text", "name"), [("tdt", "call barnaby tomorrow", "barnaby"),
                                                        ("ctc", "call reginald tomorrow", "reginald")])
 def test_the_bundled_model_hears_a_name_only_with_it_listed(
     bundled: AsrModel, tmp_path: Path, decoder: str, text: str, name: str

@@ -2,8 +2,8 @@
 each protocol's own client passing a name the model mishears without it, and bad lists answered in each protocol's
 own error shape while the sessions go on.
 
-espeak-ng says "call lysander tomorrow"; without hotwords the bundled model writes "lysander" as "lisa to"
-(tests/test_hotwords_model.py), with "Lysander" listed it gets it.
+espeak-ng says "call barnaby tomorrow"; without hotwords the bundled model writes "barnaby" as "barna betty"
+(tests/test_hotwords_model.py), with "Barnaby" listed it gets it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.fixtures_realpeers import free_port
 from tests.serve_process import TIMEOUT, Served, serve
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "streamer-tdt-small" / "model.nemo"
-SAID, NAME = "call lysander tomorrow", "lysander"
+SAID, NAME = "call barnaby tomorrow", "barnaby"
 MAX_HOTWORDS = 5  # the test daemon's engine.max_hotwords
 
 pytestmark = [
@@ -75,19 +75,19 @@ async def test_protocol_v1(tmp_path: Path, speech: tuple[bytes, int]) -> None:
     connection then starts with a corrected ``start``."""
     audio, rate = speech
     async with serve(tmp_path, {"STREAMER_ENGINE__MAX_HOTWORDS": str(MAX_HOTWORDS)}) as daemon:
-        boosted = await listen(daemon.port, {"sample_rate": rate, "hotwords": [" Lysander ", "ΩΩ"]}, audio)
+        boosted = await listen(daemon.port, {"sample_rate": rate, "hotwords": [" Barnaby ", "ΩΩ"]}, audio)
         plain = await listen(daemon.port, {"sample_rate": rate}, audio)
         async with websockets.connect(f"ws://127.0.0.1:{daemon.port}/v1/listen") as ws:
             bad = []
-            for start in ({"hotwords": "lysander"}, {"hotwords": ["a", "b", "c", "d", "e", "f"]},
-                          {"hotwords": ["x" * 101]}, {"hotwords": ["lysander"], "hotword_weight": 11}):
+            for start in ({"hotwords": "barnaby"}, {"hotwords": ["a", "b", "c", "d", "e", "f"]},
+                          {"hotwords": ["x" * 101]}, {"hotwords": ["barnaby"], "hotword_weight": 11}):
                 await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le", **start}))
                 bad.append(json.loads(await timed(ws.recv())))
             await ws.send(json.dumps({"type": "start", "sample_rate": rate, "encoding": "pcm_s16le",
-                                      "hotwords": ["lysander"], "hotword_weight": 2}))
+                                      "hotwords": ["barnaby"], "hotword_weight": 2}))
             corrected = json.loads(await timed(ws.recv()))
     ready = boosted[0]
-    assert ready["type"] == "ready" and ready["hotwords"] == ["Lysander"] and ready["hotword_weight"] == 1.0
+    assert ready["type"] == "ready" and ready["hotwords"] == ["Barnaby"] and ready["hotword_weight"] == 1.0
     warning = next(m for m in boosted if m["type"] == "warning")
     assert warning["code"] == "hotwords_ignored" and "'ΩΩ'" in warning["message"]
     assert NAME in words_of(boosted), words_of(boosted)
@@ -96,7 +96,7 @@ async def test_protocol_v1(tmp_path: Path, speech: tuple[bytes, int]) -> None:
     assert [m["type"] for m in bad] == ["error"] * 4 and {m["code"] for m in bad} == {"bad_message"}
     assert "list of strings" in bad[0]["message"] and "engine.max_hotwords" in bad[1]["message"]
     assert "101 characters" in bad[2]["message"] and "hotword_weight" in bad[3]["message"]
-    assert corrected["type"] == "ready" and corrected["hotwords"] == ["lysander"] and corrected["hotword_weight"] == 2
+    assert corrected["type"] == "ready" and corrected["hotwords"] == ["barnaby"] and corrected["hotword_weight"] == 2
 
 
 async def vosk(port: int, config: dict[str, Any], audio: bytes) -> tuple[list[dict[str, Any]], int | None]:
@@ -152,9 +152,9 @@ async def test_vosk_and_wyoming(tmp_path: Path, speech: tuple[bytes, int]) -> No
         await daemon.wait_for_log("wyoming")
         vosk_boosted, _ = await vosk(vosk_port, {"sample_rate": rate, "phrase_list": [NAME, "[unk]"]}, audio)
         vosk_refused, code = await vosk(vosk_port, {"sample_rate": rate, "phrase_list": list("abcdef")}, audio)
-        names, names_errors = await wyoming(wyoming_port, audio, rate, transcript_names=["Lysander"])
+        names, names_errors = await wyoming(wyoming_port, audio, rate, transcript_names=["Barnaby"])
         plain, _ = await wyoming(wyoming_port, audio, rate)
-        many, many_errors = await wyoming(wyoming_port, audio, rate, transcript_names=["Lysander"],
+        many, many_errors = await wyoming(wyoming_port, audio, rate, transcript_names=["Barnaby"],
                                           transcript_terms=list("abcdefg"))
         await check_alive(daemon)
     assert NAME in " ".join(r.get("text", "") for r in vosk_boosted).split()
@@ -213,8 +213,8 @@ async def test_deepgram_keyterm_and_openai_prompt(tmp_path: Path, speech: tuple[
                 listening.cancel()
             return " ".join(finals).split()
 
-        boosted = await deepgram(keyterm="Lysander")
-        suppressed = await deepgram(keywords="Lysander:-5")
+        boosted = await deepgram(keyterm="Barnaby")
+        suppressed = await deepgram(keywords="Barnaby:-5")
         with pytest.raises(ApiError) as refused:
             await deepgram(keyterm=[f"name{i}" for i in range(MAX_HOTWORDS + 1)])
 
@@ -224,7 +224,7 @@ async def test_deepgram_keyterm_and_openai_prompt(tmp_path: Path, speech: tuple[
             wav.seek(0)
             return sdk.audio.transcriptions.create(file=("said.wav", wav), model="whisper-1", **form).text.split()
 
-        prompted = await asyncio.to_thread(openai, prompt="Lysander, Reginald")
+        prompted = await asyncio.to_thread(openai, prompt="Barnaby, Reginald")
         plain = await asyncio.to_thread(openai)
     assert NAME in boosted, boosted
     assert NAME not in suppressed, suppressed
