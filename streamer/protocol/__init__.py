@@ -49,7 +49,7 @@ end of each model step, so a pause ends its segment whatever the look-ahead.
 Hotwords
 ========
 
-``"hotwords": ["Lysander", "kitchen lights"]`` in ``start`` makes the recognizer prefer these words and phrases
+``"hotwords": ["Barnaby", "kitchen lights"]`` in ``start`` makes the recognizer prefer these words and phrases
 for this session (names, product words, commands), and ``"hotword_weight": 1.5`` sets how hard (0 to
 ``MAX_HOTWORD_WEIGHT``, 10; default ``engine.hotword_weight``, 1.0). At most ``engine.max_hotwords`` phrases (100;
 never more than ``MAX_HOTWORDS``, 1000), each at most ``MAX_HOTWORD_CHARS`` (100) characters without control
